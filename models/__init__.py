@@ -1,0 +1,1 @@
+"""Feature extraction and anomaly detectors.  Imports ``parsers`` (for the event schema) only."""

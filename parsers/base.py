@@ -1,0 +1,49 @@
+"""What reassembly hands to a protocol parser, and the interface every protocol parser implements.
+
+Reassembly (``parsers.reassembly``) turns TCP segments into ordered byte runs per flow direction
+and passes UDP datagrams through whole.  Each run arrives as a :class:`Chunk`.  A parser keeps
+whatever it needs per stream (a partial PDU left at the end of a chunk, requests waiting for their
+response) keyed by ``(chunk.flow, chunk.direction)`` and forgets it when told the flow closed.
+
+A parser never raises on bad bytes: it emits a malformed row or counts an error reason in the
+:class:`~parsers.events.EventBuilder` and, after a gap or garbage, resynchronises on the next
+plausible header.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .events import EventBuilder, StreamContext
+
+# Direction of a chunk relative to the TCP connection (not the protocol's own notion of it).
+FROM_CLIENT, FROM_SERVER = 0, 1
+
+
+class Chunk(StreamContext):
+    """A run of in-order stream bytes (TCP) or one whole datagram (UDP).
+
+    ``direction`` is FROM_CLIENT (the connection initiator, or the side talking to the server
+    port when the handshake was not captured) or FROM_SERVER.  ``gap`` is True when bytes are
+    missing right before ``data`` (lost or uncaptured segments): a parser drops any partial PDU it
+    held and resynchronises.  ``datagram`` is True for UDP: the data is complete on its own.
+    """
+
+    __slots__ = ("data", "gap", "datagram")
+
+    def __init__(self, data: bytes, *, gap: bool = False, datagram: bool = False, **ctx):
+        super().__init__(**ctx)
+        self.data = data
+        self.gap = gap
+        self.datagram = datagram
+
+
+class StreamParser(Protocol):
+    #: PROTO_* code of the protocol this parser reads
+    protocol: int
+
+    def feed(self, chunk: Chunk, out: EventBuilder) -> None:
+        """Parse the bytes of one chunk, appending PDU and point rows to ``out``."""
+
+    def close(self, flow: int) -> None:
+        """Forget all state kept for ``flow`` (it ended or was evicted)."""

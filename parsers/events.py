@@ -1,0 +1,242 @@
+"""The event batch: one schema shared by the Modbus, DNP3 and IEC 60870-5-104 parsers.
+
+Every parsed PDU becomes one row of ``kind == KIND_PDU``; every process value a PDU carries (a
+register in a Modbus read response, a DNP3 object point, an IEC-104 information object) becomes one
+row of ``kind == KIND_POINT`` with the ``pdu_id`` of the PDU that carried it.  Feature extraction
+reads these columns without knowing which protocol wrote them.
+
+Strings are small integer codes (``protocol``, ``status``, ``reason``); the tables below turn them
+back into text at the edges (CLI output, alert messages).
+
+Columns (all NumPy, one value per row):
+
+========== ======= ==========================================================================
+name       dtype   meaning
+========== ======= ==========================================================================
+ts         int64   ns since the epoch of the frame that completed the PDU
+frame      int64   1-based number of that frame in its capture (Wireshark's frame.number)
+protocol   uint8   PROTO_MODBUS / PROTO_DNP3 / PROTO_IEC104
+src, dst   uint32  IPv4 addresses (IPv6 hosts are interned, see parsers.decode.AddressBook)
+sport,dport uint16 transport ports
+flow       uint32  flow id from reassembly (stable while the flow lives)
+transport  uint8   6 TCP, 17 UDP
+direction  uint8   DIR_REQUEST (master/client/controlling station -> outstation) or DIR_RESPONSE
+kind       uint8   KIND_PDU or KIND_POINT
+pdu_id     int64   running id of the PDU; point rows carry their PDU's id
+function   int16   Modbus FC (without 0x80), DNP3 application FC, IEC-104 type id or U/S code
+subfunction int16  Modbus FC 8 sub-function / FC 43 MEI type; -1 when none
+cause      int16   IEC-104 cause of transmission, Modbus exception code; -1 when none
+unit       int32   Modbus unit id, DNP3 outstation address, IEC-104 common address
+peer_unit  int32   DNP3 master address; -1 when none
+seq        int32   Modbus transaction id, DNP3 application SEQ, IEC-104 N(S) (S-frame: -1)
+ack        int32   IEC-104 N(R); -1 when none
+address    int64   start register / point index / IOA (point rows: the point's own address)
+count      int32   quantity requested / objects carried
+object     int16   point space: Modbus table (MB_COIL..), DNP3 group, IEC-104 type id
+variation  int16   DNP3 variation; -1 otherwise
+value      float64 the point value (NaN on PDU rows)
+quality    int32   DNP3 flags / IEC-104 quality descriptor / DNP3 IIN on responses; -1 none
+length     int32   PDU length in bytes (whole ADU/APDU/link frame)
+is_write   bool    the PDU changes device state (writes, set-points)
+is_control bool    the PDU operates the process or the device (commands, restarts, stops)
+status     uint8   STATUS_OK / STATUS_EXCEPTION / STATUS_MALFORMED / STATUS_UNKNOWN
+reason     uint8   REASON_* code saying why a row is not OK (REASON_NONE when it is)
+========== ======= ==========================================================================
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+PROTO_NONE, PROTO_MODBUS, PROTO_DNP3, PROTO_IEC104 = 0, 1, 2, 3
+PROTOCOL_NAMES = {PROTO_NONE: "other", PROTO_MODBUS: "modbus", PROTO_DNP3: "dnp3", PROTO_IEC104: "iec104"}
+PROTOCOL_CODES = {v: k for k, v in PROTOCOL_NAMES.items()}
+
+DIR_REQUEST, DIR_RESPONSE = 0, 1
+DIRECTION_NAMES = {DIR_REQUEST: "request", DIR_RESPONSE: "response"}
+
+KIND_PDU, KIND_POINT = 0, 1
+KIND_NAMES = {KIND_PDU: "pdu", KIND_POINT: "point"}
+
+STATUS_OK, STATUS_EXCEPTION, STATUS_MALFORMED, STATUS_UNKNOWN = 0, 1, 2, 3
+STATUS_NAMES = {STATUS_OK: "ok", STATUS_EXCEPTION: "exception", STATUS_MALFORMED: "malformed", STATUS_UNKNOWN: "unknown"}
+
+# Why a row (or a skipped run of bytes) is not OK.  Parsers count these; they never raise.
+REASON_NAMES = {
+    0: "none",
+    1: "truncated",
+    2: "bad_length",
+    3: "bad_crc",
+    4: "unknown_function",
+    5: "gap",
+    6: "seq_gap",
+    7: "seq_repeat",
+    8: "bad_header",
+    9: "unknown_object",
+    10: "unpaired",
+    11: "resync",
+    12: "too_large",
+}
+REASON_CODES = {v: k for k, v in REASON_NAMES.items()}
+(REASON_NONE, REASON_TRUNCATED, REASON_BAD_LENGTH, REASON_BAD_CRC, REASON_UNKNOWN_FUNCTION, REASON_GAP,
+ REASON_SEQ_GAP, REASON_SEQ_REPEAT, REASON_BAD_HEADER, REASON_UNKNOWN_OBJECT, REASON_UNPAIRED,
+ REASON_RESYNC, REASON_TOO_LARGE) = range(13)
+
+# Modbus point spaces (Modbus Application Protocol v1.1b3 §4.3 data model).
+MB_COIL, MB_DISCRETE_INPUT, MB_INPUT_REGISTER, MB_HOLDING_REGISTER = 0, 1, 3, 4
+
+EVENT_DTYPE = np.dtype(
+    [
+        ("ts", "i8"), ("frame", "i8"), ("protocol", "u1"), ("src", "u4"), ("dst", "u4"),
+        ("sport", "u2"), ("dport", "u2"), ("flow", "u4"), ("transport", "u1"), ("direction", "u1"),
+        ("kind", "u1"), ("pdu_id", "i8"), ("function", "i2"), ("subfunction", "i2"), ("cause", "i2"),
+        ("unit", "i4"), ("peer_unit", "i4"), ("seq", "i4"), ("ack", "i4"), ("address", "i8"),
+        ("count", "i4"), ("object", "i2"), ("variation", "i2"), ("value", "f8"), ("quality", "i4"),
+        ("length", "i4"), ("is_write", "?"), ("is_control", "?"), ("status", "u1"), ("reason", "u1"),
+    ]
+)
+COLUMNS = tuple(EVENT_DTYPE.names)
+
+
+class EventBatch:
+    """Columns of parsed events.  ``batch.function`` etc. are contiguous NumPy arrays.
+
+    >>> b = EventBatch.empty()
+    >>> len(b), b.ts.dtype.name
+    (0, 'int64')
+    """
+
+    __slots__ = ("_cols", "errors")
+
+    def __init__(self, records: np.ndarray, errors: dict | None = None):
+        self._cols = {name: np.ascontiguousarray(records[name]) for name in COLUMNS}
+        #: counts of bytes/PDUs a parser could not read: {(protocol_code, reason_code): n}
+        self.errors = dict(errors or {})
+
+    def __getattr__(self, name):
+        try:
+            return self._cols[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._cols[name]
+
+    def __len__(self) -> int:
+        return int(self._cols["ts"].shape[0])
+
+    @classmethod
+    def empty(cls) -> "EventBatch":
+        return cls(np.zeros(0, dtype=EVENT_DTYPE))
+
+    @classmethod
+    def concat(cls, batches) -> "EventBatch":
+        batches = list(batches)
+        if not batches:
+            return cls.empty()
+        recs = np.concatenate([b.to_records() for b in batches])
+        errors: dict = {}
+        for b in batches:
+            for k, v in b.errors.items():
+                errors[k] = errors.get(k, 0) + v
+        return cls(recs, errors)
+
+    def select(self, mask) -> "EventBatch":
+        out = object.__new__(EventBatch)
+        out._cols = {k: v[mask] for k, v in self._cols.items()}
+        out.errors = dict(self.errors)
+        return out
+
+    def to_records(self) -> np.ndarray:
+        rec = np.empty(len(self), dtype=EVENT_DTYPE)
+        for name in COLUMNS:
+            rec[name] = self._cols[name]
+        return rec
+
+    @property
+    def pdus(self) -> "EventBatch":
+        return self.select(self._cols["kind"] == KIND_PDU)
+
+    @property
+    def points(self) -> "EventBatch":
+        return self.select(self._cols["kind"] == KIND_POINT)
+
+
+class StreamContext:
+    """Where a piece of stream data came from; parsers copy it into every row they emit."""
+
+    __slots__ = ("ts", "frame", "src", "dst", "sport", "dport", "flow", "transport", "direction")
+
+    def __init__(self, ts=0, frame=0, src=0, dst=0, sport=0, dport=0, flow=0, transport=6, direction=0):
+        self.ts, self.frame, self.src, self.dst = ts, frame, src, dst
+        self.sport, self.dport, self.flow, self.transport, self.direction = sport, dport, flow, transport, direction
+
+
+_NAN = math.nan
+
+
+class EventBuilder:
+    """Collects rows from a parser's slow path and turns them into an :class:`EventBatch`.
+
+    >>> out = EventBuilder()
+    >>> ctx = StreamContext(ts=5, frame=1, src=1, dst=2, sport=1000, dport=502)
+    >>> pid = out.pdu(ctx, PROTO_MODBUS, function=3, unit=1, address=0, count=2, length=12)
+    >>> _ = out.point(ctx, PROTO_MODBUS, pid, function=3, unit=1, address=0, value=7.0,
+    ...               obj=MB_HOLDING_REGISTER)
+    >>> b = out.build()
+    >>> b.kind.tolist(), b.pdu_id.tolist(), b.value[1]
+    ([0, 1], [0, 0], 7.0)
+    """
+
+    def __init__(self, first_pdu_id: int = 0):
+        self._rows: list[tuple] = []
+        self.next_pdu_id = first_pdu_id
+        self.errors: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def pdu(self, ctx: StreamContext, protocol: int, *, function: int, direction: int | None = None,
+            subfunction: int = -1, cause: int = -1, unit: int = -1, peer_unit: int = -1, seq: int = -1,
+            ack: int = -1, address: int = -1, count: int = 0, obj: int = -1, variation: int = -1,
+            quality: int = -1, length: int = 0, is_write: bool = False, is_control: bool = False,
+            status: int = STATUS_OK, reason: int = REASON_NONE) -> int:
+        """Append one PDU row and return its ``pdu_id``."""
+        pid = self.next_pdu_id
+        self.next_pdu_id += 1
+        self._rows.append((
+            ctx.ts, ctx.frame, protocol, ctx.src, ctx.dst, ctx.sport, ctx.dport, ctx.flow, ctx.transport,
+            ctx.direction if direction is None else direction, KIND_PDU, pid, function, subfunction, cause,
+            unit, peer_unit, seq, ack, address, count, obj, variation, _NAN, quality, length, is_write,
+            is_control, status, reason,
+        ))
+        if reason != REASON_NONE:
+            self.count_error(protocol, reason)
+        return pid
+
+    def point(self, ctx: StreamContext, protocol: int, pdu_id: int, *, function: int, address: int,
+              value: float, direction: int | None = None, unit: int = -1, peer_unit: int = -1,
+              obj: int = -1, variation: int = -1, quality: int = -1, cause: int = -1, seq: int = -1,
+              is_write: bool = False, is_control: bool = False) -> None:
+        """Append one process-value row belonging to PDU ``pdu_id``."""
+        self._rows.append((
+            ctx.ts, ctx.frame, protocol, ctx.src, ctx.dst, ctx.sport, ctx.dport, ctx.flow, ctx.transport,
+            ctx.direction if direction is None else direction, KIND_POINT, pdu_id, function, -1, cause,
+            unit, peer_unit, seq, -1, address, 1, obj, variation, value, quality, 0, is_write, is_control,
+            STATUS_OK, REASON_NONE,
+        ))
+
+    def count_error(self, protocol: int, reason: int, n: int = 1) -> None:
+        """Count bytes or PDUs that could not be read (no row is emitted for them)."""
+        key = (protocol, reason)
+        self.errors[key] = self.errors.get(key, 0) + n
+
+    def build(self) -> EventBatch:
+        """Return the rows collected so far as a batch and start afresh."""
+        recs = np.array(self._rows, dtype=EVENT_DTYPE) if self._rows else np.zeros(0, dtype=EVENT_DTYPE)
+        batch = EventBatch(recs, self.errors)
+        self._rows = []
+        self.errors = {}
+        return batch
