@@ -1,0 +1,340 @@
+"""IEC 60870-5-104 (IEC 104) stream parser: APCI framing, I/S/U formats, sequence numbers, ASDUs.
+
+An APDU (IEC 60870-5-104 §5, figure 3) is the APCI -- start octet 0x68, length L (octets after the
+length field, 4 <= L <= 253), four control octets -- optionally followed by an ASDU (I format only).
+The ASDU (IEC 60870-5-101 §7.1, with the -104 §9 field sizes) is: type identification (1 octet),
+variable structure qualifier (SQ bit + number of objects), cause of transmission (2 octets: cause
+with T and P/N bits, originator address), common address (2 octets), then the information objects,
+each a 3-octet information object address (IOA) and an element (layouts in
+:mod:`parsers.iec104_types`).  With SQ=1 only the first object carries an IOA; the others follow it
+at IOA+1, IOA+2, ...
+
+Events (see docs/parser-iec104.md): one PDU row per APDU, one point row per information object.
+
+>>> from parsers.base import Chunk, FROM_SERVER
+>>> from parsers.events import EventBuilder
+>>> apdu = bytes.fromhex("6812" "02000400" "0d01" "0300" "0a00" "b80b00" "0000c841" "00")  # M_ME_NC_1
+>>> out = EventBuilder()
+>>> Iec104Parser().feed(Chunk(apdu, flow=1, direction=FROM_SERVER, frame=7), out)
+>>> ev = out.build()
+>>> ev.function.tolist(), ev.seq.tolist(), ev.ack.tolist(), ev.unit.tolist(), ev.cause.tolist()
+([13, 13], [1, 1], [2, -1], [10, 10], [3, 3])
+>>> ev.address.tolist(), float(ev.value[1]), int(ev.quality[1]), ev.direction.tolist()
+([3000, 3000], 25.0, 0, [1, 1])
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import struct
+
+from .base import FROM_CLIENT, Chunk
+from .events import (
+    DIR_REQUEST, DIR_RESPONSE, PROTO_IEC104, REASON_BAD_HEADER, REASON_BAD_LENGTH, REASON_GAP,
+    REASON_NONE, REASON_RESYNC, REASON_SEQ_GAP, REASON_SEQ_REPEAT, REASON_TOO_LARGE, REASON_TRUNCATED,
+    REASON_UNKNOWN_FUNCTION, STATUS_MALFORMED, STATUS_OK, STATUS_UNKNOWN, EventBuilder,
+)
+from .iec104_types import (
+    CONTROL_TYPES, ELEMENTS, FUNC_S, FUNC_U_INVALID, U_FUNCTIONS, VARIABLE_TYPES, WRITE_TYPES,
+)
+
+DEFAULT_PORTS = (2404,)  # IEC 60870-5-104 §10.2 (IANA "iec-104")
+TRANSPORTS = ("tcp",)
+
+START = 0x68  # §5.1
+APCI_LEN = 6
+MIN_L, MAX_L = 4, 253  # §5.1: "maximum length of APDU = 253"; the control field alone is 4
+MAX_APDU = 2 + 255  # what one length octet can ever announce: the most we ever buffer
+ASDU_HEADER = struct.Struct("<BBBBH")  # type id, VSQ, COT, originator address, common address
+SEQ_MOD = 1 << 15  # N(S), N(R) are 15-bit (§5.1)
+SEQ_HALF = SEQ_MOD // 2
+_NAN = math.nan
+
+# Quality carried in the point ``quality`` column beyond the IEC octet (see docs/parser-iec104.md).
+VTI_TRANSIENT = 0x100  # the T bit of a VTI (step position) moved above the QDS octet
+
+
+def _sign7(v: int) -> int:
+    """VTI value: I7 (two's complement in 7 bits), -101 §7.2.6.5."""
+    return ((v & 0x7F) ^ 0x40) - 0x40
+
+
+def _cp56_seconds(ms, minute, hour, day, month, year) -> float:
+    """CP56Time2a (-101 §7.2.6.18) as POSIX seconds, read as UTC; NaN when not a valid date.
+
+    Years 0-69 are 2000-2069 and 70-99 are 1970-1999 (as Wireshark reads them).
+
+    >>> _cp56_seconds(30500, 1, 2, 3, 4, 24)  # 2024-04-03 02:01:30.5
+    1712109690.5
+    """
+    y = year & 0x7F
+    y += 2000 if y < 70 else 1900
+    mo, d, h, mi = month & 0x0F, day & 0x1F, hour & 0x1F, minute & 0x3F
+    if not (1 <= mo <= 12 and 1 <= d <= 31 and h < 24 and mi < 60 and ms < 60000):
+        return _NAN
+    try:
+        return calendar.timegm((y, mo, d, h, mi, 0, 0, 0, 0)) + ms / 1000.0
+    except (ValueError, OverflowError):
+        return _NAN
+
+
+# (value, quality) from the unpacked fields of one element, by Element.kind.
+# SIQ/DIQ: value is SPI/DPI, quality the BL SB NT IV bits (0xF0); QDS, QOS, QPM, QDP, BCR's
+# sequence/flags octet are kept whole; SCO/DCO/RCO keep the qualifier (QU, S/E) as quality.
+_DECODE = {
+    "siq": lambda f: (f[0] & 0x01, f[0] & 0xF0),
+    "diq": lambda f: (f[0] & 0x03, f[0] & 0xF0),
+    "vti_qds": lambda f: (_sign7(f[0]), f[1] | ((f[0] & 0x80) << 1)),
+    "bsi_qds": lambda f: (f[0], f[1]),
+    "nva_qds": lambda f: (f[0] / 32768.0, f[1]),
+    "sva_qds": lambda f: (f[0], f[1]),
+    "flt_qds": lambda f: (f[0], f[1]),
+    "bcr": lambda f: (f[0], f[1]),
+    "nva": lambda f: (f[0] / 32768.0, -1),
+    "sep": lambda f: (f[0] & 0x03, f[0] & 0xFC),
+    "spe_qdp": lambda f: (f[0], f[1]),
+    "aid_bcr": lambda f: (f[1], f[2]),
+    "sco": lambda f: (f[0] & 0x01, f[0] & 0xFC),
+    "dco": lambda f: (f[0] & 0x03, f[0] & 0xFC),
+    "bsi": lambda f: (f[0], -1),
+    "octet": lambda f: (f[0], -1),
+    "word": lambda f: (f[0], -1),
+    "none": lambda f: (_NAN, -1),
+    "cp56": lambda f: (_cp56_seconds(*f), -1),
+}
+_ELEMENT_DECODERS = {t: (e, _DECODE[e.kind]) for t, e in ELEMENTS.items()}
+
+
+def _plausible_apci(data, pos: int) -> bool:
+    """A strict test of the APCI at ``data[pos:]`` (needs 6 octets): used to resynchronise and by
+    :func:`looks_like`.  S and U frames have L=4 and their spare control bits zero (§5.2, §5.3)."""
+    length, c1 = data[pos + 1], data[pos + 2]
+    if c1 & 0x01 == 0:  # I format: an ASDU header must follow
+        return 4 + ASDU_HEADER.size <= length <= MAX_L
+    if length != 4 or data[pos + 3] != 0:
+        return False
+    if c1 & 0x03 == 0x01:  # S
+        return c1 == 0x01
+    return (c1 >> 2) in U_FUNCTIONS and data[pos + 4] == 0 and data[pos + 5] == 0
+
+
+def _plausible_asdu(data, pos: int, length: int) -> bool:
+    """The ASDU of the I frame at ``pos`` is of a known type, carries objects, has a used cause
+    (1-47) and exactly the length its type and count need."""
+    type_id, vsq, cot = data[pos + 6], data[pos + 7], data[pos + 8] & 0x3F
+    n, body = vsq & 0x7F, length - 4 - ASDU_HEADER.size
+    element = ELEMENTS.get(type_id)
+    if element is None or n == 0 or not 1 <= cot <= 47:
+        return False
+    need = 3 + n * element.size if vsq & 0x80 else n * (3 + element.size)
+    return body == need
+
+
+def looks_like(data: bytes) -> bool:
+    """Whether a payload on a non-standard port starts like IEC 104: one or more complete,
+    well-formed APDUs back to back (known type ids, ASDU lengths consistent with their type and
+    object count), possibly followed by the start of another.
+
+    >>> looks_like(bytes.fromhex("680407000000"))  # STARTDT act
+    True
+    >>> looks_like(bytes.fromhex("680443000000" "680483000000"))  # TESTFR act, TESTFR con
+    True
+    >>> looks_like(b"GET / HTTP/1.1\\r\\n"), looks_like(bytes.fromhex("680408000000"))
+    (False, False)
+    """
+    pos, n, seen = 0, len(data), 0
+    while pos < n:
+        if data[pos] != START:
+            return False
+        if n - pos < APCI_LEN:
+            break
+        if not _plausible_apci(data, pos):
+            return False
+        length = data[pos + 1]
+        if n - pos < length + 2:
+            break
+        if data[pos + 2] & 0x01 == 0 and not _plausible_asdu(data, pos, length):
+            return False
+        seen += 1
+        pos += length + 2
+    return seen > 0
+
+
+class _Stream:
+    """What one direction of one connection keeps between chunks."""
+
+    __slots__ = ("pending", "next_ns", "in_sync")
+
+    def __init__(self):
+        self.pending = b""  # an incomplete APDU (< MAX_APDU octets) left at the end of the last chunk
+        self.next_ns = -1  # N(S) the next I frame should carry; -1 = unknown (start, after a gap)
+        self.in_sync = True  # False after a gap or garbage: accept only a plausible APCI
+
+
+class Iec104Parser:
+    """:class:`parsers.base.StreamParser` for IEC 60870-5-104 over TCP."""
+
+    protocol = PROTO_IEC104
+
+    def __init__(self):
+        self._streams: dict[tuple[int, int], _Stream] = {}
+
+    def close(self, flow: int) -> None:
+        self._streams.pop((flow, 0), None)
+        self._streams.pop((flow, 1), None)
+
+    def buffered(self) -> int:
+        """Octets held across all streams (bounded by MAX_APDU per stream)."""
+        return sum(len(s.pending) for s in self._streams.values())
+
+    def feed(self, chunk: Chunk, out: EventBuilder) -> None:
+        key = (chunk.flow, chunk.direction)
+        st = self._streams.get(key)
+        if st is None:
+            st = self._streams[key] = _Stream()
+        if chunk.gap:
+            # Bytes are missing before this chunk: drop the partial APDU, forget N(S) (the lost
+            # bytes may have held I frames) and accept only a plausible APCI from here.
+            if st.pending:
+                out.count_error(PROTO_IEC104, REASON_GAP)
+            st.pending = b""
+            st.next_ns = -1
+            st.in_sync = False
+        data = st.pending + chunk.data if st.pending else chunk.data
+        direction = DIR_REQUEST if chunk.direction == FROM_CLIENT else DIR_RESPONSE
+        pos, end = 0, len(data)
+        while end - pos >= 2:
+            if data[pos] != START or (not st.in_sync and end - pos >= APCI_LEN
+                                      and not _plausible_apci(data, pos)):
+                # Not at an APCI: skip to the next start octet that begins a plausible APCI.
+                nxt = data.find(b"\x68", pos + 1)
+                while nxt >= 0 and end - nxt >= APCI_LEN and not _plausible_apci(data, nxt):
+                    nxt = data.find(b"\x68", nxt + 1)
+                out.count_error(PROTO_IEC104, REASON_RESYNC)
+                st.in_sync = False
+                if nxt < 0:
+                    pos = end
+                    break
+                pos = nxt
+                continue
+            total = data[pos + 1] + 2
+            if end - pos < total:
+                break  # wait for the rest (at most MAX_APDU octets are ever held)
+            self._apdu(data, pos, total - 2, st, chunk, direction, out)
+            st.in_sync = True
+            pos += total
+        rest = data[pos:] if pos < end else b""
+        if chunk.datagram and rest:  # not expected for IEC 104 (TCP only); a datagram is whole
+            out.count_error(PROTO_IEC104, REASON_TRUNCATED)
+            rest = b""
+        st.pending = rest
+
+    # -- one APDU: data[pos] is 0x68, data[pos+1] == length, data[pos : pos+2+length] is present --
+    def _apdu(self, data, pos, length, st, ctx, direction, out):
+        total = length + 2
+        if length < MIN_L:  # §5.1: the control field needs 4 octets
+            out.pdu(ctx, PROTO_IEC104, function=-1, direction=direction, length=total,
+                    status=STATUS_MALFORMED, reason=REASON_BAD_LENGTH)
+            return
+        c1, c2, c3, c4 = data[pos + 2], data[pos + 3], data[pos + 4], data[pos + 5]
+        nr = (c3 | (c4 << 8)) >> 1
+        too_large = length > MAX_L
+        if c1 & 0x01 == 0:
+            # I format (§5.1, figure 4): N(S) in octets 1-2, N(R) in octets 3-4.
+            ns = (c1 | (c2 << 8)) >> 1
+            seq_reason = REASON_NONE
+            expected = st.next_ns
+            if expected >= 0 and ns != expected:
+                behind = (expected - ns) % SEQ_MOD
+                seq_reason = REASON_SEQ_REPEAT if behind <= SEQ_HALF else REASON_SEQ_GAP
+            st.next_ns = (ns + 1) % SEQ_MOD
+            self._asdu(data, pos + APCI_LEN, pos + total, ns, nr, seq_reason, too_large, ctx, direction,
+                       total, out)
+            return
+        status, reason = STATUS_OK, REASON_NONE
+        if c1 & 0x03 == 0x01:
+            # S format (§5.2, figure 5): N(R) only.
+            function, seq, ack, sub = FUNC_S, -1, nr, -1
+        else:
+            # U format (§5.3, figure 6): exactly one of STARTDT/STOPDT/TESTFR act/con.
+            bits = c1 >> 2
+            function = U_FUNCTIONS.get(bits, FUNC_U_INVALID)
+            seq, ack, sub = -1, -1, bits
+            if function == FUNC_U_INVALID:
+                status, reason = STATUS_MALFORMED, REASON_UNKNOWN_FUNCTION
+        if length != MIN_L and status == STATUS_OK:
+            status, reason = STATUS_MALFORMED, (REASON_TOO_LARGE if too_large else REASON_BAD_LENGTH)
+        out.pdu(ctx, PROTO_IEC104, function=function, direction=direction, subfunction=sub, seq=seq,
+                ack=ack, length=total, status=status, reason=reason)
+
+    def _asdu(self, data, start, end, ns, nr, seq_reason, too_large, ctx, direction, total, out):
+        """The ASDU in data[start:end] (-101 §7.1, -104 §9 field sizes)."""
+        if end - start < ASDU_HEADER.size:
+            out.pdu(ctx, PROTO_IEC104, function=data[start] if end > start else -1, direction=direction,
+                    seq=ns, ack=nr, length=total, status=STATUS_MALFORMED, reason=REASON_TRUNCATED)
+            return
+        type_id, vsq, cot, oa, ca = ASDU_HEADER.unpack_from(data, start)
+        n, sq = vsq & 0x7F, vsq >> 7
+        cause = cot & 0x3F  # -101 §7.2.3: bit 8 T (test), bit 7 P/N (negative confirm)
+        is_control = type_id in CONTROL_TYPES
+        is_write = type_id in WRITE_TYPES
+        body = start + ASDU_HEADER.size
+        body_len = end - body
+        first_ioa = (data[body] | (data[body + 1] << 8) | (data[body + 2] << 16)) if body_len >= 3 else -1
+        decoder = _ELEMENT_DECODERS.get(type_id)
+        status, reason = STATUS_OK, REASON_NONE
+        if decoder is None:
+            if type_id not in VARIABLE_TYPES:
+                status, reason = STATUS_UNKNOWN, REASON_UNKNOWN_FUNCTION
+            elif body_len < 3 and n:
+                status, reason = STATUS_MALFORMED, REASON_TRUNCATED
+            nfit = 0
+        else:
+            size = decoder[0].size
+            if sq:
+                need = 3 + n * size if n else 0
+                nfit = 0 if body_len < 3 else (n if size == 0 else min(n, (body_len - 3) // size))
+            else:
+                need = n * (3 + size)
+                nfit = min(n, body_len // (3 + size))
+            if body_len < need:
+                status, reason = STATUS_MALFORMED, REASON_TRUNCATED
+            elif body_len > need:
+                status, reason = STATUS_MALFORMED, REASON_BAD_LENGTH
+        if too_large and status == STATUS_OK:
+            status, reason = STATUS_MALFORMED, REASON_TOO_LARGE
+        if status == STATUS_OK:
+            reason = seq_reason  # a sequence anomaly on a good PDU: status stays OK, reason says why
+        elif seq_reason != REASON_NONE:
+            out.count_error(PROTO_IEC104, seq_reason)  # the row's reason says malformed; count both
+        pid = out.pdu(ctx, PROTO_IEC104, function=type_id, direction=direction, subfunction=cot, cause=cause,
+                      unit=ca, peer_unit=oa, seq=ns, ack=nr, address=first_ioa, count=n, obj=type_id,
+                      variation=sq, length=total, is_write=is_write, is_control=is_control,
+                      status=status, reason=reason)
+        if not nfit:
+            return
+        element, decode = decoder
+        point = out.point
+        if sq:
+            # SQ=1 (-101 §7.2.2.1): one IOA, then nfit elements at IOA, IOA+1, ...
+            stop = body + 3 + nfit * element.size
+            if element.size == 0:  # C_RD_NA_1: addresses only
+                fields_iter = [()] * nfit
+            else:
+                fields_iter = element.struct.iter_unpack(data[body + 3:stop])
+            ioa = first_ioa
+            for fields in fields_iter:
+                value, quality = decode(fields)
+                point(ctx, PROTO_IEC104, pid, function=type_id, address=ioa, value=value, direction=direction,
+                      unit=ca, peer_unit=oa, obj=type_id, variation=sq, quality=quality, cause=cause, seq=ns,
+                      is_write=is_write, is_control=is_control)
+                ioa += 1
+        else:
+            # SQ=0: every object carries its own IOA.
+            stop = body + nfit * (3 + element.size)
+            for fields in element.with_ioa.iter_unpack(data[body:stop]):
+                value, quality = decode(fields[2:])
+                point(ctx, PROTO_IEC104, pid, function=type_id, address=fields[0] | (fields[1] << 16),
+                      value=value, direction=direction, unit=ca, peer_unit=oa, obj=type_id, variation=sq,
+                      quality=quality, cause=cause, seq=ns, is_write=is_write, is_control=is_control)
