@@ -28,8 +28,7 @@ SUBCOMMANDS = {
 }
 
 
-class InputError(Exception):
-    """Bad input from the user: reported as one line on stderr, exit status 2."""
+from .errors import InputError  # noqa: E402,F401 - re-exported: subcommands raise agent.cli.InputError
 
 
 def _build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -29,13 +29,14 @@ class Chunk(StreamContext):
     held and resynchronises.  ``datagram`` is True for UDP: the data is complete on its own.
     """
 
-    __slots__ = ("data", "gap", "datagram")
+    __slots__ = ("data", "gap", "datagram", "protocol")
 
-    def __init__(self, data: bytes, *, gap: bool = False, datagram: bool = False, **ctx):
+    def __init__(self, data: bytes, *, gap: bool = False, datagram: bool = False, protocol: int = 0, **ctx):
         super().__init__(**ctx)
         self.data = data
         self.gap = gap
         self.datagram = datagram
+        self.protocol = protocol  # PROTO_* the flow was assigned to
 
 
 class StreamParser(Protocol):
