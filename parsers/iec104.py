@@ -218,6 +218,8 @@ class Iec104Parser:
                     break
                 pos = nxt
                 continue
+            if not st.in_sync and end - pos < APCI_LEN:
+                break  # wait for the 6 octets that say whether this 0x68 starts a plausible APCI
             total = data[pos + 1] + 2
             if end - pos < total:
                 break  # wait for the rest (at most MAX_APDU octets are ever held)
