@@ -270,6 +270,11 @@ class Dnp3Parser:
         if frag is None:
             out.count_error(PROTO_DNP3, REASON_SEQ_GAP)  # no FIR seen for this segment
             return
+        if frag[0] is None:  # rest of a fragment already refused as too large
+            out.count_error(PROTO_DNP3, REASON_TOO_LARGE)
+            if th & TH_FIN:
+                del frags[key]
+            return
         if seq != frag[1]:
             if seq == (frag[1] - 1) & TH_SEQ:
                 out.count_error(PROTO_DNP3, REASON_SEQ_REPEAT)  # repeated segment: ignored (8.2.1.2)
@@ -279,7 +284,11 @@ class Dnp3Parser:
             return
         buf = frag[0]
         if len(buf) + len(user) - 1 > self.max_fragment:
-            del frags[key]
+            # Refuse the fragment; later segments of it are counted, not buffered.
+            if th & TH_FIN:
+                del frags[key]
+            else:
+                frag[0] = None
             to_outstation = ctrl & CTRL_DIR
             out.pdu(chunk, PROTO_DNP3, function=-1, direction=DIR_REQUEST if to_outstation else DIR_RESPONSE,
                     unit=dst if to_outstation else src, peer_unit=src if to_outstation else dst,
@@ -369,8 +378,9 @@ class Dnp3Parser:
                 first = (group, variation, start if pkind != "index" and count else -1)
                 if pkind == "index" and count and n - pos >= psize:
                     first = (group, variation, int.from_bytes(frag[pos:pos + psize], "little"))
-            if header_only or variation == 0 or group in NO_DATA_GROUPS:
-                # Only indices (if prefixed) follow a header in these requests.
+            if (header_only or variation == 0 or group in NO_DATA_GROUPS) and pkind != "size":
+                # Only indices (if prefixed) follow these headers; size-prefixed objects (e.g. a
+                # file transport object in a READ) always carry their data.
                 skip = count * psize if pkind == "index" else 0
                 if n - pos < skip:
                     return first, total, REASON_TRUNCATED
