@@ -42,7 +42,7 @@ import numpy as np
 from .base import FROM_CLIENT, Chunk
 from .events import (
     DIR_REQUEST, DIR_RESPONSE, MB_COIL, MB_DISCRETE_INPUT, MB_HOLDING_REGISTER, MB_INPUT_REGISTER,
-    PROTO_MODBUS, REASON_BAD_HEADER, REASON_BAD_LENGTH, REASON_GAP, REASON_NONE, REASON_TRUNCATED,
+    PROTO_MODBUS, REASON_BAD_HEADER, REASON_BAD_LENGTH, REASON_GAP, REASON_NONE, REASON_TOO_LARGE, REASON_TRUNCATED,
     REASON_UNKNOWN_FUNCTION, REASON_UNPAIRED, STATUS_EXCEPTION, STATUS_MALFORMED, STATUS_OK,
     STATUS_UNKNOWN, EventBuilder,
 )
@@ -54,7 +54,10 @@ TRANSPORTS: tuple[str, ...] = ("tcp",)
 MBAP = struct.Struct(">HHHBB")
 MBAP_LEN = 7
 MIN_LENGTH, MAX_LENGTH = 2, 254  # unit id + FC .. unit id + 253-byte PDU (MB-AP §4.1)
-MAX_ADU = 6 + MAX_LENGTH  # 260 bytes
+# Schneider UMAS (FC 90) sends length 255 in practice; framing tolerates a few bytes over the
+# specification's limit (counted as too_large) so such streams stay in sync.
+FRAMING_MAX_LENGTH = 260
+MAX_ADU = 6 + FRAMING_MAX_LENGTH
 
 U16 = struct.Struct(">H")
 U16X2 = struct.Struct(">HH")
@@ -118,6 +121,11 @@ UMAS_NAMES = {
 }
 UMAS_WRITE = frozenset({0x23, 0x25, 0x33, 0x34, 0x35, 0x71})
 UMAS_CONTROL = frozenset({0x33, 0x34, 0x35, 0x40, 0x41})
+
+
+# Requests whose data starts with an address (and a quantity): MB-AP §6.1-6.6, 6.11, 6.12, 6.16-6.18.
+ADDRESSED_REQUESTS = frozenset({1, 2, 3, 4, 5, 6, 15, 16, 22, 23, 24})
+QUANTITY_REQUESTS = frozenset({1, 2, 3, 4, 15, 16, 23})
 
 
 def _name(table: dict, code: int) -> str:
@@ -253,7 +261,7 @@ class ModbusParser:
         unpack = MBAP.unpack_from
         while n - pos >= 8:
             tid, pid, length, unit, fc = unpack(data, pos)
-            if pid or length < MIN_LENGTH or length > MAX_LENGTH:
+            if pid or length < MIN_LENGTH or length > FRAMING_MAX_LENGTH:
                 # MB-TCP §3.1.3 violated: not (or no longer) Modbus at this point.  Resynchronise on
                 # the next header that is followed by another header or the end of the data.
                 out.count_error(PROTO_MODBUS, REASON_BAD_HEADER)
@@ -262,10 +270,12 @@ class ModbusParser:
             end = pos + 6 + length
             if end > n:
                 break
+            if length > MAX_LENGTH:
+                out.count_error(PROTO_MODBUS, REASON_TOO_LARGE)
             self._adu(chunk, out, role, data, pos, end, tid, unit, fc)
             pos = end
         if pos < n:
-            # A partial ADU (< 260 bytes by the length check above, or < 8 bytes of header).
+            # A partial ADU (< MAX_ADU bytes by the length check above, or < 8 bytes of header).
             self._tails[key] = bytes(data[pos:])
 
     @staticmethod
@@ -302,8 +312,10 @@ class ModbusParser:
         if fc_byte & 0x80:
             # MB-AP §7: exception response = FC | 0x80, exception code.
             if blen >= 1:
-                code = data[body]
-                status, reason = (STATUS_EXCEPTION, REASON_NONE) if blen == 1 else (STATUS_MALFORMED, REASON_BAD_LENGTH)
+                # Trailing bytes after the code are counted, not allowed to hide the exception.
+                code, status, reason = data[body], STATUS_EXCEPTION, REASON_NONE
+                if blen != 1:
+                    out.count_error(PROTO_MODBUS, REASON_BAD_LENGTH)
             else:
                 code, status, reason = -1, STATUS_MALFORMED, REASON_TRUNCATED
             out.pdu(ctx, PROTO_MODBUS, function=fc, direction=DIR_RESPONSE, unit=unit, seq=tid, cause=code,
@@ -456,6 +468,11 @@ class ModbusParser:
                 sub = data[body + 1]
                 is_write = sub in UMAS_WRITE
                 is_control = sub in UMAS_CONTROL
+        if reason == REASON_TRUNCATED and fc in ADDRESSED_REQUESTS and blen >= 2:
+            # Keep what a truncated request does say: its start address (and quantity).
+            address = U16.unpack_from(data, body)[0]
+            if blen >= 4 and fc in QUANTITY_REQUESTS:
+                count = U16.unpack_from(data, body + 2)[0]
         pid = out.pdu(ctx, PROTO_MODBUS, function=fc, direction=DIR_REQUEST, subfunction=sub, unit=unit, seq=tid,
                       address=address, count=count, length=alen, is_write=is_write, is_control=is_control,
                       status=status, reason=reason)
