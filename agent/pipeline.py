@@ -44,7 +44,8 @@ class Pipeline:
 
     >>> from scapy.all import Ether, IP, TCP, raw
     >>> mbap = bytes.fromhex("000100000006" "01" "03" "0000" "0002")
-    >>> f = raw(Ether()/IP(src="10.0.0.1", dst="10.0.0.2")/TCP(sport=40000, dport=502, flags="PA")/mbap)
+    >>> e = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    >>> f = raw(e/IP(src="10.0.0.1", dst="10.0.0.2")/TCP(sport=40000, dport=502, flags="PA")/mbap)
     >>> p = Pipeline()
     >>> ev = p.process(FrameBatch.from_frames([f], ts=[1_000_000_000]))
     >>> int(ev.function[0]), int(ev.unit[0]), p.stats.frames_by_protocol

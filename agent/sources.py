@@ -112,7 +112,8 @@ class CaptureReader:
     >>> import tempfile, os
     >>> from scapy.all import Ether, IP, TCP, wrpcap
     >>> d = tempfile.mkdtemp(); p = os.path.join(d, "x.pcap")
-    >>> wrpcap(p, [Ether()/IP()/TCP(), Ether()/IP()/TCP()])
+    >>> e = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    >>> wrpcap(p, [e/IP()/TCP(), e/IP()/TCP()])
     >>> r = CaptureReader(p)
     >>> sum(len(b) for b in r), r.format, r.frames
     (2, 'pcap', 2)

@@ -149,7 +149,7 @@ def decode(batch: FrameBatch, book: AddressBook | None = None) -> Decoded:
     """Decode L2-L4 for every frame of ``batch``.
 
     >>> from scapy.all import Ether, Dot1Q, IP, TCP, raw
-    >>> f = raw(Ether()/Dot1Q(vlan=7)/IP(src="10.0.0.1", dst="10.0.0.2")/TCP(sport=1234, dport=502)/b"abc")
+    >>> f = raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")/Dot1Q(vlan=7)/IP(src="10.0.0.1", dst="10.0.0.2")/TCP(sport=1234, dport=502)/b"abc")
     >>> d = decode(FrameBatch.from_frames([f], ts=[0]))
     >>> int(d.vlan[0]), format_ipv4(d.dst[0]), int(d.dport[0]), int(d.payload_len[0])
     (7, '10.0.0.2', 502, 3)

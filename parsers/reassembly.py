@@ -237,7 +237,7 @@ class Reassembler:
         if flags & TCP_ACK and peer.ooo and peer.next_seq is not None and seq_diff(ack, peer.next_seq) > 0:
             # The peer's missing bytes were acknowledged, so they were sent and the capture lost
             # them: release what the peer has buffered up to this ACK behind a gap.
-            self._release_upto(flow, 1 - direction, ack, out)
+            self._release_upto(flow, 1 - direction, ack, out, ctx)
         if flags & TCP_ACK:
             st.last_ack = ack
         if plen:
@@ -260,7 +260,7 @@ class Reassembler:
                     st.next_seq = (seq + len(data)) % _MOD
                     if truncated:
                         self.stats.truncated_segments += 1
-                    self._drain(flow, direction, out)
+                    self._drain(flow, direction, out, now=ctx)
                 else:
                     self._hold(flow, direction, seq, data, ctx, out)
         if flags & TCP_FIN:
@@ -283,23 +283,23 @@ class Reassembler:
         peer_ack = flow.streams[1 - direction].last_ack
         if peer_ack is not None and seq_diff(peer_ack, seq) >= 0:
             # The peer already acknowledged bytes up to here: the hole was lost by the capture.
-            self._release_upto(flow, direction, peer_ack, out)
+            self._release_upto(flow, direction, peer_ack, out, ctx)
             return
         lim = self.limits
         if len(st.ooo) > lim.ooo_segments or st.ooo_bytes > lim.ooo_bytes or self._held_bytes > lim.total_bytes:
             # Waited long enough: the missing bytes are not coming.  Skip to the first held segment.
             first = min(st.ooo, key=lambda s: seq_diff(s, st.next_seq))
-            self._release_upto(flow, direction, first, out)
-            self._drain(flow, direction, out)
+            self._release_upto(flow, direction, first, out, ctx)
+            self._drain(flow, direction, out, now=ctx)
 
-    def _release_upto(self, flow, direction, upto, out) -> None:
+    def _release_upto(self, flow, direction, upto, out, now=None) -> None:
         """Declare the bytes before ``upto`` (or before the first held segment) missing."""
         st = flow.streams[direction]
         if not st.ooo:
             return
         first = min(st.ooo, key=lambda s: seq_diff(s, st.next_seq))
         if seq_diff(first, st.next_seq) <= 0:
-            self._drain(flow, direction, out)
+            self._drain(flow, direction, out, now=now)
             return
         if seq_diff(upto, first) < 0:
             return  # the ACK does not reach the held data: nothing proven lost yet
@@ -307,9 +307,11 @@ class Reassembler:
         self.stats.gaps += 1
         self.stats.gap_bytes += missing
         st.next_seq = first
-        self._drain(flow, direction, out, gap=True)
+        self._drain(flow, direction, out, gap=True, now=now)
 
-    def _drain(self, flow, direction, out, gap: bool = False) -> None:
+    def _drain(self, flow, direction, out, gap: bool = False, now=None) -> None:
+        """Deliver held segments that are now in order.  ``now`` is the context of the segment
+        that released them: its time and frame are when the bytes became readable."""
         st = flow.streams[direction]
         while st.ooo:
             # next segment that starts at or before the expected sequence number
@@ -330,6 +332,8 @@ class Reassembler:
             if d < 0:
                 data = data[-d:]
                 self.stats.overlaps += 1
+            if now is not None:
+                ctx = dict(ctx, ts=now["ts"], frame=now["frame"])
             self._deliver(flow, direction, data, gap, ctx, out)
             gap = False
             st.next_seq = (st.next_seq + len(data)) % _MOD

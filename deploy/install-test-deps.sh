@@ -1,0 +1,18 @@
+#!/bin/sh
+# System tools the tests use: tshark (reference dissector), prometheus + promtool (real server for
+# the metrics tests), tcpreplay and iproute2 (live-capture tests in network namespaces).
+# Installs only what is missing; uses sudo when not root.
+set -e
+need=""
+command -v tshark >/dev/null 2>&1 || need="$need tshark"
+command -v capinfos >/dev/null 2>&1 || need="$need wireshark-common"
+command -v prometheus >/dev/null 2>&1 || need="$need prometheus"
+command -v promtool >/dev/null 2>&1 || need="$need prometheus"
+command -v tcpreplay >/dev/null 2>&1 || need="$need tcpreplay"
+command -v ip >/dev/null 2>&1 || need="$need iproute2"
+[ -z "$need" ] && exit 0
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+echo "installing system packages:$need" >&2
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need >/dev/null
