@@ -167,7 +167,9 @@ def looks_like(data: bytes) -> bool:
             return complete > 0
         complete += 1
         pos = end
-    return complete > 0 and pos == n
+    if n - pos >= 4 and data[pos + 2: pos + 4] != b"\x00\x00":
+        return False  # the start of the next header is already wrong
+    return complete > 0
 
 
 class _Pending:
