@@ -469,14 +469,17 @@ class Dnp3Parser:
         """Packed single- or double-bit objects (A.2 g1v1, A.4 g3v1, A.6 g10v1, A.30 g80v1)."""
         bits = PACKED_BITS[(group, variation)]
         nbytes = (count * bits + 7) >> 3
-        if len(frag) - pos < nbytes:
-            return pos, REASON_TRUNCATED
+        reason = REASON_NONE
+        if len(frag) - pos < nbytes:  # decode the points that are there, then report truncation
+            nbytes = len(frag) - pos
+            count = nbytes * 8 // bits
+            reason = REASON_TRUNCATED
         raw = np.unpackbits(np.frombuffer(frag, np.uint8, nbytes, pos), bitorder="little")
         if bits == 2:
             raw = raw[0::2] | (raw[1::2] << 1)
         values = raw[:count].tolist()
         points.extend((group, variation, start + i, v, -1) for i, v in enumerate(values))
-        return pos + nbytes, REASON_NONE
+        return pos + nbytes, reason
 
     def _sized_objects(self, frag, pos, group, variation, count, psize, start, points):
         """Objects each preceded by their size (prefix codes 4-6, e.g. free-format qualifier 5B)."""
