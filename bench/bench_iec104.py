@@ -101,8 +101,10 @@ def main(argv=None) -> int:
         ours = pdus / elapsed if elapsed else 0.0
         t_pdus, t_elapsed = time_tshark(path)
         theirs = t_pdus / t_elapsed if t_elapsed else 0.0
-        print(f"{path.name}: {len(chunks)} chunks; otwatch {ours:,.0f} PDUs/s ({points / elapsed:,.0f} points/s); "
-              f"tshark {t_pdus} PDUs in {t_elapsed:.2f}s = {theirs:,.0f} PDUs/s; ratio {ours / max(theirs, 1e-9):.0f}x")
+        print(f"{path.name}: {len(chunks)} chunks; otwatch {ours:,.0f} PDUs/s"
+              f" ({points / elapsed:,.0f} points/s);"
+              f" tshark {t_pdus} PDUs in {t_elapsed:.2f}s = {theirs:,.0f} PDUs/s;"
+              f" ratio {ours / max(theirs, 1e-9):.0f}x")
     chunks = synthetic_chunks()
     pdus, points, elapsed = time_parser(chunks, args.seconds)
     print(f"synthetic (floats SQ=0, GI SQ=1 x64, S acks): {pdus / elapsed:,.0f} PDUs/s, "

@@ -22,7 +22,8 @@ from tests.conftest import SHARED_PCAPS, needs_shared
 
 def apci_i(ns: int, nr: int, asdu: bytes) -> bytes:
     """I-format APDU (-104 §5.1): N(S), N(R) shifted left by one, LSB of octet 1 = 0."""
-    return bytes([0x68, 4 + len(asdu)]) + (ns << 1).to_bytes(2, "little") + (nr << 1).to_bytes(2, "little") + asdu
+    control = (ns << 1).to_bytes(2, "little") + (nr << 1).to_bytes(2, "little")
+    return bytes([0x68, 4 + len(asdu)]) + control + asdu
 
 
 def asdu(type_id: int, objects: bytes, n: int, sq: int = 0, cot: int = 3, oa: int = 0, ca: int = 1) -> bytes:
@@ -56,7 +57,7 @@ def test_u_frames_functions_and_direction():
     assert [function_name(f) for f in ev.function.tolist()] == [
         "STARTDT act", "STARTDT con", "STOPDT act", "STOPDT con", "TESTFR act", "TESTFR con"]
     assert ev.subfunction.tolist() == [1, 2, 4, 8, 16, 32]  # the U bits (octet 1 >> 2)
-    assert ev.direction.tolist() == [DIR_REQUEST, DIR_RESPONSE, DIR_REQUEST, DIR_RESPONSE, DIR_REQUEST, DIR_REQUEST]
+    assert ev.direction.tolist() == [DIR_REQUEST, DIR_RESPONSE] * 2 + [DIR_REQUEST] * 2
     assert ev.seq.tolist() == [-1] * 6 and ev.ack.tolist() == [-1] * 6
     assert ev.length.tolist() == [6] * 6 and (ev.status == STATUS_OK).all()
     assert ev.frame.tolist() == [1, 2, 3, 4, 5, 5]
@@ -78,11 +79,13 @@ def test_measured_float_sq0_fields():
     pdu, pts = ev.pdus, ev.points
     assert pdu.function.tolist() == [13] and pdu.seq.tolist() == [77] and pdu.ack.tolist() == [20]
     assert pdu.unit.tolist() == [0x1234] and pdu.peer_unit.tolist() == [7] and pdu.cause.tolist() == [3]
-    assert pdu.count.tolist() == [2] and pdu.address.tolist() == [1300] and pdu.length.tolist() == [6 + 6 + 16]
+    assert pdu.count.tolist() == [2] and pdu.address.tolist() == [1300]
+    assert pdu.length.tolist() == [6 + 6 + 16]
     assert pdu.direction.tolist() == [DIR_RESPONSE] and not pdu.is_control[0] and not pdu.is_write[0]
     assert pts.address.tolist() == [1300, 1301] and pts.value.tolist() == [25.0, 1.0]
     assert pts.quality.tolist() == [0, 0x80] and pts.object.tolist() == [13, 13]
-    assert (pts.pdu_id == pdu.pdu_id[0]).all() and pts.cause.tolist() == [3, 3] and pts.seq.tolist() == [77, 77]
+    assert (pts.pdu_id == pdu.pdu_id[0]).all()
+    assert pts.cause.tolist() == [3, 3] and pts.seq.tolist() == [77, 77]
 
 
 def test_single_points_sq1_from_capture_bytes():
@@ -90,7 +93,8 @@ def test_single_points_sq1_from_capture_bytes():
     data = bytes.fromhex("681d02000200" "01901400" "1e04" "000000") + bytes([0, 1, 0x11, 0x80] * 4)
     ev = run((data, FROM_SERVER))
     pts = ev.points
-    assert ev.pdus.count.tolist() == [16] and ev.pdus.variation.tolist() == [1] and ev.pdus.cause.tolist() == [20]
+    assert ev.pdus.count.tolist() == [16] and ev.pdus.variation.tolist() == [1]
+    assert ev.pdus.cause.tolist() == [20]
     assert pts.address.tolist() == list(range(16))
     assert pts.value.tolist() == [0, 1, 1, 0] * 4
     assert pts.quality.tolist() == [0, 0, 0x10, 0x80] * 4  # BL, IV; the SPI bit is not quality
@@ -158,7 +162,8 @@ def test_control_and_write_flags(type_id, control, write):
 
 def test_sequence_gap_and_repeat_per_direction():
     one = asdu(1, ioa(1) + b"\x01", 1)
-    ev = run((apci_i(0, 0, one), FROM_SERVER), (apci_i(1, 0, one), FROM_SERVER), (apci_i(3, 0, one), FROM_SERVER),
+    ev = run((apci_i(0, 0, one), FROM_SERVER), (apci_i(1, 0, one), FROM_SERVER),
+             (apci_i(3, 0, one), FROM_SERVER),
              (apci_i(3, 0, one), FROM_SERVER), (apci_i(4, 0, one), FROM_SERVER),
              (apci_i(9, 5, one), FROM_CLIENT), (apci_i(10, 5, one), FROM_CLIENT))
     pdu = ev.pdus
@@ -238,8 +243,9 @@ def test_buffers_stay_bounded():
 
 def test_names():
     assert type_name(58) == "C_SC_TA_1" and type_name(107) == "C_TS_TA_1" and type_name(127) == "F_SC_NB_1"
-    assert all(type_name(t) != f"unknown-{t}" for t in list(range(1, 22)) + list(range(30, 42)) + list(range(45, 52))
-               + list(range(58, 65)) + [70] + list(range(100, 108)) + list(range(110, 114)) + list(range(120, 128)))
+    standard = [*range(1, 22), *range(30, 42), *range(45, 52), *range(58, 65), 70, *range(100, 108),
+                *range(110, 114), *range(120, 128)]
+    assert all(type_name(t) != f"unknown-{t}" for t in standard)
     assert type_name(22) == "unknown-22" and cause_name(7) == "actcon" and cause_name(0) == "unknown-0"
     assert set(ELEMENTS) <= set(TYPE_NAMES)
 
@@ -265,7 +271,8 @@ def test_looks_like_rejects_common_payloads(payload):
 
 def test_looks_like_rejects_random_bytes():
     rng = random.Random(104)
-    hits = sum(looks_like(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))) for _ in range(20000))
+    hits = sum(looks_like(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))))
+               for _ in range(20000))
     # Random bytes starting 0x68 followed by plausible S/U or well-formed I APDUs: essentially never.
     hits_68 = sum(looks_like(b"\x68" + bytes(rng.randrange(256) for _ in range(rng.randrange(5, 300))))
                   for _ in range(20000))

@@ -95,7 +95,8 @@ def _same(kind: str, ours, theirs: str) -> bool:
         return False
     if kind == "float":
         t = float(theirs)
-        return math.isclose(float(ours), t, rel_tol=1e-5, abs_tol=1e-7) or (math.isnan(ours) and math.isnan(t))
+        both_nan = math.isnan(ours) and math.isnan(t)
+        return math.isclose(float(ours), t, rel_tol=1e-5, abs_tol=1e-7) or both_nan
     return int(ours) == _num(theirs)
 
 
@@ -196,7 +197,8 @@ def _check(path: Path, events, expected_frames: int | None = None):
     # Every frame tshark decodes as IEC 104 carries our events, except crafted garbage-prefixed ones.
     missing = res["tshark_frames"] - res["our_frames"]
     assert missing <= res["prefixed_frames"], (path.name, sorted(missing - res["prefixed_frames"]))
-    assert not res["our_frames"] - res["tshark_frames"], (path.name, sorted(res["our_frames"] - res["tshark_frames"]))
+    extra = res["our_frames"] - res["tshark_frames"]
+    assert not extra, (path.name, sorted(extra))
     if missing:  # the implausible APCIs we skipped were counted, not dropped silently
         assert events.errors.get((PROTO_IEC104, REASON_RESYNC), 0) > 0
     if expected_frames is not None:
