@@ -81,6 +81,7 @@ _HEADER8 = struct.Struct("<4H")
 _PREFIX_FORMAT = {1: "B", 2: "H", 4: "I"}
 _NUMPY_CODES = {"B": "u1", "H": "<u2", "I": "<u4", "Q": "<u8", "b": "i1", "h": "<i2", "i": "<i4",
                 "f": "<f4", "d": "<f8"}
+INT32_MAX = 0x7FFFFFFF  # the count column is int32; ranges may claim up to 2^32 objects
 #: runs at least this long are decoded with np.frombuffer instead of struct.iter_unpack
 NUMPY_RUN = 48
 
@@ -329,7 +330,7 @@ class Dnp3Parser:
         points: list = []
         first, count, reason = self._objects(frag, pos, fc, points, chunk.src, unit)
         pid = out.pdu(chunk, PROTO_DNP3, function=fc, subfunction=flags, direction=direction, unit=unit,
-                      peer_unit=peer, seq=seq, address=first[2], count=count, obj=first[0],
+                      peer_unit=peer, seq=seq, address=first[2], count=min(count, INT32_MAX), obj=first[0],
                       variation=first[1], quality=iin, length=n, is_write=is_write, is_control=is_control,
                       status=STATUS_OK if reason == REASON_NONE else STATUS_MALFORMED, reason=reason)
         point = out.point

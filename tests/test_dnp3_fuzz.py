@@ -1,0 +1,149 @@
+"""The DNP3 parser never raises and never holds unbounded memory, whatever the bytes.
+
+Default: a few hundred examples per property.  Long run: OTWATCH_FUZZ_EXAMPLES=100000 (the
+``slow`` tests read it; ``pytest -m slow tests/test_dnp3_fuzz.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from parsers.base import FROM_CLIENT, FROM_SERVER, Chunk
+from parsers.crc import crc16_dnp
+from parsers.dnp3 import MAX_FRAGMENTS_PER_STREAM, MAX_LINK_FRAME, Dnp3Parser
+from parsers.events import PROTO_DNP3, EventBuilder
+
+LONG = int(os.environ.get("OTWATCH_FUZZ_EXAMPLES", "0"))
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(max_examples=max(LONG, 1), deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def link_frame(ctrl: int, dst: int, src: int, user: bytes) -> bytes:
+    h = bytes([0x05, 0x64, 5 + len(user), ctrl]) + dst.to_bytes(2, "little") + src.to_bytes(2, "little")
+    out = h + crc16_dnp(h).to_bytes(2, "little")
+    for i in range(0, len(user), 16):
+        out += user[i:i + 16] + crc16_dnp(user[i:i + 16]).to_bytes(2, "little")
+    return out
+
+
+# Valid-looking application fragments: a real header and object headers with arbitrary
+# qualifiers, counts and ranges (huge ranges included), then arbitrary object bytes.
+groups = st.sampled_from([0, 1, 2, 3, 4, 10, 12, 20, 21, 22, 30, 32, 40, 41, 50, 51, 52, 60, 70, 80,
+                          110, 112, 120, 200])
+object_header = st.tuples(groups, st.integers(0, 255), st.sampled_from(
+    [0x00, 0x01, 0x02, 0x06, 0x07, 0x08, 0x17, 0x28, 0x39, 0x5B, 0x0B, 0x19, 0xFF]), st.binary(max_size=8))
+app_fragment = st.builds(
+    lambda ac, fc, iin, headers, tail: bytes([ac, fc]) + (iin if fc >= 129 else b"")
+    + b"".join(bytes(h[:3]) + h[3] for h in headers) + tail,
+    st.integers(0, 255), st.sampled_from(list(range(34)) + [129, 130, 131, 77]), st.binary(min_size=2, max_size=2),
+    st.lists(object_header, max_size=4), st.binary(max_size=64))
+
+
+def segments(app: bytes, tseq: int) -> list[bytes]:
+    parts = [app[i:i + 249] for i in range(0, len(app), 249)] or [b""]
+    return [bytes([(0x40 if k == 0 else 0) | (0x80 if k == len(parts) - 1 else 0) | ((tseq + k) & 63)]) + p
+            for k, p in enumerate(parts)]
+
+
+@st.composite
+def mutated_stream(draw):
+    """Real frames, then damage: flipped bytes (bad CRCs), truncation, bogus LEN, dropped segments."""
+    frames = []
+    for _ in range(draw(st.integers(1, 4))):
+        ctrl = draw(st.sampled_from([0xC4, 0x44, 0xC0, 0xC9, 0x0B, 0x00, 0xF3]))
+        for seg in segments(draw(app_fragment), draw(st.integers(0, 63))):
+            if draw(st.integers(0, 9)) == 0:
+                continue  # lost segment -> sequence error
+            frames.append(link_frame(ctrl, draw(st.integers(0, 65535)), draw(st.integers(0, 65535)), seg))
+    data = bytearray(b"".join(frames))
+    for _ in range(draw(st.integers(0, 3))):
+        if data:
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    if draw(st.booleans()) and data:
+        data = data[:draw(st.integers(0, len(data)))]
+    return bytes(data)
+
+
+def feed_all(data: bytes, cuts: list[int], gaps: set[int], datagram: bool) -> tuple[Dnp3Parser, EventBuilder]:
+    parser, out = Dnp3Parser(), EventBuilder()
+    bounds = sorted({0, len(data), *[c % (len(data) + 1) for c in cuts]})
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        parser.feed(Chunk(data[a:b], frame=i + 1, flow=1, direction=FROM_CLIENT if i % 3 else FROM_SERVER,
+                          gap=i in gaps, datagram=datagram), out)
+        check_bounded(parser)
+    return parser, out
+
+
+def check_bounded(parser: Dnp3Parser) -> None:
+    for stream in parser._streams.values():
+        assert len(stream.buf) < MAX_LINK_FRAME
+        assert len(stream.fragments) <= MAX_FRAGMENTS_PER_STREAM
+        for buf, _seq in stream.fragments.values():
+            assert buf is None or len(buf) <= parser.max_fragment
+
+
+def accounted(data: bytes, out: EventBuilder) -> None:
+    batch = out.build()
+    assert (batch.protocol == PROTO_DNP3).all()
+    if len(data) >= 10:  # every non-trivial input comes back as rows or counted errors
+        assert len(batch) or batch.errors or data.startswith(b"\x05\x64")
+
+
+def _random_bytes(data, cuts, gaps, datagram):
+    _, out = feed_all(data, cuts, set(gaps), datagram)
+    accounted(data, out)
+
+
+def _mutated(data, cuts, gaps, datagram):
+    parser, out = feed_all(data, cuts, set(gaps), datagram)
+    accounted(data, out)
+    parser.close(1)
+    assert not parser._streams
+
+
+random_args = (st.binary(max_size=2048), st.lists(st.integers(0, 4096), max_size=8),
+               st.lists(st.integers(0, 8), max_size=3), st.booleans())
+mutated_args = (mutated_stream(), st.lists(st.integers(0, 4096), max_size=8),
+                st.lists(st.integers(0, 8), max_size=2), st.booleans())
+
+
+@FAST
+@given(*random_args)
+def test_random_bytes(data, cuts, gaps, datagram):
+    _random_bytes(data, cuts, gaps, datagram)
+
+
+@FAST
+@given(*mutated_args)
+def test_mutated_valid_pdus(data, cuts, gaps, datagram):
+    _mutated(data, cuts, gaps, datagram)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="set OTWATCH_FUZZ_EXAMPLES for the long run")
+@SLOW
+@given(*random_args)
+def test_random_bytes_long(data, cuts, gaps, datagram):
+    _random_bytes(data, cuts, gaps, datagram)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="set OTWATCH_FUZZ_EXAMPLES for the long run")
+@SLOW
+@given(*mutated_args)
+def test_mutated_valid_pdus_long(data, cuts, gaps, datagram):
+    _mutated(data, cuts, gaps, datagram)
+
+
+def test_huge_counts_do_not_allocate():
+    # g1v1 0..0xFFFFFFFE (4-octet start/stop) and g30v1 count 2^32-1: no huge lists, just truncation.
+    for objs in (bytes([1, 1, 0x02]) + (0).to_bytes(4, "little") + (0xFFFFFFFE).to_bytes(4, "little") + b"\xff",
+                 bytes([30, 1, 0x09]) + (0xFFFFFFFF).to_bytes(4, "little") + bytes(5)):
+        data = link_frame(0x44, 1, 10, bytes([0xC0, 0xC0, 129, 0, 0]) + objs)
+        parser, out = feed_all(data, [], set(), False)
+        b = out.build()
+        assert b.pdus.status.tolist() == [2] and len(b.points) <= 8
