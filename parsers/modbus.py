@@ -98,6 +98,8 @@ DIAGNOSTIC_NAMES = {
 # Sub-functions that change how the device operates (restart, go silent) and those that change
 # stored state (counters, the ASCII delimiter).
 DIAGNOSTIC_CONTROL = frozenset({1, 4})
+# The event column is int16: sub-functions 0x7FFF..0xFFFF (all reserved) are stored as 0x7FFF.
+SUBFUNCTION_MAX = 0x7FFF
 DIAGNOSTIC_WRITE = frozenset({1, 3, 4, 10, 20})
 
 # MB-AP §6.19-6.21: MEI types and the device identification objects.
@@ -276,7 +278,10 @@ class ModbusParser:
                 out.count_error(PROTO_MODBUS, REASON_TOO_LARGE)
             self._adu(chunk, out, role, data, pos, end, tid, unit, fc)
             pos = end
-        if pos < n:
+        if pos < n and chunk.datagram:
+            # Modbus over UDP: a datagram carries whole ADUs; the rest is lost, not kept.
+            out.count_error(PROTO_MODBUS, REASON_TRUNCATED)
+        elif pos < n:
             # A partial ADU (< MAX_ADU bytes by the length check above, or < 8 bytes of header).
             self._tails[key] = bytes(data[pos:])
 
@@ -436,7 +441,7 @@ class ModbusParser:
         elif fc == 8:
             # §6.8 diagnostics: sub-function (2), data.
             if blen >= 2:
-                sub = U16.unpack_from(data, body)[0]
+                sub = min(U16.unpack_from(data, body)[0], SUBFUNCTION_MAX)
                 is_write = sub in DIAGNOSTIC_WRITE
                 is_control = sub in DIAGNOSTIC_CONTROL
                 count = (blen - 2) // 2
@@ -576,7 +581,7 @@ class ModbusParser:
                 status, reason = STATUS_MALFORMED, REASON_TRUNCATED
         elif fc == 8:
             if blen >= 2:
-                sub = U16.unpack_from(data, body)[0]
+                sub = min(U16.unpack_from(data, body)[0], SUBFUNCTION_MAX)
                 is_write = sub in DIAGNOSTIC_WRITE
                 is_control = sub in DIAGNOSTIC_CONTROL
                 count = (blen - 2) // 2
