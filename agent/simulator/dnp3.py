@@ -215,8 +215,13 @@ class Dnp3Session(Conversation):
         return self.delay(0.006, 0.014)
 
     def transact(self, t: float, function: int, objects: bytes = b"", destination: int | None = None,
-                 answer=None) -> float:
-        """Send a request; the outstation answers (``answer(seq) -> (objects, iin_extra, confirm)``)."""
+                 answer=None, split: bool = False, with_link_status: bool = False) -> float:
+        """Send a request; the outstation answers (``answer(seq) -> (objects, iin_extra, confirm)``).
+
+        ``split``: the response leaves in two TCP segments (link header, then the data blocks);
+        ``with_link_status``: a link status request rides in the same segment as the request and
+        the link status in the same segment as the response (two link frames per segment).
+        """
         seq = self.m.app_seq
         request = self.m.request(function, objects, destination=destination)
         if destination is not None and destination != self.out.address:
@@ -224,7 +229,10 @@ class Dnp3Session(Conversation):
         latency = self.latency()
         objs, extra_iin, confirm = answer(seq, t + latency) if answer else (b"", 0, False)
         response = self.o.response(seq, self.iin | extra_iin, objs, confirm=confirm)
-        t = self.conn.exchange(t, request, response, latency)
+        if with_link_status:
+            request = link_frame(LINK_STATUS_REQUEST, self.out.address, self.m.address) + request
+            response = link_frame(LINK_STATUS, self.m.address, self.out.address) + response
+        t = self.conn.exchange(t, request, response, latency, split_at=10 if split else 0)
         if confirm:  # the master confirms an event response (clause 4.4.2)
             t = self.conn.send(t + 0.003 + 0.004 * self.rng.random(), 0, self.m.request(CONFIRM, seq=seq))
         return t
@@ -311,9 +319,13 @@ class Master(Dnp3Session):
 
     def on_integrity(self, t: float) -> float:
         return self.transact(t, READ, class_header(2) + class_header(3) + class_header(4) + class_header(1),
-                             answer=self.integrity_answer)
+                             answer=self.integrity_answer, split=self.rng.random() < 0.15)
 
     def on_link(self, t: float) -> float:
+        """Link status keep-alive (clause 9.2.6.2), sometimes in the same segment as an event poll."""
+        if self.rng.random() < 0.3:
+            return self.transact(t, READ, class_header(2) + class_header(3) + class_header(4),
+                                 answer=self.event_answer, with_link_status=True)
         return self.link_status(t)
 
     def on_need_time(self, t: float) -> float:

@@ -183,7 +183,7 @@ class ModbusClient(Conversation):
         answer = self.plc.answer(t + latency, pdu, unit)
         response = adu(tid, unit, answer) if answer is not None else None
         return self.conn.exchange(t, adu(tid, unit, pdu), response, latency,
-                                  split_at=7 if split and response and len(response) > 9 else 0)
+                                  split_at=9 if split and response and len(response) > 11 else 0)
 
     def pipelined(self, t: float, pdus: list[bytes]) -> float:
         """Two requests in one segment (different transaction ids); the PLC answers both in one segment."""
