@@ -121,7 +121,7 @@ def _num(text: str) -> float:
 def _close(a: float, b: float) -> bool:
     if a != a or b != b:  # NaN (a float point's value may be NaN on the wire)
         return a != a and b != b
-    return a == b or abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
+    return a == b or abs(a - b) <= 1e-5 * max(1.0, abs(a), abs(b))  # tshark prints 6 digits
 
 
 def _our_events(path: Path):
