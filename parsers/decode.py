@@ -127,16 +127,15 @@ class Decoded:
 class _Gather:
     """Reads big-endian fields at per-frame offsets, clipped to the buffer."""
 
-    __slots__ = ("buf", "last")
+    __slots__ = ("buf",)
 
     def __init__(self, buf: np.ndarray):
         self.buf = buf
-        self.last = max(int(buf.shape[0]) - 1, 0)
 
     def u8(self, idx):
         if self.buf.shape[0] == 0:
             return np.zeros(np.shape(idx), dtype=np.uint32)
-        return np.take(self.buf, np.clip(idx, 0, self.last)).astype(np.uint32)
+        return np.take(self.buf, idx, mode="clip").astype(np.uint32)
 
     def u16(self, idx):
         return (self.u8(idx) << 8) | self.u8(idx + 1)

@@ -186,17 +186,18 @@ class EventBuilder:
     >>> _ = out.point(ctx, PROTO_MODBUS, pid, function=3, unit=1, address=0, value=7.0,
     ...               obj=MB_HOLDING_REGISTER)
     >>> b = out.build()
-    >>> b.kind.tolist(), b.pdu_id.tolist(), b.value[1]
+    >>> b.kind.tolist(), b.pdu_id.tolist(), float(b.value[1])
     ([0, 1], [0, 0], 7.0)
     """
 
     def __init__(self, first_pdu_id: int = 0):
         self._rows: list[tuple] = []
+        self._blocks: list[np.ndarray] = []  # rows already turned into arrays, in order
         self.next_pdu_id = first_pdu_id
         self.errors: dict = {}
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._rows) + sum(b.shape[0] for b in self._blocks)
 
     def pdu(self, ctx: StreamContext, protocol: int, *, function: int, direction: int | None = None,
             subfunction: int = -1, cause: int = -1, unit: int = -1, peer_unit: int = -1, seq: int = -1,
@@ -228,6 +229,46 @@ class EventBuilder:
             STATUS_OK, REASON_NONE,
         ))
 
+    def points(self, ctx: StreamContext, protocol: int, pdu_id: int, *, function: int, addresses, values,
+               direction: int | None = None, unit: int = -1, peer_unit: int = -1, obj=-1, variation=-1,
+               quality=-1, cause: int = -1, seq: int = -1, is_write: bool = False,
+               is_control: bool = False) -> None:
+        """Append many point rows of one PDU at once (a register block, a run of DNP3 points).
+
+        ``addresses`` and ``values`` are equal-length arrays; ``obj``, ``variation`` and ``quality``
+        may be scalars or arrays of the same length.  Rows keep their order relative to
+        :meth:`pdu` and :meth:`point` calls.
+
+        >>> import numpy as np
+        >>> out = EventBuilder()
+        >>> ctx = StreamContext(ts=1)
+        >>> pid = out.pdu(ctx, PROTO_MODBUS, function=3)
+        >>> out.points(ctx, PROTO_MODBUS, pid, function=3, addresses=np.arange(3), values=np.array([5., 6., 7.]))
+        >>> out.build().value[1:].tolist()
+        [5.0, 6.0, 7.0]
+        """
+        n = len(addresses)
+        if n == 0:
+            return
+        block = np.zeros(n, dtype=EVENT_DTYPE)
+        for name, v in (("ts", ctx.ts), ("frame", ctx.frame), ("protocol", protocol), ("src", ctx.src),
+                        ("dst", ctx.dst), ("sport", ctx.sport), ("dport", ctx.dport), ("flow", ctx.flow),
+                        ("transport", ctx.transport),
+                        ("direction", ctx.direction if direction is None else direction),
+                        ("kind", KIND_POINT), ("pdu_id", pdu_id), ("function", function), ("subfunction", -1),
+                        ("cause", cause), ("unit", unit), ("peer_unit", peer_unit), ("seq", seq), ("ack", -1),
+                        ("address", addresses), ("count", 1), ("object", obj), ("variation", variation),
+                        ("value", values), ("quality", quality), ("is_write", is_write),
+                        ("is_control", is_control)):
+            block[name] = v
+        self._flush_rows()
+        self._blocks.append(block)
+
+    def _flush_rows(self) -> None:
+        if self._rows:
+            self._blocks.append(np.array(self._rows, dtype=EVENT_DTYPE))
+            self._rows = []
+
     def count_error(self, protocol: int, reason: int, n: int = 1) -> None:
         """Count bytes or PDUs that could not be read (no row is emitted for them)."""
         key = (protocol, reason)
@@ -235,8 +276,14 @@ class EventBuilder:
 
     def build(self) -> EventBatch:
         """Return the rows collected so far as a batch and start afresh."""
-        recs = np.array(self._rows, dtype=EVENT_DTYPE) if self._rows else np.zeros(0, dtype=EVENT_DTYPE)
+        self._flush_rows()
+        if not self._blocks:
+            recs = np.zeros(0, dtype=EVENT_DTYPE)
+        elif len(self._blocks) == 1:
+            recs = self._blocks[0]
+        else:
+            recs = np.concatenate(self._blocks)
         batch = EventBatch(recs, self.errors)
-        self._rows = []
+        self._blocks = []
         self.errors = {}
         return batch
