@@ -123,6 +123,7 @@ class Iec104Session(Conversation):
         self.vr = [0, 0]  # receive state variable per side
         self.unacked = [0, 0]  # I-frames received and not yet acknowledged, per receiving side
         self.mitm = False
+        self.mitm_frames = 0  # RTU sends relayed by a man in the middle: every other one duplicated
 
     def i_frame(self, frm: int, asdu_bytes: bytes) -> bytes:
         apdu = apci_i(self.vs[frm], self.vr[frm], asdu_bytes)
@@ -215,7 +216,9 @@ class Master(Iec104Session):
 
     def rtu_sends(self, t: float, asdus: list[bytes], split: bool = False) -> float:
         """RTU data to the master; the master acknowledges after w frames or t2; resets t3."""
-        if self.mitm and len(asdus) >= 2 and self.rng.random() < 0.6:
+        if self.mitm:
+            self.mitm_frames += 1
+        if self.mitm and len(asdus) >= 2 and self.mitm_frames % 2:
             # A relay that buffers badly: two APDUs delivered in the wrong order (N(S) k+1 before k).
             first, second = self.i_frame(1, asdus[0]), self.i_frame(1, asdus[1])
             t = self.conn.send(t, 1, second + first)
@@ -223,7 +226,7 @@ class Master(Iec104Session):
             t = self.after_send(t, 1)
             if not asdus:
                 return self.ack_timers(t)
-        if self.mitm and self.rng.random() < 0.4:
+        if self.mitm and self.mitm_frames % 2 == 0:
             apdu = self.i_frame(1, asdus[0])
             t = self.conn.send(t, 1, apdu)
             t = self.conn.send(t + 0.0005 + 0.002 * self.rng.random(), 1, apdu)  # the same N(S) twice
