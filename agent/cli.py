@@ -25,6 +25,12 @@ SUBCOMMANDS = {
     "replay": ("agent.replay", "read captures through the pipeline and print a summary"),
     "simulate": ("agent.simulate", "write a simulated substation capture with labelled attacks"),
     "parse": ("agent.parse_cmd", "write the parsed protocol events of a capture as JSON lines or CSV"),
+    "eval": ("agent.eval", "score detection on a labelled capture: per-scenario detection, precision, recall"),
+    "baseline": ("agent.baseline_cmd", "show, approve or revoke what the agent learned"),
+    "export": ("agent.export_cmd", "export alerts (STIX 2.1 bundle)"),
+    "run": ("agent.daemon", "run the monitoring agent on a network interface (SPAN port)"),
+    "config": ("agent.config_cmd", "check or show the effective configuration"),
+    "assets": ("agent.assets_cmd", "list assets and conversations seen in captures"),
 }
 
 
