@@ -139,6 +139,7 @@ class Conversation:
                 self.timers[name][0] = planned + period
             busy = getattr(self, "on_" + name)(t)
         self.conn.flush()
+        self.ctx.cap.tag = None  # an attack window cut off by the end of the capture ends here too
 
 
 def port_scan(ctx: Context, attacker: int, targets: list[int], open_ports: dict[int, tuple[int, ...]],
