@@ -42,7 +42,8 @@ import numpy as np
 from .base import FROM_CLIENT, Chunk
 from .events import (
     DIR_REQUEST, DIR_RESPONSE, MB_COIL, MB_DISCRETE_INPUT, MB_HOLDING_REGISTER, MB_INPUT_REGISTER,
-    PROTO_MODBUS, REASON_BAD_HEADER, REASON_BAD_LENGTH, REASON_GAP, REASON_NONE, REASON_TOO_LARGE, REASON_TRUNCATED,
+    PROTO_MODBUS, REASON_BAD_HEADER, REASON_BAD_LENGTH, REASON_GAP, REASON_NONE, REASON_TOO_LARGE,
+    REASON_TRUNCATED,
     REASON_UNKNOWN_FUNCTION, REASON_UNPAIRED, STATUS_EXCEPTION, STATUS_MALFORMED, STATUS_OK,
     STATUS_UNKNOWN, EventBuilder,
 )
@@ -89,7 +90,8 @@ EXCEPTION_NAMES = {
 # MB-AP §6.8.1: FC 8 diagnostics sub-functions.
 DIAGNOSTIC_NAMES = {
     0: "return_query_data", 1: "restart_communications_option", 2: "return_diagnostic_register",
-    3: "change_ascii_input_delimiter", 4: "force_listen_only_mode", 10: "clear_counters_and_diagnostic_register",
+    3: "change_ascii_input_delimiter", 4: "force_listen_only_mode",
+    10: "clear_counters_and_diagnostic_register",
     11: "return_bus_message_count", 12: "return_bus_communication_error_count",
     13: "return_bus_exception_error_count", 14: "return_server_message_count",
     15: "return_server_no_response_count", 16: "return_server_nak_count", 17: "return_server_busy_count",
@@ -427,7 +429,8 @@ class ModbusParser:
                 avail = blen - 9
                 if nbytes != 2 * wcount or avail != nbytes:
                     status, reason = STATUS_MALFORMED, REASON_BAD_LENGTH
-                points = (MB_HOLDING_REGISTER, waddr, _registers(data, body + 9, min(nbytes, avail, 2 * wcount) // 2))
+                nwrite = min(nbytes, avail, 2 * wcount) // 2
+                points = (MB_HOLDING_REGISTER, waddr, _registers(data, body + 9, nwrite))
             else:
                 status, reason = STATUS_MALFORMED, REASON_TRUNCATED
         elif fc == 24:
@@ -480,7 +483,8 @@ class ModbusParser:
             address = U16.unpack_from(data, body)[0]
             if blen >= 4 and fc in QUANTITY_REQUESTS:
                 count = U16.unpack_from(data, body + 2)[0]
-        pid = out.pdu(ctx, PROTO_MODBUS, function=fc, direction=DIR_REQUEST, subfunction=sub, unit=unit, seq=tid,
+        pid = out.pdu(ctx, PROTO_MODBUS, function=fc, direction=DIR_REQUEST, subfunction=sub, unit=unit,
+                      seq=tid,
                       address=address, count=count, length=alen, is_write=is_write, is_control=is_control,
                       status=status, reason=reason)
         self._remember(ctx, out, tid, unit, fc, address, count)
@@ -493,7 +497,8 @@ class ModbusParser:
             obj, first, values = points
             point = out.point
             for i, v in enumerate(values):
-                point(ctx, PROTO_MODBUS, pid, function=fc, address=first + i, value=float(v), direction=DIR_REQUEST,
+                point(ctx, PROTO_MODBUS, pid, function=fc, address=first + i, value=float(v),
+                      direction=DIR_REQUEST,
                       unit=unit, obj=obj, seq=tid, is_write=True)
 
     @staticmethod
@@ -537,7 +542,8 @@ class ModbusParser:
                     if pending and (usable * 8 < count or (count + 7) // 8 != nbytes):
                         status, reason = STATUS_MALFORMED, REASON_BAD_LENGTH
                     if pending:
-                        points = (MB_COIL if fc == 1 else MB_DISCRETE_INPUT, address, _bits(data, body + 1, usable, bits))
+                        obj = MB_COIL if fc == 1 else MB_DISCRETE_INPUT
+                        points = (obj, address, _bits(data, body + 1, usable, bits))
                 else:
                     count = usable // 2
                     if nbytes & 1:
@@ -639,14 +645,16 @@ class ModbusParser:
             status, reason = STATUS_UNKNOWN, REASON_UNKNOWN_FUNCTION
             if fc == 90 and blen >= 2:
                 sub = data[body + 1]
-        pid = out.pdu(ctx, PROTO_MODBUS, function=fc, direction=DIR_RESPONSE, subfunction=sub, unit=unit, seq=tid,
+        pid = out.pdu(ctx, PROTO_MODBUS, function=fc, direction=DIR_RESPONSE, subfunction=sub, unit=unit,
+                      seq=tid,
                       address=address, count=count, length=alen, is_write=is_write, is_control=is_control,
                       status=status, reason=reason)
         if points is not None:
             obj, first, values = points
             point = out.point
             for i, v in enumerate(values):
-                point(ctx, PROTO_MODBUS, pid, function=fc, address=first + i, value=float(v), direction=DIR_RESPONSE,
+                point(ctx, PROTO_MODBUS, pid, function=fc, address=first + i, value=float(v),
+                      direction=DIR_RESPONSE,
                       unit=unit, obj=obj, seq=tid)
 
     # -- asset inventory side table ------------------------------------------------------------
@@ -662,8 +670,8 @@ class ModbusParser:
         return entry
 
     def _server_id(self, ctx, unit, payload: bytes) -> None:
-        """§6.13: the server id is device specific; the run indicator is the byte after it (we take
-        the last 0x00/0xFF byte scanning from the second byte, as lengths are not specified)."""
+        """§6.13: the server id's length is device specific, so the raw bytes are kept; when the
+        second byte is 0x00/0xFF it is read as the run indicator of a one-byte server id."""
         entry = self._device_entry(ctx, unit)
         if entry is None:
             return
