@@ -58,6 +58,9 @@ class Pipeline:
         self.reassembler = Reassembler(limits)
         self.builder = EventBuilder()
         self.stats = PipelineStats()
+        #: called with (batch, decoded, protocol per frame) for every batch: the asset inventory
+        #: and the metrics read whole-frame facts (MACs, non-ICS talkers) here, not from events.
+        self.frame_observers: list = []
 
     def process(self, batch: FrameBatch) -> EventBatch:
         t0 = time.perf_counter()
@@ -86,6 +89,8 @@ class Pipeline:
             st._add(st.frames_by_protocol, name, frames_per[code])
             st._add(st.bytes_by_protocol, name, bytes_per[code])
 
+        for observe in self.frame_observers:
+            observe(batch, dec, proto)
         rows = np.flatnonzero(proto)
         out = self.reassembler.process(batch, dec, rows, proto[rows], server_is_dst[rows])
         self.reassembler.expire(int(batch.ts.max()), out)

@@ -96,10 +96,19 @@ def format_ipv4(addr: int) -> str:
     return str(ipaddress.IPv4Address(int(addr)))
 
 
+def format_mac(mac: int) -> str:
+    """>>> format_mac(0x020000000001)
+    '02:00:00:00:00:01'
+    """
+    return ":".join(f"{b:02x}" for b in int(mac).to_bytes(6, "big"))
+
+
 @dataclass
 class Decoded:
     """Per-frame L2-L4 columns, all the length of the frame batch."""
 
+    src_mac: np.ndarray  # uint64 Ethernet source address (0 when the link layer has none)
+    dst_mac: np.ndarray  # uint64 Ethernet destination address
     vlan: np.ndarray  # uint16 outer VLAN id (0 = untagged)
     vlan_inner: np.ndarray  # uint16 inner VLAN id of QinQ (0 = none)
     l3: np.ndarray  # uint8 L3_NONE / L3_IPV4 / L3_IPV6
@@ -174,6 +183,12 @@ def decode(batch: FrameBatch, book: AddressBook | None = None) -> Decoded:
     known = is_eth | is_sll | is_sll2 | is_raw | is_null
     skip[~known] = SKIP_LINKTYPE
 
+    src_mac = np.zeros(n, dtype=np.uint64)
+    dst_mac = np.zeros(n, dtype=np.uint64)
+    if is_eth.any():
+        o = off[is_eth]
+        dst_mac[is_eth] = (g.u16(o).astype(np.uint64) << np.uint64(32)) | g.u32(o + 2).astype(np.uint64)
+        src_mac[is_eth] = (g.u16(o + 6).astype(np.uint64) << np.uint64(32)) | g.u32(o + 8).astype(np.uint64)
     ethertype[is_eth] = g.u16(off[is_eth] + 12)
     l3off[is_eth] = off[is_eth] + 14
     ethertype[is_sll] = g.u16(off[is_sll] + 14)  # SLL: protocol type at 14 (network order)
@@ -331,6 +346,6 @@ def decode(batch: FrameBatch, book: AddressBook | None = None) -> Decoded:
     plen[ok] = np.maximum(np.minimum(l3end[ok], end[ok]) - poff[ok], 0)
     truncated = ok & (l3end > end)
     l4[~ok] = L4_NONE
-    return Decoded(vlan=vlan, vlan_inner=vlan_inner, l3=l3, src=src, dst=dst, l4=l4, sport=sport, dport=dport,
+    return Decoded(src_mac=src_mac, dst_mac=dst_mac, vlan=vlan, vlan_inner=vlan_inner, l3=l3, src=src, dst=dst, l4=l4, sport=sport, dport=dport,
                    tcp_flags=flags, seq=seq, ack=ack, payload_off=poff, payload_len=plen,
                    payload_truncated=truncated, skip=skip)

@@ -10,7 +10,7 @@ from scapy.all import (IP, TCP, UDP, CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, 
                        IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, raw)
 
 from parsers.decode import (L4_TCP, L4_UDP, SKIP_BAD_IP, SKIP_FRAGMENT, SKIP_LINKTYPE, SKIP_NOT_IP, SKIP_OK,
-                            SKIP_OTHER_L4, SKIP_TRUNC_L3, SKIP_TRUNC_L4, AddressBook, decode)
+                            SKIP_OTHER_L4, SKIP_TRUNC_L3, SKIP_TRUNC_L4, AddressBook, decode, format_mac)
 from parsers.frames import FrameBatch
 
 def eth(**kw):
@@ -76,6 +76,10 @@ def test_link_types_and_vlans(l3, link):
     book = AddressBook()
     d = one(f, lt, book)
     check(d, l3, book)
+    if link in ("eth", "vlan", "qinq"):
+        assert format_mac(d.src_mac[0]) == "02:00:00:00:00:01" and format_mac(d.dst_mac[0]) == "02:00:00:00:00:02"
+    else:
+        assert d.src_mac[0] == 0 and d.dst_mac[0] == 0
     if link == "vlan":
         assert (int(d.vlan[0]), int(d.vlan_inner[0])) == (100, 0)
     if link == "qinq":
