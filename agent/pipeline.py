@@ -112,7 +112,7 @@ class Pipeline:
         for flow_id, code in out.closed:
             parser = parsers.get(code)
             if parser is not None:
-                parser.close(flow_id)
+                parser.close(flow_id, builder)
         events = builder.build()
         self._count(events)
         return events

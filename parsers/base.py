@@ -46,5 +46,6 @@ class StreamParser(Protocol):
     def feed(self, chunk: Chunk, out: EventBuilder) -> None:
         """Parse the bytes of one chunk, appending PDU and point rows to ``out``."""
 
-    def close(self, flow: int) -> None:
-        """Forget all state kept for ``flow`` (it ended or was evicted)."""
+    def close(self, flow: int, out: EventBuilder | None = None) -> None:
+        """Forget all state kept for ``flow`` (it ended or was evicted); count what was left
+        unfinished (a partial PDU, an unanswered request) into ``out``."""

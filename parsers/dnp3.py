@@ -166,7 +166,7 @@ class Dnp3Parser:
         pos = self._scan(data, chunk, st, out)
         st.buf = bytes(data[pos:])
 
-    def close(self, flow: int) -> None:
+    def close(self, flow: int, out: EventBuilder | None = None) -> None:
         for key in [k for k in self._streams if k[0] == flow]:
             del self._streams[key]
 

@@ -24,7 +24,7 @@ direction  uint8   DIR_REQUEST (master/client/controlling station -> outstation)
 kind       uint8   KIND_PDU or KIND_POINT
 pdu_id     int64   running id of the PDU; point rows carry their PDU's id
 function   int16   Modbus FC (without 0x80), DNP3 application FC, IEC-104 type id or U/S code
-subfunction int16  Modbus FC 8 sub-function / FC 43 MEI type; -1 when none
+subfunction int32  Modbus FC 8 sub-function / FC 43 MEI type; -1 when none
 cause      int16   IEC-104 cause of transmission, Modbus exception code; -1 when none
 unit       int32   Modbus unit id, DNP3 outstation address, IEC-104 common address
 peer_unit  int32   DNP3 master address; -1 when none
@@ -91,7 +91,7 @@ EVENT_DTYPE = np.dtype(
     [
         ("ts", "i8"), ("frame", "i8"), ("protocol", "u1"), ("src", "u4"), ("dst", "u4"),
         ("sport", "u2"), ("dport", "u2"), ("flow", "u4"), ("transport", "u1"), ("direction", "u1"),
-        ("kind", "u1"), ("pdu_id", "i8"), ("function", "i2"), ("subfunction", "i2"), ("cause", "i2"),
+        ("kind", "u1"), ("pdu_id", "i8"), ("function", "i2"), ("subfunction", "i4"), ("cause", "i2"),
         ("unit", "i4"), ("peer_unit", "i4"), ("seq", "i4"), ("ack", "i4"), ("address", "i8"),
         ("count", "i4"), ("object", "i2"), ("variation", "i2"), ("value", "f8"), ("quality", "i4"),
         ("length", "i4"), ("is_write", "?"), ("is_control", "?"), ("status", "u1"), ("reason", "u1"),

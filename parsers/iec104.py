@@ -180,7 +180,7 @@ class Iec104Parser:
     def __init__(self):
         self._streams: dict[tuple[int, int], _Stream] = {}
 
-    def close(self, flow: int) -> None:
+    def close(self, flow: int, out: EventBuilder | None = None) -> None:
         self._streams.pop((flow, 0), None)
         self._streams.pop((flow, 1), None)
 

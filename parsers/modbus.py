@@ -100,8 +100,8 @@ DIAGNOSTIC_NAMES = {
 # Sub-functions that change how the device operates (restart, go silent) and those that change
 # stored state (counters, the ASCII delimiter).
 DIAGNOSTIC_CONTROL = frozenset({1, 4})
-# The event column is int16: sub-functions 0x7FFF..0xFFFF (all reserved) are stored as 0x7FFF.
-SUBFUNCTION_MAX = 0x7FFF
+# The event column is int32, so every 16-bit sub-function fits as sent.
+SUBFUNCTION_MAX = 0xFFFF
 DIAGNOSTIC_WRITE = frozenset({1, 3, 4, 10, 20})
 
 # MB-AP §6.19-6.21: MEI types and the device identification objects.

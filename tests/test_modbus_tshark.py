@@ -86,15 +86,8 @@ EXPLAINED_FIELD_DISAGREEMENTS: dict = {
 
 def _pipeline():
     from agent.pipeline import Pipeline
-    from parsers.registry import ProtocolSpec, Registry
 
-    try:
-        return Pipeline()
-    except ImportError:  # another protocol module not importable yet: Modbus alone
-        import parsers.modbus as mb
-
-        spec = ProtocolSpec(PROTO_MODBUS, "modbus", mb.DEFAULT_PORTS, (), mb.looks_like, mb.ModbusParser)
-        return Pipeline(registry=Registry(specs=[spec]))
+    return Pipeline()
 
 
 def parse(path):
