@@ -1,0 +1,617 @@
+"""Prometheus metrics: every metric otwatch exports, defined here and nowhere else.
+
+Metrics live on a :class:`~prometheus_client.CollectorRegistry` passed in (never the global one),
+follow Prometheus' naming conventions (``otwatch_`` prefix, base units, ``_total`` on counters) and
+carry only labels with small fixed value sets: protocol, function class, reason, detector,
+severity, and alert rule names capped by :data:`RULE_LABEL_LIMIT`.  No IP address or register
+number is ever a label value.  Every child whose label values are known up front is created at
+start, so its series exists (at 0) from the first scrape and ``increase()`` sees the first event.
+
+The hot path calls :meth:`Metrics.observe` once per batch; it adds whole-batch differences with
+``inc(n)``, never one call per frame or PDU.
+
+>>> from prometheus_client import CollectorRegistry, generate_latest
+>>> m = Metrics(CollectorRegistry())
+>>> text = generate_latest(m.registry).decode()
+>>> 'otwatch_frames_total{protocol="modbus"} 0.0' in text
+True
+
+Default port: the Prometheus wiki page "Default port allocations" tracks one port per exporter
+in 9100-9999; that range has been fully allocated since mid-2023, and the page (like the
+"Writing exporters" guide) asks software without an allocation to stay outside it.  otwatch
+therefore defaults to :data:`DEFAULT_PORT` = 10502 (Modbus's 502 behind a 10): above the
+allocated range, below the Linux ephemeral range (32768-60999), not in /etc/services.  See
+docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import ipaddress
+import logging
+import re
+import socket
+import ssl
+import threading
+import time
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import numpy as np
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector, make_wsgi_app,
+)
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from parsers.events import KIND_PDU, PROTOCOL_NAMES, REASON_NAMES
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 10502
+
+PROTOCOLS = tuple(name for code, name in sorted(PROTOCOL_NAMES.items()) if code)  # modbus, dnp3, iec104
+TRAFFIC_PROTOCOLS = PROTOCOLS + ("other",)  # frames and bytes also count what no parser claimed
+FUNCTION_CLASSES = ("read", "write", "control", "diagnostic", "other")
+PARSE_REASONS = tuple(name for code, name in sorted(REASON_NAMES.items()) if code)
+DROP_SOURCES = ("kernel", "internal")
+FLOW_END_REASONS = ("closed", "expired", "evicted")
+# Detectors an alert or a score can come from (models/alerts.py, Alert.detector); anything else
+# is counted as "other" so a new detector cannot grow the label set by accident.
+DETECTORS = ("allowlist", "cycle", "process", "river", "pyod", "parser", "other")
+SEVERITIES = ("low", "medium", "high", "critical")
+MODES = ("learn", "monitor")
+#: Alert rule names are code-defined ("allowlist.new_talker", ...), but a label must stay bounded
+#: even if a rule name were ever built from data: after this many distinct names, "other".
+RULE_LABEL_LIMIT = 64
+_RULE_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
+
+# Batch processing time: a batch is up to a few thousand frames; milliseconds normally.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Anomaly scores as the detection engine reports them: score / threshold, so 1.0 is the alerting
+# threshold whatever the detector's own scale is.
+SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+# --- Function classes -----------------------------------------------------------------------------
+# A PDU is "control" when its parser set is_control, else "write" when it set is_write; the tables
+# below split the rest into read / diagnostic, and everything left is "other" (confirmations,
+# acknowledgements, vendor functions).
+
+# Modbus Application Protocol v1.1b3 §6: reads (FC 1-4 §6.1-6.4, 20 §6.14, 23 §6.17 read part,
+# 24 §6.18); diagnostics (7 §6.7 read exception status, 8 §6.8, 11-12 §6.9-6.10 comm event
+# counter/log, 17 §6.13 report server id, 43 §6.19-6.21 MEI / device identification).
+_MODBUS_READ = {1, 2, 3, 4, 20, 23, 24}
+_MODBUS_DIAGNOSTIC = {7, 8, 11, 12, 17, 43}
+# IEEE 1815-2012 clause 4.4: READ (4.4.1) and the responses that carry data (129 RESPONSE, 130
+# UNSOLICITED_RESPONSE); DELAY_MEASURE (4.4.14) and RECORD_CURRENT_TIME (4.4.15) and the link
+# layer's test/status functions (clause 9.2.4.1.3; function column 1000 + code / 1100 + code).
+_DNP3_READ = {1, 129, 130}
+_DNP3_DIAGNOSTIC = {23, 24, 1002, 1009, 1111}
+# IEC 60870-5-101 §7.2.1.1 table 8/9: process information in monitor direction (type ids 1-44) and
+# M_EI_NA_1 (70) report process state -> read.  IEC 60870-5-104 §5.3: U-format STARTDT/STOPDT/
+# TESTFR (event codes 513-518) -> diagnostic.  C_IC/C_CI/C_RD/C_TS (100-107) are control per the
+# parser's CONTROL_TYPES, so they never reach these tables.
+_IEC104_READ = set(range(1, 45)) | {70}
+_IEC104_DIAGNOSTIC = {513, 514, 515, 516, 517, 518}
+
+_READ = {"modbus": _MODBUS_READ, "dnp3": _DNP3_READ, "iec104": _IEC104_READ}
+_DIAGNOSTIC = {"modbus": _MODBUS_DIAGNOSTIC, "dnp3": _DNP3_DIAGNOSTIC, "iec104": _IEC104_DIAGNOSTIC}
+
+
+def function_class(protocol: str, function: int, is_write: bool = False, is_control: bool = False) -> str:
+    """The function class of one PDU: read, write, control, diagnostic or other.
+
+    >>> function_class("modbus", 3), function_class("modbus", 16, is_write=True)
+    ('read', 'write')
+    >>> function_class("dnp3", 5, is_write=True, is_control=True), function_class("iec104", 517)
+    ('control', 'diagnostic')
+    >>> function_class("dnp3", 0)
+    'other'
+    """
+    if is_control:
+        return "control"
+    if is_write:
+        return "write"
+    if function in _DIAGNOSTIC.get(protocol, ()):
+        return "diagnostic"
+    if function in _READ.get(protocol, ()):
+        return "read"
+    return "other"
+
+
+def count_function_classes(events) -> dict:
+    """{(protocol, function class): PDUs} of an event batch, counted with NumPy, not row by row.
+
+    >>> from parsers.events import EventBuilder, StreamContext, PROTO_MODBUS
+    >>> b = EventBuilder(); ctx = StreamContext()
+    >>> for fc, w in ((3, False), (3, False), (6, True)):
+    ...     _ = b.pdu(ctx, PROTO_MODBUS, function=fc, is_write=w)
+    >>> sorted(count_function_classes(b.build()).items())
+    [(('modbus', 'read'), 2), (('modbus', 'write'), 1)]
+    """
+    if len(events) == 0:
+        return {}
+    pdu = events.kind == KIND_PDU
+    key = ((events.protocol[pdu].astype(np.int64) << 18) | (events.is_control[pdu].astype(np.int64) << 17)
+           | (events.is_write[pdu].astype(np.int64) << 16) | (events.function[pdu].astype(np.int64) & 0xFFFF))
+    keys, counts = np.unique(key, return_counts=True)
+    out: dict = {}
+    for k, n in zip(keys.tolist(), counts.tolist()):
+        protocol = PROTOCOL_NAMES.get(k >> 18)
+        if protocol is None or protocol == "other":
+            continue
+        function = k & 0xFFFF
+        function = function - 0x10000 if function >= 0x8000 else function  # int16 column
+        cls = function_class(protocol, function, bool(k >> 16 & 1), bool(k >> 17 & 1))
+        out[(protocol, cls)] = out.get((protocol, cls), 0) + n
+    return out
+
+
+class BatchHistogram:
+    """A labelled histogram that takes a whole NumPy array per call (one lock, one searchsorted).
+
+    prometheus_client's Histogram takes one value per ``observe`` call; anomaly scores come a
+    batch at a time, so this collector keeps cumulative bucket counts in arrays and exposes them
+    as an ordinary histogram family.
+
+    >>> h = BatchHistogram("otwatch_example_score", "example", "detector", ("a",), (1.0, 2.0))
+    >>> h.observe("a", np.array([0.5, 1.5, 9.0]))
+    >>> [(s.name, s.labels.get("le"), s.value) for s in next(iter(h.collect())).samples][:3]
+    [('otwatch_example_score_bucket', '1.0', 1.0), ('otwatch_example_score_bucket', '2.0', 2.0), \
+('otwatch_example_score_bucket', '+Inf', 3.0)]
+    """
+
+    def __init__(self, name: str, documentation: str, label: str, values, buckets):
+        self.name, self.documentation, self.label = name, documentation, label
+        self.bounds = np.asarray(buckets, dtype=np.float64)
+        self._lock = threading.Lock()
+        self._counts = {v: np.zeros(len(self.bounds) + 1, dtype=np.int64) for v in values}
+        self._sums = {v: 0.0 for v in values}
+
+    def observe(self, value: str, scores) -> None:
+        scores = np.asarray(scores, dtype=np.float64).ravel()
+        scores = scores[np.isfinite(scores)]
+        if scores.size == 0:
+            return
+        # Bucket i holds le=bounds[i]: values <= bound, so the search is on the left side.
+        per_bucket = np.bincount(np.searchsorted(self.bounds, scores, side="left"),
+                                 minlength=len(self.bounds) + 1)
+        with self._lock:
+            if value not in self._counts:
+                self._counts[value] = np.zeros(len(self.bounds) + 1, dtype=np.int64)
+                self._sums[value] = 0.0
+            self._counts[value] += per_bucket
+            self._sums[value] += float(scores.sum())
+
+    def collect(self):
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        with self._lock:
+            items = [(v, np.cumsum(c).tolist(), self._sums[v]) for v, c in self._counts.items()]
+        for value, cumulative, total in items:
+            buckets = [(_float_text(b), float(c)) for b, c in zip(self.bounds.tolist(), cumulative)]
+            buckets.append(("+Inf", float(cumulative[-1])))
+            family.add_metric([value], buckets, total)
+        yield family
+
+
+def _float_text(x: float) -> str:
+    return repr(float(x))
+
+
+class Metrics:
+    """Every otwatch metric, on ``registry``.  Call :meth:`observe` once per batch.
+
+    ``process_metrics`` adds the standard ``process_*`` and ``python_info`` collectors to the same
+    registry (what every Prometheus client exposes by default on the global one).
+    """
+
+    def __init__(self, registry: CollectorRegistry, process_metrics: bool = True, version: str | None = None):
+        self.registry = r = registry
+        if process_metrics:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        if version is None:
+            from . import __version__ as version
+        Info("otwatch_build", "otwatch version", registry=r).info({"version": version})
+        self.start_time = Gauge("otwatch_start_time_seconds", "Unix time the agent started", registry=r)
+        self.start_time.set(time.time())
+
+        # Traffic.
+        self.frames = Counter("otwatch_frames_total", "Frames seen, by the protocol of their flow "
+                              "(other: not claimed by any parser)", ["protocol"], registry=r)
+        self.bytes = Counter("otwatch_bytes_total", "Bytes on the wire (frame lengths) seen, by the "
+                             "protocol of their flow", ["protocol"], registry=r)
+        self.pdus = Counter("otwatch_pdus_total", "Protocol data units parsed, by protocol and function "
+                            "class", ["protocol", "function_class"], registry=r)
+        self.points = Counter("otwatch_points_total", "Process values (registers, points, information "
+                              "objects) parsed, by protocol", ["protocol"], registry=r)
+        # Errors and losses.
+        self.parse_errors = Counter("otwatch_parse_errors_total", "PDUs or byte runs a parser could not "
+                                    "read, by protocol and reason", ["protocol", "reason"], registry=r)
+        self.decode_skipped = Counter("otwatch_decode_skipped_frames_total", "Frames not decoded to a "
+                                      "transport payload, by reason", ["reason"], registry=r)
+        self.drops = Counter("otwatch_capture_drops_total", "Frames lost before otwatch saw them: kernel "
+                             "(socket buffer overrun) or internal (queue full)", ["source"], registry=r)
+        self.gaps = Counter("otwatch_reassembly_gaps_total", "TCP stream gaps (bytes never seen)", registry=r)
+        self.gap_bytes = Counter("otwatch_reassembly_gap_bytes_total", "Bytes missing in TCP stream gaps",
+                                 registry=r)
+        self.flows_opened = Counter("otwatch_flows_opened_total", "Flows opened by reassembly", registry=r)
+        self.flows_ended = Counter("otwatch_flows_ended_total", "Flows that ended: closed (FIN/RST), "
+                                   "expired (idle) or evicted (flow table full)", ["reason"], registry=r)
+        self.active_flows = Gauge("otwatch_active_flows", "Flows currently tracked by reassembly", registry=r)
+        # Pipeline health.
+        self.batch_seconds = Histogram("otwatch_batch_duration_seconds", "Time to process one frame batch "
+                                       "(decode, reassembly, parsing, detection)", buckets=LATENCY_BUCKETS,
+                                       registry=r)
+        self.last_frame_ts = Gauge("otwatch_last_frame_timestamp_seconds", "Capture timestamp of the newest "
+                                   "frame processed (Unix time)", registry=r)
+        self.lag = Gauge("otwatch_pipeline_lag_seconds", "Now minus the capture timestamp of the newest frame "
+                         "processed (meaningful on live capture; replays show the capture's age)", registry=r)
+        # Detection.
+        self.alerts = Counter("otwatch_alerts_total", "Alerts raised, by detector kind and severity",
+                              ["kind", "severity"], registry=r)
+        self.alerts_by_rule = Counter("otwatch_alert_rule_alerts_total", "Alerts raised, by rule name "
+                                      f"(at most {RULE_LABEL_LIMIT} names, then 'other') and severity",
+                                      ["rule", "severity"], registry=r)
+        self.sink_errors = Counter("otwatch_alert_sink_errors_total", "Alert records a sink failed to "
+                                   "deliver", ["sink"], registry=r)
+        self.scores = BatchHistogram("otwatch_anomaly_score", "Anomaly scores relative to the alerting "
+                                     "threshold (1 = threshold), by detector", "detector", DETECTORS[:-1],
+                                     SCORE_BUCKETS)
+        r.register(self.scores)
+        self.mode = Gauge("otwatch_mode", "1 for the detection mode the agent is in (learn or monitor)",
+                          ["mode"], registry=r)
+        self.baseline_age = Gauge("otwatch_baseline_age_seconds", "Age of the baseline in use (time since "
+                                  "learning started, by capture time)", registry=r)
+        self.baseline_entries = Gauge("otwatch_baseline_entries", "Entries in the learned baseline "
+                                      "(talkers, functions, ranges, cycles)", registry=r)
+        self.provisional = Gauge("otwatch_baseline_provisional_entries", "Baseline entries learned but "
+                                 "not yet approved", registry=r)
+        self.score_drift = Gauge("otwatch_model_score_drift", "Drift of a detector's recent scores from "
+                                 "its calibration scores (0 = none)", ["detector"], registry=r)
+        self.above_threshold = Gauge("otwatch_model_above_threshold_ratio", "Fraction of recent scores "
+                                     "above the alerting threshold, by detector", ["detector"], registry=r)
+
+        # Children up front, so every series exists at 0 from the first scrape.
+        for p in TRAFFIC_PROTOCOLS:
+            self.frames.labels(p)
+            self.bytes.labels(p)
+        for p in PROTOCOLS:
+            self.points.labels(p)
+            for c in FUNCTION_CLASSES:
+                self.pdus.labels(p, c)
+            for reason in PARSE_REASONS:
+                self.parse_errors.labels(p, reason)
+        from parsers.decode import SKIP_NAMES
+
+        self._skip_reasons = tuple(v for k, v in sorted(SKIP_NAMES.items()) if k)
+        for reason in self._skip_reasons:
+            self.decode_skipped.labels(reason)
+        for s in DROP_SOURCES:
+            self.drops.labels(s)
+        for reason in FLOW_END_REASONS:
+            self.flows_ended.labels(reason)
+        for kind in DETECTORS:
+            for sev in SEVERITIES:
+                self.alerts.labels(kind, sev)
+            if kind != "other":
+                self.score_drift.labels(kind)
+                self.above_threshold.labels(kind)
+        for sink in ("alert_log", "syslog"):
+            self.sink_errors.labels(sink)
+        self.set_mode("monitor")
+        self._rules: set = set()
+        # Cumulative values already added, per source counter (observe adds the difference).
+        self._seen: dict = {}
+
+    # -- once per batch ----------------------------------------------------------------------------
+    def observe(self, pipeline=None, events=None, *, seconds: float | None = None, alerts=(),
+                scores: dict | None = None, health: dict | None = None, now: float | None = None) -> None:
+        """Account for one processed batch.
+
+        ``pipeline``: the :class:`agent.pipeline.Pipeline` (its cumulative counters are read and the
+        growth since the last call added); ``events``: the batch's EventBatch (PDUs by function
+        class); ``seconds``: time the batch took; ``alerts``: Alert objects raised for it;
+        ``scores``: {detector: array of score/threshold}; ``health``: the detection engine's
+        model-health numbers (see :meth:`set_health`).
+        """
+        if pipeline is not None:
+            self._observe_pipeline(pipeline, now)
+        if events is not None and len(events):
+            for (protocol, cls), n in count_function_classes(events).items():
+                self.pdus.labels(protocol, cls).inc(n)
+        if seconds is not None:
+            self.batch_seconds.observe(seconds)
+        if alerts:
+            self.count_alerts(alerts)
+        if scores:
+            for detector, values in scores.items():
+                self.scores.observe(self._detector(detector), values)
+        if health:
+            self.set_health(health)
+
+    def _add(self, counter, key, total) -> None:
+        """Add to ``counter`` what the cumulative ``total`` grew by since the last call."""
+        before = self._seen.get((id(counter), key), 0)
+        if total > before:
+            (counter.labels(*key) if key else counter).inc(total - before)
+        self._seen[(id(counter), key)] = total
+
+    def _observe_pipeline(self, pipeline, now: float | None) -> None:
+        st = pipeline.stats
+        for name in TRAFFIC_PROTOCOLS:
+            if name == "other":
+                continue
+            self._add(self.frames, (name,), st.frames_by_protocol.get(name, 0))
+            self._add(self.bytes, (name,), st.bytes_by_protocol.get(name, 0))
+            self._add(self.points, (name,), st.points_by_protocol.get(name, 0))
+        self._add(self.frames, ("other",), st.frames - sum(st.frames_by_protocol.values()))
+        self._add(self.bytes, ("other",), st.bytes - sum(st.bytes_by_protocol.values()))
+        for key, n in st.parse_errors.items():
+            protocol, _, reason = key.partition("/")
+            if protocol in PROTOCOLS and reason in PARSE_REASONS:
+                self._add(self.parse_errors, (protocol, reason), n)
+        for reason, n in st.skipped.items():
+            if reason in self._skip_reasons:
+                self._add(self.decode_skipped, (reason,), n)
+        rs = pipeline.reassembler.stats
+        self._add(self.gaps, (), rs.gaps)
+        self._add(self.gap_bytes, (), rs.gap_bytes)
+        self._add(self.flows_opened, (), rs.flows_opened)
+        self._add(self.flows_ended, ("closed",), rs.flows_closed)
+        self._add(self.flows_ended, ("expired",), rs.flows_expired)
+        self._add(self.flows_ended, ("evicted",), rs.flows_evicted)
+        self.active_flows.set(len(pipeline.reassembler))
+        if st.last_ts is not None:
+            newest = st.last_ts / 1e9
+            self.last_frame_ts.set(newest)
+            self.lag.set((time.time() if now is None else now) - newest)
+
+    def observe_drops(self, kernel: int | None = None, internal: int | None = None) -> None:
+        """Cumulative drop counts from a live source (kernel: PACKET_STATISTICS tp_drops)."""
+        if kernel is not None:
+            self._add(self.drops, ("kernel",), int(kernel))
+        if internal is not None:
+            self._add(self.drops, ("internal",), int(internal))
+
+    # -- detection ---------------------------------------------------------------------------------
+    def _detector(self, name) -> str:
+        return name if name in DETECTORS else "other"
+
+    def _rule(self, name: str) -> str:
+        if name in self._rules:
+            return name
+        if not isinstance(name, str) or not _RULE_NAME.match(name) or len(self._rules) >= RULE_LABEL_LIMIT:
+            return "other"
+        self._rules.add(name)
+        return name
+
+    def count_alerts(self, alerts) -> None:
+        """Count alerts (Alert objects or ECS dicts), grouped so each child gets one ``inc(n)``."""
+        by_kind: dict = {}
+        by_rule: dict = {}
+        for a in alerts:
+            if isinstance(a, dict):
+                kind, sev, rule = a["rule"].get("category"), a["otwatch"]["severity"], a["rule"]["name"]
+            else:
+                kind, sev, rule = a.detector, a.severity, a.rule
+            sev = sev if sev in SEVERITIES else "low"
+            k = (self._detector(kind), sev)
+            by_kind[k] = by_kind.get(k, 0) + 1
+            k = (self._rule(rule), sev)
+            by_rule[k] = by_rule.get(k, 0) + 1
+        for k, n in by_kind.items():
+            self.alerts.labels(*k).inc(n)
+        for k, n in by_rule.items():
+            self.alerts_by_rule.labels(*k).inc(n)
+
+    def declare_rules(self, rules) -> None:
+        """Create the by-rule children of rules known up front (all severities) at 0."""
+        for rule in rules:
+            name = self._rule(rule)
+            for sev in SEVERITIES:
+                self.alerts_by_rule.labels(name, sev)
+
+    def set_mode(self, mode: str) -> None:
+        for m in MODES:
+            self.mode.labels(m).set(1 if m == mode else 0)
+
+    # Keys of the detection engine's health dict -> gauges.  Values are numbers, or for the
+    # per-detector ones, {detector: number}.
+    def set_health(self, health: dict) -> None:
+        """Set the model-health gauges from the engine's plain dict (unknown keys are ignored).
+
+        >>> from prometheus_client import CollectorRegistry
+        >>> m = Metrics(CollectorRegistry(), process_metrics=False)
+        >>> m.set_health({"mode": "learn", "baseline_size": 12, "score_drift": {"river": 0.25}})
+        >>> m.registry.get_sample_value("otwatch_mode", {"mode": "learn"}), \
+m.registry.get_sample_value("otwatch_model_score_drift", {"detector": "river"})
+        (1.0, 0.25)
+        """
+        for key, value in health.items():
+            if value is None:
+                continue
+            if key == "mode":
+                self.set_mode(str(value))
+            elif key in ("baseline_age_s", "baseline_age_seconds", "baseline_age"):
+                self.baseline_age.set(float(value))
+            elif key in ("baseline_size", "baseline_entries"):
+                self.baseline_entries.set(float(value))
+            elif key in ("provisional", "provisional_entries"):
+                self.provisional.set(float(value))
+            elif key in ("score_drift", "drift"):
+                self._per_detector(self.score_drift, value)
+            elif key in ("above_threshold", "above_threshold_fraction", "fraction_above_threshold",
+                         "above_threshold_ratio"):
+                self._per_detector(self.above_threshold, value)
+
+    def _per_detector(self, gauge, value) -> None:
+        if isinstance(value, dict):
+            for detector, v in value.items():
+                if v is not None and np.isfinite(v):
+                    gauge.labels(self._detector(detector)).set(float(v))
+        elif np.isfinite(value):
+            gauge.labels("other").set(float(value))
+
+
+# --- HTTP exposition --------------------------------------------------------------------------------
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT``, ``PORT`` or ``[v6]:PORT`` -> (host, port); host defaults to loopback.
+
+    >>> parse_listen("127.0.0.1:9999"), parse_listen(":8000"), parse_listen("[::1]:10502")
+    (('127.0.0.1', 9999), ('127.0.0.1', 8000), ('::1', 10502))
+    >>> parse_listen("")
+    ('127.0.0.1', 10502)
+    """
+    text = text.strip()
+    host, port = DEFAULT_HOST, DEFAULT_PORT
+    if not text:
+        return host, port
+    if text.startswith("["):
+        end = text.index("]")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            port = int(rest.lstrip(":"))
+    elif text.count(":") == 1:
+        h, p = text.split(":")
+        host = h or DEFAULT_HOST
+        port = int(p)
+    elif text.isdigit():
+        port = int(text)
+    else:
+        host = text
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def load_basic_auth(path) -> dict:
+    """Read ``user:password`` lines (``#`` comments allowed) from a file only the agent can read."""
+    users = {}
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            user, sep, password = line.partition(":")
+            if not sep or not user or not password:
+                raise ValueError(f"{path}:{n}: expected user:password")
+            users[user] = password
+    if not users:
+        raise ValueError(f"{path}: no user:password line")
+    return users
+
+
+class BasicAuth:
+    """WSGI middleware: HTTP Basic authentication (RFC 7617) in front of another app.
+
+    >>> app = BasicAuth(lambda env, start: start("200 OK", []) or [b"ok"], {"prom": "s3cret"})
+    >>> seen = []
+    >>> app({"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(b"prom:wrong").decode()},
+    ...     lambda status, headers: seen.append(status)) and seen[-1]
+    '401 Unauthorized'
+    >>> app({"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(b"prom:s3cret").decode()},
+    ...     lambda status, headers: seen.append(status)) and seen[-1]
+    '200 OK'
+    """
+
+    def __init__(self, app, users: dict, realm: str = "otwatch"):
+        self.app, self.realm = app, realm
+        self.users = {u.encode(): p.encode() for u, p in users.items()}
+
+    def _authorised(self, header: str) -> bool:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(token.strip(), validate=True).partition(b":")
+        except (ValueError, base64.binascii.Error):
+            return False
+        expected = self.users.get(user)
+        # Compare even for unknown users so timing does not tell which user names exist.
+        return hmac.compare_digest(password, expected if expected is not None else b"\0" * 32) and \
+            expected is not None
+
+    def __call__(self, environ, start_response):
+        if self._authorised(environ.get("HTTP_AUTHORIZATION", "")):
+            return self.app(environ, start_response)
+        start_response("401 Unauthorized", [("WWW-Authenticate", f'Basic realm="{self.realm}"'),
+                                            ("Content-Type", "text/plain; charset=utf-8")])
+        return [b"authentication required\n"]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        log.debug("metrics: " + format, *args)
+
+
+class MetricsServer:
+    """Serves ``registry`` at ``/metrics`` from a daemon thread; counts scrapes.
+
+    TLS when ``certfile``/``keyfile`` are given, HTTP Basic auth when ``users`` is.  ``port=0``
+    picks a free port (see :attr:`port`).
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
+                 certfile: str | None = None, keyfile: str | None = None, users: dict | None = None):
+        self.scrapes = 0
+        self._scraped = threading.Condition()
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ, start_response):
+            result = metrics_app(environ, start_response)
+            if environ.get("PATH_INFO", "/") in ("/", "/metrics"):
+                with self._scraped:
+                    self.scrapes += 1
+                    self._scraped.notify_all()
+            return result
+
+        wsgi = BasicAuth(app, users) if users else app
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+        class Server(ThreadingWSGIServer):
+            address_family = family
+
+        self.httpd = make_server(host, port, wsgi, Server, handler_class=_QuietHandler)
+        self.tls = bool(certfile)
+        if certfile:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(certfile, keyfile)
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.host, self.port = host, self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="otwatch-metrics", daemon=True)
+        self._thread.start()
+        if not is_loopback(host) and not (certfile and users):
+            log.warning("metrics served on %s:%d without %s", host, self.port,
+                        " and ".join(w for w, on in (("TLS", certfile), ("basic auth", users)) if not on))
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/metrics"
+
+    def wait_for_scrapes(self, n: int = 1, timeout: float | None = None) -> bool:
+        """Block until at least ``n`` scrapes have been served; False on timeout."""
+        with self._scraped:
+            return self._scraped.wait_for(lambda: self.scrapes >= n, timeout)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
