@@ -92,7 +92,9 @@ class Plc:
         self.ctx, self.octet, self.feeder, self.unit = ctx, octet, feeder, unit
         self.vendor = (b"Schneider Electric", b"M251", b"V5.1.9.34") if octet % 2 else \
             (b"Siemens AG", b"S7-1200 MB", b"V4.5.2")
-        self.listen_only_until = -1.0
+        # (start, end) of force-listen-only periods.  Conversations are generated one after another,
+        # not in time order, so device state must be looked up by time, never kept as "now".
+        self.listen_only: list[tuple[float, float]] = []
 
     def input_registers(self, t: float) -> list[int]:
         f = self.feeder
@@ -116,7 +118,7 @@ class Plc:
 
     def answer(self, t: float, pdu: bytes, unit: int) -> bytes | None:
         """The response PDU to a request PDU, or None when the PLC stays silent."""
-        if t < self.listen_only_until:
+        if any(start <= t < end for start, end in self.listen_only):
             return None  # FC 8/04 force listen only: no responses until restarted
         fc = pdu[0]
         if unit not in (self.unit, 0xFF):
@@ -153,7 +155,7 @@ class Plc:
         if fc == 8:
             sub = struct.unpack(">H", pdu[1:3])[0]
             if sub == 4:
-                self.listen_only_until = t + 10.0  # until its watchdog restarts it
+                self.listen_only.append((t, t + 10.0))  # until its watchdog restarts it
                 return None
             return pdu
         if fc == 43:
