@@ -44,6 +44,7 @@ from prometheus_client import (
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from models.function_classes import CLASS_NAMES, N_CLASSES, function_class
 from parsers.events import KIND_PDU, PROTOCOL_NAMES, REASON_NAMES
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ DEFAULT_PORT = 10502
 
 PROTOCOLS = tuple(name for code, name in sorted(PROTOCOL_NAMES.items()) if code)  # modbus, dnp3, iec104
 TRAFFIC_PROTOCOLS = PROTOCOLS + ("other",)  # frames and bytes also count what no parser claimed
-FUNCTION_CLASSES = ("read", "write", "control", "diagnostic", "other")
+FUNCTION_CLASSES = tuple(name for code, name in sorted(CLASS_NAMES.items()))  # read, write, control, ...
 PARSE_REASONS = tuple(name for code, name in sorted(REASON_NAMES.items()) if code)
 DROP_SOURCES = ("kernel", "internal")
 FLOW_END_REASONS = ("closed", "expired", "evicted")
@@ -73,55 +74,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # threshold whatever the detector's own scale is.
 SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 
-# --- Function classes -----------------------------------------------------------------------------
-# A PDU is "control" when its parser set is_control, else "write" when it set is_write; the tables
-# below split the rest into read / diagnostic, and everything left is "other" (confirmations,
-# acknowledgements, vendor functions).
-
-# Modbus Application Protocol v1.1b3 §6: reads (FC 1-4 §6.1-6.4, 20 §6.14, 23 §6.17 read part,
-# 24 §6.18); diagnostics (7 §6.7 read exception status, 8 §6.8, 11-12 §6.9-6.10 comm event
-# counter/log, 17 §6.13 report server id, 43 §6.19-6.21 MEI / device identification).
-_MODBUS_READ = {1, 2, 3, 4, 20, 23, 24}
-_MODBUS_DIAGNOSTIC = {7, 8, 11, 12, 17, 43}
-# IEEE 1815-2012 clause 4.4: READ (4.4.1) and the responses that carry data (129 RESPONSE, 130
-# UNSOLICITED_RESPONSE); DELAY_MEASURE (4.4.14) and RECORD_CURRENT_TIME (4.4.15) and the link
-# layer's test/status functions (clause 9.2.4.1.3; function column 1000 + code / 1100 + code).
-_DNP3_READ = {1, 129, 130}
-_DNP3_DIAGNOSTIC = {23, 24, 1002, 1009, 1111}
-# IEC 60870-5-101 §7.2.1.1 table 8/9: process information in monitor direction (type ids 1-44) and
-# M_EI_NA_1 (70) report process state -> read.  IEC 60870-5-104 §5.3: U-format STARTDT/STOPDT/
-# TESTFR (event codes 513-518) -> diagnostic.  C_IC/C_CI/C_RD/C_TS (100-107) are control per the
-# parser's CONTROL_TYPES, so they never reach these tables.
-_IEC104_READ = set(range(1, 45)) | {70}
-_IEC104_DIAGNOSTIC = {513, 514, 515, 516, 517, 518}
-
-_READ = {"modbus": _MODBUS_READ, "dnp3": _DNP3_READ, "iec104": _IEC104_READ}
-_DIAGNOSTIC = {"modbus": _MODBUS_DIAGNOSTIC, "dnp3": _DNP3_DIAGNOSTIC, "iec104": _IEC104_DIAGNOSTIC}
-
-
-def function_class(protocol: str, function: int, is_write: bool = False, is_control: bool = False) -> str:
-    """The function class of one PDU: read, write, control, diagnostic or other.
-
-    >>> function_class("modbus", 3), function_class("modbus", 16, is_write=True)
-    ('read', 'write')
-    >>> function_class("dnp3", 5, is_write=True, is_control=True), function_class("iec104", 517)
-    ('control', 'diagnostic')
-    >>> function_class("dnp3", 0)
-    'other'
-    """
-    if is_control:
-        return "control"
-    if is_write:
-        return "write"
-    if function in _DIAGNOSTIC.get(protocol, ()):
-        return "diagnostic"
-    if function in _READ.get(protocol, ()):
-        return "read"
-    return "other"
-
-
 def count_function_classes(events) -> dict:
-    """{(protocol, function class): PDUs} of an event batch, counted with NumPy, not row by row.
+    """{(protocol, function class): PDUs} of an event batch (classes from models.function_classes).
 
     >>> from parsers.events import EventBuilder, StreamContext, PROTO_MODBUS
     >>> b = EventBuilder(); ctx = StreamContext()
@@ -133,18 +87,14 @@ def count_function_classes(events) -> dict:
     if len(events) == 0:
         return {}
     pdu = events.kind == KIND_PDU
-    key = ((events.protocol[pdu].astype(np.int64) << 18) | (events.is_control[pdu].astype(np.int64) << 17)
-           | (events.is_write[pdu].astype(np.int64) << 16) | (events.function[pdu].astype(np.int64) & 0xFFFF))
-    keys, counts = np.unique(key, return_counts=True)
+    protocol = events.protocol[pdu]
+    classes = function_class(protocol, events.function[pdu], events.is_write[pdu], events.is_control[pdu])
+    keys, counts = np.unique(protocol.astype(np.int64) * N_CLASSES + classes, return_counts=True)
     out: dict = {}
     for k, n in zip(keys.tolist(), counts.tolist()):
-        protocol = PROTOCOL_NAMES.get(k >> 18)
-        if protocol is None or protocol == "other":
-            continue
-        function = k & 0xFFFF
-        function = function - 0x10000 if function >= 0x8000 else function  # int16 column
-        cls = function_class(protocol, function, bool(k >> 16 & 1), bool(k >> 17 & 1))
-        out[(protocol, cls)] = out.get((protocol, cls), 0) + n
+        name = PROTOCOL_NAMES.get(k // N_CLASSES)
+        if name in PROTOCOLS:
+            out[(name, CLASS_NAMES[k % N_CLASSES])] = n
     return out
 
 
