@@ -513,6 +513,7 @@ class MetricsServer:
 
     def __init__(self, registry: CollectorRegistry, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
                  certfile: str | None = None, keyfile: str | None = None, users: dict | None = None):
+        self.registry = registry
         self.scrapes = 0
         self._scraped = threading.Condition()
         metrics_app = make_wsgi_app(registry)
@@ -565,3 +566,86 @@ class MetricsServer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# --- Command-line wiring (otwatch replay, otwatch run) ---------------------------------------------
+
+def add_arguments(p) -> None:
+    """The metrics options of a subcommand."""
+    g = p.add_argument_group("metrics (Prometheus)")
+    g.add_argument("--metrics", metavar="HOST:PORT", nargs="?", const=f"{DEFAULT_HOST}:{DEFAULT_PORT}",
+                   help=f"serve Prometheus metrics at http(s)://HOST:PORT/metrics (default "
+                        f"{DEFAULT_HOST}:{DEFAULT_PORT} when given without a value; port 0 picks a free one)")
+    g.add_argument("--linger", metavar="SECONDS", type=float, default=0.0,
+                   help="keep serving metrics this long after the input ends, so a scraper reads the "
+                        "final values")
+    g.add_argument("--wait-scrape", metavar="SECONDS", type=float, default=0.0,
+                   help="before reading input, wait up to this long for the first scrape, so rate() and "
+                        "increase() see the counters start at 0")
+    g.add_argument("--metrics-tls-cert", metavar="FILE", help="serve metrics over TLS with this certificate")
+    g.add_argument("--metrics-tls-key", metavar="FILE", help="private key of --metrics-tls-cert")
+    g.add_argument("--metrics-auth-file", metavar="FILE",
+                   help="require HTTP basic auth; FILE holds user:password lines")
+
+
+class MetricsEndpoint:
+    """A :class:`Metrics` set and the server that exposes it, for one command run."""
+
+    def __init__(self, metrics: Metrics, server: MetricsServer):
+        self.metrics, self.server = metrics, server
+        self._busy = 0.0
+        self._batches = 0
+
+    @classmethod
+    def from_args(cls, args) -> "MetricsEndpoint | None":
+        """Start serving when ``--metrics`` was given (None otherwise); bad values raise InputError."""
+        from .errors import InputError
+
+        if getattr(args, "metrics", None) is None:
+            return None
+        try:
+            host, port = parse_listen(args.metrics)
+        except ValueError as exc:
+            raise InputError(f"--metrics {args.metrics!r}: {exc}") from None
+        if bool(args.metrics_tls_cert) != bool(args.metrics_tls_key):
+            raise InputError("--metrics-tls-cert and --metrics-tls-key go together")
+        users = None
+        if args.metrics_auth_file:
+            try:
+                users = load_basic_auth(args.metrics_auth_file)
+            except (OSError, ValueError) as exc:
+                raise InputError(f"--metrics-auth-file: {exc}") from None
+        from prometheus_client import disable_created_metrics
+
+        disable_created_metrics()  # one process per run: *_created series add nothing for counters here
+        metrics = Metrics(CollectorRegistry())  # complete before the first scrape can arrive
+        try:
+            server = MetricsServer(metrics.registry, host, port, certfile=args.metrics_tls_cert,
+                                   keyfile=args.metrics_tls_key, users=users)
+        except (OSError, ssl.SSLError) as exc:
+            raise InputError(f"--metrics {host}:{port}: {exc}") from None
+        log.info("serving metrics at %s", server.url)
+        endpoint = cls(metrics, server)
+        if args.wait_scrape > 0 and not server.wait_for_scrapes(1, args.wait_scrape):
+            log.warning("no scrape within %.0f s; starting anyway", args.wait_scrape)
+        return endpoint
+
+    def batch(self, pipeline, events, *, extra_seconds: float = 0.0, alerts=(), scores=None,
+              health=None) -> None:
+        """Account for one batch: the pipeline's own time for it plus ``extra_seconds`` (detection)."""
+        st = pipeline.stats
+        seconds = None
+        if st.batches > self._batches:
+            seconds = st.busy_s - self._busy + extra_seconds
+            self._busy, self._batches = st.busy_s, st.batches
+        self.metrics.observe(pipeline, events, seconds=seconds, alerts=alerts, scores=scores, health=health)
+
+    def linger(self, seconds: float) -> None:
+        """Keep serving for ``seconds`` (the final values stay readable), then return."""
+        if seconds > 0:
+            log.info("input done; serving metrics %.0f s more at %s", seconds, self.server.url)
+            time.sleep(seconds)
+
+    def close(self) -> None:
+        self.server.close()
+

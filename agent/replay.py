@@ -23,6 +23,9 @@ def add_arguments(p) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="pcap or pcapng capture (optionally .gz)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    from . import metrics
+
+    metrics.add_arguments(p)
 
 
 def replay_files(files, pipeline: Pipeline, progress: Progress | None = None, on_events=None) -> dict:
@@ -135,9 +138,20 @@ def run(args) -> int:
     pipeline = Pipeline()
     total = sum(p.stat().st_size for p in paths)
     progress = None if args.no_progress or args.json else Progress(total, stream=sys.stderr)
+    exporter = None
+    if getattr(args, "metrics", None) is not None:
+        from .metrics import MetricsEndpoint
+
+        exporter = MetricsEndpoint.from_args(args)
     t0 = time.perf_counter()
-    files = replay_files(paths, pipeline, progress)
-    elapsed = time.perf_counter() - t0
+    try:
+        files = replay_files(paths, pipeline, progress,
+                             on_events=(lambda ev: exporter.batch(pipeline, ev)) if exporter else None)
+        elapsed = time.perf_counter() - t0
+    except BaseException:
+        if exporter is not None:
+            exporter.close()
+        raise
     if progress is not None:
         progress.close()
     s = summary(pipeline, elapsed, files)
@@ -149,4 +163,10 @@ def run(args) -> int:
         print(json.dumps(s, sort_keys=False))
     else:
         print(format_summary(s))
+    if exporter is not None:
+        sys.stdout.flush()
+        try:
+            exporter.linger(args.linger)  # the summary is out; keep the final values scrapeable
+        finally:
+            exporter.close()
     return 0
