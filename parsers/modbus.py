@@ -35,13 +35,14 @@ Events written (see ``docs/parser-modbus.md`` for the full table):
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
 
 from .base import FROM_CLIENT, Chunk
 from .events import (
-    DIR_REQUEST, DIR_RESPONSE, MB_COIL, MB_DISCRETE_INPUT, MB_HOLDING_REGISTER, MB_INPUT_REGISTER,
+    DIR_REQUEST, DIR_RESPONSE, KIND_PDU, KIND_POINT, MB_COIL, MB_DISCRETE_INPUT, MB_HOLDING_REGISTER, MB_INPUT_REGISTER,
     PROTO_MODBUS, REASON_BAD_HEADER, REASON_BAD_LENGTH, REASON_GAP, REASON_NONE, REASON_TOO_LARGE,
     REASON_TRUNCATED,
     REASON_UNKNOWN_FUNCTION, REASON_UNPAIRED, STATUS_EXCEPTION, STATUS_MALFORMED, STATUS_OK,
@@ -176,13 +177,57 @@ def looks_like(data: bytes) -> bool:
     return complete > 0
 
 
-class _Pending:
-    """A request waiting for its response (MB-TCP §4.2: paired by transaction id)."""
+# A request waiting for its response (MB-TCP §4.2: paired by transaction id) is kept as the tuple
+# (function, unit, address, count): no object per request on the hot path.
+_P_FUNCTION, _P_UNIT, _P_ADDRESS, _P_COUNT = range(4)
 
-    __slots__ = ("function", "unit", "address", "count", "frame")
+#: point blocks at least this long go through EventBuilder.points (one NumPy block); shorter ones
+#: are appended as rows (a block costs about as much as 40 rows when the batch is built)
+POINTS_BLOCK = 48
+_NAN = math.nan
 
-    def __init__(self, function, unit, address, count, frame):
-        self.function, self.unit, self.address, self.count, self.frame = function, unit, address, count, frame
+
+def _pdu_row(out: EventBuilder, ctx, direction: int, fc: int, sub: int, cause: int, unit: int, tid: int,
+             address: int, count: int, length: int, is_write: bool, is_control: bool, status: int,
+             reason: int) -> int:
+    """``out.pdu(...)`` for one Modbus PDU row, positional and without keyword handling.
+
+    Appends the same row tuple :meth:`EventBuilder.pdu` appends (see parsers.events) straight to
+    the builder's row list; a builder without one gets the public call.
+    """
+    rows = getattr(out, "_rows", None)
+    if rows is None:
+        return out.pdu(ctx, PROTO_MODBUS, function=fc, direction=direction, subfunction=sub, cause=cause,
+                       unit=unit, seq=tid, address=address, count=count, length=length, is_write=is_write,
+                       is_control=is_control, status=status, reason=reason)
+    pid = out.next_pdu_id
+    out.next_pdu_id = pid + 1
+    rows.append((ctx.ts, ctx.frame, PROTO_MODBUS, ctx.src, ctx.dst, ctx.sport, ctx.dport, ctx.flow, ctx.transport,
+                 direction, KIND_PDU, pid, fc, sub, cause, unit, -1, tid, -1, address, count, -1, -1, _NAN, -1,
+                 length, is_write, is_control, status, reason))
+    if reason != REASON_NONE:
+        out.count_error(PROTO_MODBUS, reason)
+    return pid
+
+
+def _point_rows(out: EventBuilder, ctx, pid: int, direction: int, fc: int, unit: int, tid: int, obj: int,
+                first: int, values, is_write: bool) -> None:
+    """Point rows for ``values`` at addresses ``first``, ``first + 1``, ... (one register or bit
+    block); the same rows :meth:`EventBuilder.point` would append one by one."""
+    n = len(values)
+    if not n:
+        return
+    rows = getattr(out, "_rows", None)
+    if n >= POINTS_BLOCK or rows is None:
+        out.points(ctx, PROTO_MODBUS, pid, function=fc, direction=direction, unit=unit, obj=obj, seq=tid,
+                   is_write=is_write, addresses=np.arange(first, first + n, dtype=np.int64),
+                   values=np.asarray(values, dtype=np.float64))
+        return
+    ts, frame, src, dst, sport, dport, flow, transport = (ctx.ts, ctx.frame, ctx.src, ctx.dst, ctx.sport,
+                                                          ctx.dport, ctx.flow, ctx.transport)
+    rows.extend([(ts, frame, PROTO_MODBUS, src, dst, sport, dport, flow, transport, direction, KIND_POINT, pid,
+                  fc, -1, -1, unit, -1, tid, -1, address, 1, obj, -1, float(v), -1, 0, is_write, False,
+                  STATUS_OK, REASON_NONE) for address, v in enumerate(values, first)])
 
 
 def _registers(data, offset: int, n: int) -> list:
@@ -219,7 +264,7 @@ class ModbusParser:
         self.max_pending = max_pending
         self.max_device_ids = max_device_ids
         self._tails: dict = {}  # (flow, direction) -> bytes not yet parsed
-        self._pending: dict = {}  # flow -> {transaction id: _Pending}
+        self._pending: dict = {}  # flow -> {transaction id: (function, unit, address, count)}
         self.device_ids: dict = {}
         self._last_out: EventBuilder | None = None
 
@@ -327,15 +372,15 @@ class ModbusParser:
                     out.count_error(PROTO_MODBUS, REASON_BAD_LENGTH)
             else:
                 code, status, reason = -1, STATUS_MALFORMED, REASON_TRUNCATED
-            out.pdu(ctx, PROTO_MODBUS, function=fc, direction=DIR_RESPONSE, unit=unit, seq=tid, cause=code,
-                    address=pending.address if pending else -1, length=alen, status=status, reason=reason)
+            _pdu_row(out, ctx, DIR_RESPONSE, fc, -1, code, unit, tid, pending[_P_ADDRESS] if pending else -1, 0,
+                     alen, False, False, status, reason)
             return
         self._response(ctx, out, data, body, blen, alen, tid, unit, fc, pending)
 
     def _match(self, ctx, out, tid, unit, fc):
         table = self._pending.get(ctx.flow)
         pending = table.pop(tid, None) if table else None
-        if pending is None or pending.function != fc or pending.unit != unit:
+        if pending is None or pending[_P_FUNCTION] != fc or pending[_P_UNIT] != unit:
             out.count_error(PROTO_MODBUS, REASON_UNPAIRED)
             return None
         return pending
@@ -350,7 +395,7 @@ class ModbusParser:
         elif len(table) >= self.max_pending:
             del table[next(iter(table))]
             out.count_error(PROTO_MODBUS, REASON_UNPAIRED)
-        table[tid] = _Pending(fc, unit, address, count, ctx.frame)
+        table[tid] = (fc, unit, address, count)
 
     # -- requests (MB-AP §6.x, "request" tables) ------------------------------------------------
 
@@ -362,8 +407,8 @@ class ModbusParser:
         mask_point = None
         if fc_byte & 0x80:
             # A request never has the exception bit; report it, do not pair it.
-            out.pdu(ctx, PROTO_MODBUS, function=fc, direction=DIR_REQUEST, unit=unit, seq=tid, length=alen,
-                    cause=data[body] if blen >= 1 else -1, status=STATUS_MALFORMED, reason=REASON_BAD_HEADER)
+            _pdu_row(out, ctx, DIR_REQUEST, fc, -1, data[body] if blen >= 1 else -1, unit, tid, -1, 0, alen,
+                     False, False, STATUS_MALFORMED, REASON_BAD_HEADER)
             return
         if fc in (1, 2, 3, 4):
             # §6.1-6.4: starting address, quantity.
@@ -483,10 +528,8 @@ class ModbusParser:
             address = U16.unpack_from(data, body)[0]
             if blen >= 4 and fc in QUANTITY_REQUESTS:
                 count = U16.unpack_from(data, body + 2)[0]
-        pid = out.pdu(ctx, PROTO_MODBUS, function=fc, direction=DIR_REQUEST, subfunction=sub, unit=unit,
-                      seq=tid,
-                      address=address, count=count, length=alen, is_write=is_write, is_control=is_control,
-                      status=status, reason=reason)
+        pid = _pdu_row(out, ctx, DIR_REQUEST, fc, sub, -1, unit, tid, address, count, alen, is_write, is_control,
+                       status, reason)
         self._remember(ctx, out, tid, unit, fc, address, count)
         if mask_point is not None:
             and_mask, or_mask = mask_point
@@ -495,11 +538,7 @@ class ModbusParser:
                       is_write=True)
         elif points is not None:
             obj, first, values = points
-            point = out.point
-            for i, v in enumerate(values):
-                point(ctx, PROTO_MODBUS, pid, function=fc, address=first + i, value=float(v),
-                      direction=DIR_REQUEST,
-                      unit=unit, obj=obj, seq=tid, is_write=True)
+            _point_rows(out, ctx, pid, DIR_REQUEST, fc, unit, tid, obj, first, values, True)
 
     @staticmethod
     def _file_records(data, body, blen, with_data):
@@ -523,7 +562,7 @@ class ModbusParser:
     # -- responses (MB-AP §6.x, "response" tables) ----------------------------------------------
 
     def _response(self, ctx, out, data, body, blen, alen, tid, unit, fc, pending) -> None:
-        address = pending.address if pending else -1
+        address = pending[_P_ADDRESS] if pending else -1
         count, sub = 0, -1
         status, reason = STATUS_OK, REASON_NONE
         is_write = is_control = False
@@ -537,7 +576,7 @@ class ModbusParser:
                     status, reason = STATUS_MALFORMED, REASON_BAD_LENGTH
                 usable = min(nbytes, avail)
                 if fc <= 2:
-                    count = pending.count if pending else usable * 8
+                    count = pending[_P_COUNT] if pending else usable * 8
                     bits = min(count, usable * 8)
                     if pending and (usable * 8 < count or (count + 7) // 8 != nbytes):
                         status, reason = STATUS_MALFORMED, REASON_BAD_LENGTH
@@ -549,7 +588,7 @@ class ModbusParser:
                     if nbytes & 1:
                         status, reason = STATUS_MALFORMED, REASON_BAD_LENGTH
                     if pending:
-                        if pending.count != count:
+                        if pending[_P_COUNT] != count:
                             status, reason = STATUS_MALFORMED, REASON_BAD_LENGTH
                         points = (MB_INPUT_REGISTER if fc == 4 else MB_HOLDING_REGISTER, address,
                                   _registers(data, body + 1, count))
@@ -645,17 +684,11 @@ class ModbusParser:
             status, reason = STATUS_UNKNOWN, REASON_UNKNOWN_FUNCTION
             if fc == 90 and blen >= 2:
                 sub = data[body + 1]
-        pid = out.pdu(ctx, PROTO_MODBUS, function=fc, direction=DIR_RESPONSE, subfunction=sub, unit=unit,
-                      seq=tid,
-                      address=address, count=count, length=alen, is_write=is_write, is_control=is_control,
-                      status=status, reason=reason)
+        pid = _pdu_row(out, ctx, DIR_RESPONSE, fc, sub, -1, unit, tid, address, count, alen, is_write, is_control,
+                       status, reason)
         if points is not None:
             obj, first, values = points
-            point = out.point
-            for i, v in enumerate(values):
-                point(ctx, PROTO_MODBUS, pid, function=fc, address=first + i, value=float(v),
-                      direction=DIR_RESPONSE,
-                      unit=unit, obj=obj, seq=tid)
+            _point_rows(out, ctx, pid, DIR_RESPONSE, fc, unit, tid, obj, first, values, False)
 
     # -- asset inventory side table ------------------------------------------------------------
 
