@@ -29,9 +29,11 @@ import calendar
 import math
 import struct
 
+import numpy as np
+
 from .base import FROM_CLIENT, Chunk
 from .events import (
-    DIR_REQUEST, DIR_RESPONSE, PROTO_IEC104, REASON_BAD_LENGTH, REASON_GAP,
+    DIR_REQUEST, DIR_RESPONSE, KIND_PDU, KIND_POINT, PROTO_IEC104, REASON_BAD_LENGTH, REASON_GAP,
     REASON_NONE, REASON_RESYNC, REASON_SEQ_GAP, REASON_SEQ_REPEAT, REASON_TOO_LARGE, REASON_TRUNCATED,
     REASON_UNKNOWN_FUNCTION, STATUS_MALFORMED, STATUS_OK, STATUS_UNKNOWN, EventBuilder,
 )
@@ -104,6 +106,30 @@ _DECODE = {
     "cp56": lambda f: (_cp56_seconds(*f), -1),
 }
 _ELEMENT_DECODERS = {t: (e, _DECODE[e.kind]) for t, e in ELEMENTS.items()}
+
+#: point runs at least this long go through EventBuilder.points (one NumPy block); shorter ones are
+#: appended as rows (a block costs about as much as 40 rows when the batch is built)
+POINTS_BLOCK = 48
+
+
+def _pdu_row(out: EventBuilder, ctx, direction, function, sub, cause, unit, peer, seq, ack, address, count, obj,
+             variation, length, is_write, is_control, status, reason) -> int:
+    """``out.pdu(...)`` for one IEC 104 PDU row, positional: appends the row tuple
+    :meth:`EventBuilder.pdu` would append; a builder without a row list gets the public call."""
+    rows = getattr(out, "_rows", None)
+    if rows is None:
+        return out.pdu(ctx, PROTO_IEC104, function=function, direction=direction, subfunction=sub, cause=cause,
+                       unit=unit, peer_unit=peer, seq=seq, ack=ack, address=address, count=count, obj=obj,
+                       variation=variation, length=length, is_write=is_write, is_control=is_control,
+                       status=status, reason=reason)
+    pid = out.next_pdu_id
+    out.next_pdu_id = pid + 1
+    rows.append((ctx.ts, ctx.frame, PROTO_IEC104, ctx.src, ctx.dst, ctx.sport, ctx.dport, ctx.flow, ctx.transport,
+                 direction, KIND_PDU, pid, function, sub, cause, unit, peer, seq, ack, address, count, obj,
+                 variation, _NAN, -1, length, is_write, is_control, status, reason))
+    if reason != REASON_NONE:
+        out.count_error(PROTO_IEC104, reason)
+    return pid
 
 
 def _plausible_apci(data, pos: int) -> bool:
@@ -236,8 +262,8 @@ class Iec104Parser:
     def _apdu(self, data, pos, length, st, ctx, direction, out):
         total = length + 2
         if length < MIN_L:  # §5.1: the control field needs 4 octets
-            out.pdu(ctx, PROTO_IEC104, function=-1, direction=direction, length=total,
-                    status=STATUS_MALFORMED, reason=REASON_BAD_LENGTH)
+            _pdu_row(out, ctx, direction, -1, -1, -1, -1, -1, -1, -1, -1, 0, -1, -1, total, False, False,
+                     STATUS_MALFORMED, REASON_BAD_LENGTH)
             return
         c1, c2, c3, c4 = data[pos + 2], data[pos + 3], data[pos + 4], data[pos + 5]
         nr = (c3 | (c4 << 8)) >> 1
@@ -267,14 +293,14 @@ class Iec104Parser:
                 status, reason = STATUS_MALFORMED, REASON_UNKNOWN_FUNCTION
         if length != MIN_L and status == STATUS_OK:
             status, reason = STATUS_MALFORMED, (REASON_TOO_LARGE if too_large else REASON_BAD_LENGTH)
-        out.pdu(ctx, PROTO_IEC104, function=function, direction=direction, subfunction=sub, seq=seq,
-                ack=ack, length=total, status=status, reason=reason)
+        _pdu_row(out, ctx, direction, function, sub, -1, -1, -1, seq, ack, -1, 0, -1, -1, total, False, False,
+                 status, reason)
 
     def _asdu(self, data, start, end, ns, nr, seq_reason, too_large, ctx, direction, total, out):
         """The ASDU in data[start:end] (-101 §7.1, -104 §9 field sizes)."""
         if end - start < ASDU_HEADER.size:
-            out.pdu(ctx, PROTO_IEC104, function=data[start] if end > start else -1, direction=direction,
-                    seq=ns, ack=nr, length=total, status=STATUS_MALFORMED, reason=REASON_TRUNCATED)
+            _pdu_row(out, ctx, direction, data[start] if end > start else -1, -1, -1, -1, -1, ns, nr, -1, 0, -1,
+                     -1, total, False, False, STATUS_MALFORMED, REASON_TRUNCATED)
             return
         type_id, vsq, cot, oa, ca = ASDU_HEADER.unpack_from(data, start)
         n, sq = vsq & 0x7F, vsq >> 7
@@ -310,33 +336,38 @@ class Iec104Parser:
             reason = seq_reason  # a sequence anomaly on a good PDU: status stays OK, reason says why
         elif seq_reason != REASON_NONE:
             out.count_error(PROTO_IEC104, seq_reason)  # the row's reason says malformed; count both
-        pid = out.pdu(ctx, PROTO_IEC104, function=type_id, direction=direction, subfunction=cot, cause=cause,
-                      unit=ca, peer_unit=oa, seq=ns, ack=nr, address=first_ioa, count=n, obj=type_id,
-                      variation=sq, length=total, is_write=is_write, is_control=is_control,
-                      status=status, reason=reason)
+        pid = _pdu_row(out, ctx, direction, type_id, cot, cause, ca, oa, ns, nr, first_ioa, n, type_id, sq, total,
+                       is_write, is_control, status, reason)
         if not nfit:
             return
         element, decode = decoder
-        point = out.point
         if sq:
             # SQ=1 (-101 §7.2.2.1): one IOA, then nfit elements at IOA, IOA+1, ...
             stop = body + 3 + nfit * element.size
             if element.size == 0:  # C_RD_NA_1: addresses only
-                fields_iter = [()] * nfit
+                decoded = [decode(())] * nfit
             else:
-                fields_iter = element.struct.iter_unpack(data[body + 3:stop])
-            ioa = first_ioa
-            for fields in fields_iter:
-                value, quality = decode(fields)
-                point(ctx, PROTO_IEC104, pid, function=type_id, address=ioa, value=value, direction=direction,
-                      unit=ca, peer_unit=oa, obj=type_id, variation=sq, quality=quality, cause=cause, seq=ns,
-                      is_write=is_write, is_control=is_control)
-                ioa += 1
+                decoded = [decode(f) for f in element.struct.iter_unpack(data[body + 3:stop])]
+            addresses = range(first_ioa, first_ioa + nfit)
         else:
             # SQ=0: every object carries its own IOA.
             stop = body + nfit * (3 + element.size)
-            for fields in element.with_ioa.iter_unpack(data[body:stop]):
-                value, quality = decode(fields[2:])
-                point(ctx, PROTO_IEC104, pid, function=type_id, address=fields[0] | (fields[1] << 16),
-                      value=value, direction=direction, unit=ca, peer_unit=oa, obj=type_id, variation=sq,
-                      quality=quality, cause=cause, seq=ns, is_write=is_write, is_control=is_control)
+            records = element.with_ioa.iter_unpack(data[body:stop])
+            decoded, addresses = [], []
+            for fields in records:
+                addresses.append(fields[0] | (fields[1] << 16))
+                decoded.append(decode(fields[2:]))
+        rows = getattr(out, "_rows", None)
+        if nfit >= POINTS_BLOCK or rows is None:
+            values, qualities = zip(*decoded)
+            out.points(ctx, PROTO_IEC104, pid, function=type_id, addresses=np.array(addresses, dtype=np.int64),
+                       values=np.array(values, dtype=np.float64), direction=direction, unit=ca, peer_unit=oa,
+                       obj=type_id, variation=sq, quality=np.array(qualities, dtype=np.int64), cause=cause,
+                       seq=ns, is_write=is_write, is_control=is_control)
+            return
+        ts, frame, src, dst, sport, dport, flow, transport = (ctx.ts, ctx.frame, ctx.src, ctx.dst, ctx.sport,
+                                                              ctx.dport, ctx.flow, ctx.transport)
+        rows.extend([(ts, frame, PROTO_IEC104, src, dst, sport, dport, flow, transport, direction, KIND_POINT, pid,
+                      type_id, -1, cause, ca, oa, ns, -1, address, 1, type_id, sq, value, quality, 0, is_write,
+                      is_control, STATUS_OK, REASON_NONE)
+                     for address, (value, quality) in zip(addresses, decoded)])
