@@ -38,6 +38,15 @@ class Chunk(StreamContext):
         self.datagram = datagram
         self.protocol = protocol  # PROTO_* the flow was assigned to
 
+    @classmethod
+    def make(cls, data, gap, datagram, protocol, ts, frame, src, dst, sport, dport, flow, transport, direction):
+        """Positional constructor for the reassembly hot path (no keyword handling)."""
+        c = object.__new__(cls)
+        c.data, c.gap, c.datagram, c.protocol = data, gap, datagram, protocol
+        c.ts, c.frame, c.src, c.dst, c.sport, c.dport = ts, frame, src, dst, sport, dport
+        c.flow, c.transport, c.direction = flow, transport, direction
+        return c
+
 
 class StreamParser(Protocol):
     #: PROTO_* code of the protocol this parser reads

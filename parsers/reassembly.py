@@ -127,11 +127,7 @@ class Reassembler:
         return len(self.flows)
 
     # -- flow table ----------------------------------------------------------------------------
-    def _flow(self, key, a, b, server_is_b, protocol, transport, ts, out: StreamOutput) -> Flow:
-        flow = self.flows.get(key)
-        if flow is not None:
-            self.flows.move_to_end(key)
-            return flow
+    def _new_flow(self, key, a, b, server_is_b, protocol, transport, ts, out: StreamOutput) -> Flow:
         while len(self.flows) >= self.limits.max_flows:
             _, old = self.flows.popitem(last=False)
             self._end(old, out)
@@ -193,6 +189,7 @@ class Reassembler:
         wl_l = batch.wirelen[rows].tolist()
         proto_l = protocols.tolist()
         sid_l = server_is_dst.tolist()
+        make = Chunk.make
         for j in range(len(ts_l)):
             a = (src_l[j], sp_l[j])
             b = (dst_l[j], dp_l[j])
@@ -201,31 +198,34 @@ class Reassembler:
             flags = fl_l[j]
             ts = ts_l[j]
             syn_only = transport == L4_TCP and (flags & (TCP_SYN | TCP_ACK)) == TCP_SYN
-            # A bare SYN names its sender the client; otherwise trust the port-based guess.
-            server_is_b = True if syn_only else sid_l[j]
-            flow = self._flow(key, a, b, server_is_b, proto_l[j], transport, ts, out)
+            flow = self.flows.get(key)
+            if flow is None:
+                # A bare SYN names its sender the client; otherwise trust the port-based guess.
+                flow = self._new_flow(key, a, b, True if syn_only else sid_l[j], proto_l[j], transport, ts, out)
+            else:
+                self.flows.move_to_end(key)
             flow.last_ts = ts
             flow.frames += 1
             flow.bytes += wl_l[j]
             direction = FROM_CLIENT if a == flow.client else FROM_SERVER
             plen = pl_l[j]
-            ctx = dict(ts=ts, frame=frame_l[j], flow=flow.id, transport=transport, direction=direction,
-                       protocol=flow.protocol,
-                       src=src_l[j], dst=dst_l[j], sport=sp_l[j], dport=dp_l[j])
+            # where and when this segment was seen: copied into every chunk it releases
+            meta = (ts, frame_l[j], src_l[j], dst_l[j], sp_l[j], dp_l[j])
             if transport == L4_UDP:
                 if plen:
                     off = po_l[j]
-                    out.chunks.append(Chunk(buf[off : off + plen].tobytes(), datagram=True, **ctx))
+                    out.chunks.append(make(buf[off: off + plen].tobytes(), False, True, flow.protocol, *meta,
+                                           flow.id, transport, direction))
                     self.stats.bytes_delivered += plen
                 continue
-            self._tcp_segment(flow, direction, flags, seq_l[j], ack_l[j], po_l[j], plen, tr_l[j], buf, ctx, out)
+            self._tcp_segment(flow, direction, flags, seq_l[j], ack_l[j], po_l[j], plen, tr_l[j], buf, meta, out)
             if flow.closing:
                 del self.flows[flow.key]
                 self._end(flow, out)
                 self.stats.flows_closed += 1
         return out
 
-    def _tcp_segment(self, flow, direction, flags, seq, ack, off, plen, truncated, buf, ctx, out) -> None:
+    def _tcp_segment(self, flow, direction, flags, seq, ack, off, plen, truncated, buf, meta, out) -> None:
         st = flow.streams[direction]
         peer = flow.streams[1 - direction]
         self.stats.segments += 1
@@ -237,7 +237,7 @@ class Reassembler:
         if flags & TCP_ACK and peer.ooo and peer.next_seq is not None and seq_diff(ack, peer.next_seq) > 0:
             # The peer's missing bytes were acknowledged, so they were sent and the capture lost
             # them: release what the peer has buffered up to this ACK behind a gap.
-            self._release_upto(flow, 1 - direction, ack, out, ctx)
+            self._release_upto(flow, 1 - direction, ack, out, meta)
         if flags & TCP_ACK:
             st.last_ack = ack
         if plen:
@@ -256,19 +256,20 @@ class Reassembler:
                     d = 0
             if data:
                 if d == 0:
-                    self._deliver(flow, direction, data, False, ctx, out)
+                    self._deliver(flow, direction, data, False, meta, out)
                     st.next_seq = (seq + len(data)) % _MOD
                     if truncated:
                         self.stats.truncated_segments += 1
-                    self._drain(flow, direction, out, now=ctx)
+                    if st.ooo:
+                        self._drain(flow, direction, out, now=meta)
                 else:
-                    self._hold(flow, direction, seq, data, ctx, out)
+                    self._hold(flow, direction, seq, data, meta, out)
         if flags & TCP_FIN:
             st.fin = True
         if flags & TCP_RST or (st.fin and peer.fin):
             flow.closing = True
 
-    def _hold(self, flow, direction, seq, data, ctx, out) -> None:
+    def _hold(self, flow, direction, seq, data, meta, out) -> None:
         st = flow.streams[direction]
         self.stats.out_of_order += 1
         prev = st.ooo.get(seq)
@@ -277,20 +278,20 @@ class Reassembler:
         if prev is not None:
             st.ooo_bytes -= len(prev[0])
             self._held_bytes -= len(prev[0])
-        st.ooo[seq] = (data, ctx)
+        st.ooo[seq] = (data, meta)
         st.ooo_bytes += len(data)
         self._held_bytes += len(data)
         peer_ack = flow.streams[1 - direction].last_ack
         if peer_ack is not None and seq_diff(peer_ack, seq) >= 0:
             # The peer already acknowledged bytes up to here: the hole was lost by the capture.
-            self._release_upto(flow, direction, peer_ack, out, ctx)
+            self._release_upto(flow, direction, peer_ack, out, meta)
             return
         lim = self.limits
         if len(st.ooo) > lim.ooo_segments or st.ooo_bytes > lim.ooo_bytes or self._held_bytes > lim.total_bytes:
             # Waited long enough: the missing bytes are not coming.  Skip to the first held segment.
             first = min(st.ooo, key=lambda s: seq_diff(s, st.next_seq))
-            self._release_upto(flow, direction, first, out, ctx)
-            self._drain(flow, direction, out, now=ctx)
+            self._release_upto(flow, direction, first, out, meta)
+            self._drain(flow, direction, out, now=meta)
 
     def _release_upto(self, flow, direction, upto, out, now=None) -> None:
         """Declare the bytes before ``upto`` (or before the first held segment) missing."""
@@ -322,7 +323,7 @@ class Reassembler:
                     break
             if best is None:
                 return
-            data, ctx = st.ooo.pop(best)
+            data, meta = st.ooo.pop(best)
             st.ooo_bytes -= len(data)
             self._held_bytes -= len(data)
             d = seq_diff(best, st.next_seq)
@@ -333,8 +334,8 @@ class Reassembler:
                 data = data[-d:]
                 self.stats.overlaps += 1
             if now is not None:
-                ctx = dict(ctx, ts=now["ts"], frame=now["frame"])
-            self._deliver(flow, direction, data, gap, ctx, out)
+                meta = (now[0], now[1]) + meta[2:]
+            self._deliver(flow, direction, data, gap, meta, out)
             gap = False
             st.next_seq = (st.next_seq + len(data)) % _MOD
 
@@ -350,6 +351,6 @@ class Reassembler:
                 st.next_seq = first
             self._drain(flow, direction, out, gap=missing > 0)
 
-    def _deliver(self, flow, direction, data, gap, ctx, out) -> None:
-        out.chunks.append(Chunk(data, gap=gap, **ctx))
+    def _deliver(self, flow, direction, data, gap, meta, out) -> None:
+        out.chunks.append(Chunk.make(data, gap, False, flow.protocol, *meta, flow.id, flow.transport, direction))
         self.stats.bytes_delivered += len(data)
