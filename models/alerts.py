@@ -72,6 +72,7 @@ class Alert:
     sport: int | None = None
     dport: int | None = None
     provisional: bool = False  # raised by a baseline entry still under review
+    status: str = "open"  # open while findings go on; closed after the alert manager's cool-down
 
     @property
     def alert_id(self) -> str:
@@ -107,6 +108,7 @@ class Alert:
                 "first_seen": iso8601(self.first_ts),
                 "last_seen": iso8601(self.last_ts),
                 "provisional": self.provisional,
+                "status": self.status,
                 "fields": self.fields,
                 "explanation": self.explanation,
             },

@@ -1,0 +1,138 @@
+"""``otwatch eval CAPTURE --labels LABELS.csv``: learn, monitor, and score the alerts against labels.
+
+The capture runs through the pipeline and the detection engine; learning lasts ``--learn`` of
+capture time, by default everything before the first labelled attack (minus a small margin).  The
+table says per scenario whether it was detected, how fast, by which rules; then false alerts per
+hour of benign monitored traffic and event-level precision, recall and F1.  ``--json`` prints
+``{"scenarios": [...], "false_alerts_per_hour", "precision", "recall", "f1", ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from models.engine import DETECTORS, DetectionEngine
+from models.scoring import read_labels, score_alerts
+from parsers.events import EventBatch
+
+from .errors import InputError
+from .pipeline import Pipeline
+from .replay import check_files, replay_files
+from .sources import sniff_format
+
+
+def parse_duration(text: str) -> float:
+    """``200s``, ``30m``, ``2h``, ``1d`` or plain seconds -> seconds.
+
+    >>> parse_duration("2h"), parse_duration("200s"), parse_duration("90")
+    (7200.0, 200.0, 90.0)
+    """
+    t = str(text).strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1)
+    except ValueError:
+        raise InputError(f"{text!r}: not a duration (use e.g. 200s, 30m, 2h)") from None
+    if value <= 0:
+        raise InputError(f"{text!r}: a duration must be positive")
+    return value
+
+
+def add_arguments(p) -> None:
+    p.add_argument("capture", metavar="CAPTURE", help="pcap or pcapng capture")
+    p.add_argument("--labels", required=True, metavar="LABELS.csv", help="the simulator's labels CSV")
+    p.add_argument("--learn", metavar="DURATION", default=None,
+                   help="learning window of capture time (e.g. 200s, 2h); default: up to the first attack")
+    p.add_argument("--detectors", default=",".join(DETECTORS),
+                   help=f"comma-separated subset of {','.join(DETECTORS)} (ablation)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds after an attack its effects may alert")
+    p.add_argument("--alerts", metavar="FILE", help="also write the alerts as JSON lines")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETECTORS, grace_s: float = 30.0,
+             engine_kwargs: dict | None = None) -> tuple[dict, DetectionEngine]:
+    labels = read_labels(labels_path)
+    pipeline = Pipeline()
+    kw = dict(engine_kwargs or {})
+    if learn_s is None and labels:
+        engine = DetectionEngine(learn_seconds=None, learn_until_ns=int((labels[0].start_ts - 1.0) * 1e9),
+                                 detectors=detectors, **kw)
+    else:
+        engine = DetectionEngine(learn_seconds=learn_s or 600.0, detectors=detectors, **kw)
+    parts: list[EventBatch] = []
+
+    def on_events(ev):
+        if len(ev):
+            parts.append(ev)
+            engine.process(ev)
+
+    t0 = time.perf_counter()
+    replay_files([Path(capture)], pipeline, None, on_events=on_events)
+    engine.finish()
+    elapsed = time.perf_counter() - t0
+    events = EventBatch.concat(parts)
+    if engine.mode != "monitor" or len(events) == 0:
+        raise InputError(f"{capture}: the capture ended while learning; nothing was monitored")
+    mon_start = engine.learn_until_ns / 1e9
+    mon_end = int(events.ts.max()) / 1e9
+    result = score_alerts(engine.alerts, labels, mon_start, mon_end, grace_s=grace_s, events=events)
+    result.update({"capture": str(capture), "detectors": list(detectors), "learn_s": round(
+        (engine.learn_until_ns - engine.first_ts) / 1e9, 3), "monitor_s": round(mon_end - mon_start, 3),
+        "elapsed_s": round(elapsed, 3), "events": len(events), "health": engine.health()})
+    return result, engine
+
+
+def format_result(r: dict) -> str:
+    lines = [f"{r['capture']}: learned {r['learn_s']:.0f} s, monitored {r['monitor_s']:.0f} s, "
+             f"{r['alerts']} alerts ({', '.join(r['detectors'])})",
+             f"{'scenario':<24}{'detected':>9}{'TTD s':>9}{'alerts':>8}  rules"]
+    for s in r["scenarios"]:
+        ttd = "-" if s["time_to_detect_s"] is None else f"{s['time_to_detect_s']:.3f}"
+        lines.append(f"{s['scenario']:<24}{'yes' if s['detected'] else 'MISSED':>9}{ttd:>9}{s['alerts']:>8}  "
+                     f"{', '.join(s['rules'])}")
+    med = r["median_time_to_detect_s"]
+    lines.append(f"detected {r['detected']}/{len(r['scenarios'])}, median time to detect "
+                 f"{'-' if med is None else f'{med:.3f} s'}")
+    fa = r["false_alerts_per_hour"]
+    lines.append(f"false alerts: {r['false_alerts']} in {r['benign_hours'] * 3600:.0f} s of benign monitoring "
+                 f"= {'-' if fa is None else f'{fa:.2f}'} per hour"
+                 + (f" ({', '.join(f'{k} {v}' for k, v in r['false_alert_rules'].items())})"
+                    if r["false_alert_rules"] else ""))
+    if r.get("precision") is not None:
+        lines.append(f"events: precision {r['precision']:.3f}, recall {r['recall']:.3f}, F1 {r['f1']:.3f}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    (path,) = check_files([args.capture])
+    if sniff_format(path) is None:
+        raise InputError(f"{path}: not a pcap or pcapng file")
+    if not Path(args.labels).is_file():
+        raise InputError(f"{args.labels}: no such labels file")
+    detectors = tuple(d.strip() for d in args.detectors.split(",") if d.strip())
+    bad = [d for d in detectors if d not in DETECTORS]
+    if bad:
+        raise InputError(f"unknown detector(s) {', '.join(bad)}; choose from {', '.join(DETECTORS)}")
+    try:
+        labels = read_labels(args.labels)
+    except (KeyError, ValueError) as exc:
+        raise InputError(f"{args.labels}: not a labels CSV ({exc})") from None
+    if not labels:
+        raise InputError(f"{args.labels}: no labels")
+    learn_s = parse_duration(args.learn) if args.learn else None
+    result, engine = evaluate(path, args.labels, learn_s, detectors, args.grace)
+    if args.alerts:
+        from .sinks import AlertLog
+        with AlertLog(args.alerts, fsync=False) as log:
+            for a in engine.alerts:
+                log.write(a)
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        print(format_result(result))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,217 @@
+"""The polling-cycle model: ICS masters poll on timers, so every channel has a period and a jitter.
+
+A channel is (client, server, protocol, direction, function): "master 10.20.0.10 reads function 4
+from PLC 10.20.0.21".  From the learning window the model keeps, per channel, the inter-arrival
+times (median = period, MAD = jitter, max), the largest number of PDUs in one second, and per
+(client, server, protocol) the response times of the seconds it saw.  In monitoring it reports:
+
+- ``cycle.inactive``: a regular channel silent for longer than ``max(3 * period, 1.5 * longest
+  learned gap)`` (missed polls, a device that stopped answering);
+- ``cycle.burst``: more PDUs in one second than ``max(2 * learned max, learned max + 3)`` (write
+  bursts, floods on a known channel);
+- ``cycle.latency``: a second whose mean response time exceeds a threshold calibrated on the
+  learning seconds (:func:`models.thresholds.calibrate`) — relays in the middle add latency;
+- ``cycle.period``: a regular channel whose recent mean gap moved away from its period by more than
+  ``max(0.5 * period, 6 * jitter)``.
+
+Rows are grouped with ``np.unique``; the loops run over channels, not events.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from parsers.events import DIR_REQUEST, KIND_PDU, EventBatch
+
+from .features import F, NS, FeatureBatch, channel_of, hash_columns
+from .findings import Finding, function_text, ip_text, protocol_text
+from .thresholds import calibrate
+
+MAX_GAPS = 512  # inter-arrival times kept per channel while learning
+
+
+class CycleModel:
+    name = "cycle"
+
+    def __init__(self, min_count: int = 8, max_channels: int = 20000):
+        self.min_count = min_count
+        self.max_channels = max_channels
+        self.gaps: dict[int, list] = {}  # learning: channel -> inter-arrival times (s)
+        self.info: dict[int, dict] = {}  # channel -> client, server, protocol, direction, function
+        self.last_ts: dict[int, int] = {}
+        self.count: dict[int, int] = {}
+        self.max_per_sec: dict[int, int] = {}
+        self.latency_learn: list = []
+        self.latency_threshold = np.inf
+        self.period: dict[int, tuple] = {}  # channel -> (period, jitter, max gap) for regular channels
+        self.recent_gap: dict[int, float] = {}  # monitoring: EWMA of gaps
+        self.learned_until = 0
+
+    @staticmethod
+    def channel_keys(ev: EventBatch) -> np.ndarray:
+        client, server = channel_of(ev)
+        return hash_columns(11, client, server, ev.protocol, ev.direction, ev.function)
+
+    def _group(self, ev: EventBatch):
+        keys = self.channel_keys(ev)
+        order = np.lexsort((ev.ts, keys))
+        k, t = keys[order], ev.ts[order]
+        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        ends = np.r_[starts[1:], k.shape[0]]
+        return keys, order, k, t, starts, ends
+
+    def _per_second_max(self, keys, ts):
+        u, c = np.unique(hash_columns(keys, ts // NS), return_counts=True)
+        _, first = np.unique(hash_columns(keys, ts // NS), return_index=True)
+        return keys[first], c
+
+    # -- learning ------------------------------------------------------------------------------
+    def learn(self, ev: EventBatch, fb: FeatureBatch | None = None) -> None:
+        ev = ev.select(ev.kind == KIND_PDU)
+        if len(ev):
+            keys, order, k, t, starts, ends = self._group(ev)
+            for s, e in zip(starts.tolist(), ends.tolist()):  # one per channel in the batch
+                key = int(k[s])
+                if key not in self.info:
+                    if len(self.info) >= self.max_channels:
+                        continue
+                    r = int(order[s])
+                    client, server = channel_of(ev.select(slice(r, r + 1)))
+                    self.info[key] = {"client": int(client[0]), "server": int(server[0]),
+                                      "protocol": int(ev.protocol[r]), "direction": int(ev.direction[r]),
+                                      "function": int(ev.function[r])}
+                tt = t[s:e]
+                prev = self.last_ts.get(key)
+                g = np.diff(tt if prev is None else np.r_[prev, tt]) / NS
+                lst = self.gaps.setdefault(key, [])
+                lst.extend(g.tolist())
+                if len(lst) > MAX_GAPS:
+                    del lst[: len(lst) - MAX_GAPS]
+                self.last_ts[key] = int(tt[-1])
+                self.count[key] = self.count.get(key, 0) + (e - s)
+            wk, c = self._per_second_max(keys, ev.ts)
+            for key, n in zip(wk.tolist(), c.tolist()):
+                self.max_per_sec[key] = max(self.max_per_sec.get(key, 0), n)
+            self.learned_until = max(self.learned_until, int(ev.ts.max()))
+        if fb is not None and len(fb):
+            lat = fb.X[:, F["latency_ms_mean"]]
+            self.latency_learn.extend(lat[lat > 0].tolist())
+
+    def finish_learning(self, budget: float = 1e-4) -> None:
+        self.period = {}
+        for key, g in self.gaps.items():
+            g = np.asarray(g)
+            if g.shape[0] + 1 < self.min_count:
+                continue
+            med = float(np.median(g))
+            jit = float(1.4826 * np.median(np.abs(g - med)))
+            # regular: most gaps close to the period (pipelined requests give a few short gaps)
+            if med > 0 and np.mean(np.abs(g - med) <= max(0.25 * med, 3 * jit)) >= 0.8:
+                self.period[key] = (med, jit, float(g.max()))
+        self.gaps = {}
+        lat = np.asarray(self.latency_learn)
+        self.latency_threshold = calibrate(lat, budget) if lat.shape[0] >= 20 else np.inf
+
+    # -- monitoring ----------------------------------------------------------------------------
+    def findings(self, ev: EventBatch, fb: FeatureBatch | None, now_ns: int) -> list:
+        out = []
+        ev = ev.select(ev.kind == KIND_PDU)
+        if len(ev):
+            keys, order, k, t, starts, ends = self._group(ev)
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                key = int(k[s])
+                per = self.period.get(key)
+                prev = self.last_ts.get(key)
+                if per is not None and prev is not None:
+                    g = np.diff(np.r_[prev, t[s:e]]) / NS
+                    m = self.recent_gap.get(key, per[0])
+                    for x in g.tolist():  # EWMA over this channel's gaps in the batch (few per batch)
+                        m += 0.2 * (x - m)
+                    self.recent_gap[key] = m
+                    p, jit, _ = per
+                    if abs(m - p) > max(0.5 * p, 6 * jit):
+                        out.append(self._finding("period", key, int(t[s]), int(t[e - 1]), e - s,
+                                                 f"polls every {m:.2f} s on average instead of every {p:.2f} s",
+                                                 "T0831" if m > p else "T0814", "medium", score=m, threshold=p))
+                if key in self.info:
+                    self.last_ts[key] = int(t[e - 1])
+            wk, c = self._per_second_max(keys, ev.ts)
+            for key, n in zip(wk.tolist(), c.tolist()):
+                mx = self.max_per_sec.get(key)
+                if mx is None:
+                    continue  # a channel never learned: the allow-list reports it
+                limit = max(2 * mx, mx + 3)
+                if n > limit:
+                    rows = keys == key
+                    ts = ev.ts[rows]
+                    info = self.info[key]
+                    write = bool(ev.is_write[rows].any())
+                    out.append(self._finding("burst", key, int(ts.min()), int(ts.max()), int(n),
+                                             f"sent {n} PDUs in one second (at most {mx} during the baseline)",
+                                             "T0836" if write else "T0814", "high" if write else "medium",
+                                             score=float(n), threshold=float(limit)))
+        # silent channels
+        for key, (p, jit, gmax) in self.period.items():
+            last = self.last_ts.get(key)
+            limit = max(3 * p, 1.5 * gmax)
+            if last is not None and (now_ns - last) / NS > limit:
+                silent = (now_ns - last) / NS
+                f = self._finding("inactive", key, last + int(limit * NS), now_ns, 1,
+                                  f"has been silent for {silent:.0f} s (usually every {p:.2f} s)", "T0814",
+                                  "medium", score=silent, threshold=limit)
+                out.append(f)
+        if fb is not None and len(fb):
+            lat = fb.X[:, F["latency_ms_mean"]]
+            hit = np.flatnonzero(lat > self.latency_threshold)
+            for i in hit.tolist():
+                c, s = ip_text(fb.client[i]), ip_text(fb.server[i])
+                out.append(Finding(
+                    rule="cycle.latency", detector=self.name, severity="medium",
+                    first_ts=int(fb.first_ts[i]), last_ts=int(fb.last_ts[i]), src=int(fb.client[i]),
+                    dst=int(fb.server[i]), protocol=int(fb.protocol[i]), entity=f"{c}>{s}/{int(fb.protocol[i])}",
+                    message=(f"{s} answered {c} in {lat[i]:.1f} ms on average (baseline threshold "
+                             f"{self.latency_threshold:.1f} ms): a relay in the path (adversary-in-the-middle) "
+                             "or an overloaded device"),
+                    technique="T0830", score=float(lat[i]), threshold=float(self.latency_threshold),
+                    fields={"latency_ms": round(float(lat[i]), 3)}))
+        return out
+
+    def _finding(self, kind, key, t0, t1, n, what, technique, severity, score=None, threshold=None) -> Finding:
+        info = self.info[key]
+        c, s = ip_text(info["client"]), ip_text(info["server"])
+        fn = function_text(info["protocol"], info["function"])
+        who = f"{c} -> {s}" if info["direction"] == DIR_REQUEST else f"{s} -> {c}"
+        return Finding(
+            rule=f"cycle.{kind}", detector=self.name, severity=severity, first_ts=t0, last_ts=t1,
+            src=info["client"], dst=info["server"], protocol=info["protocol"],
+            entity=f"{c}>{s}/{info['protocol']}/d{info['direction']}/f{info['function']}",
+            message=f"{protocol_text(info['protocol'])} channel {who} {fn} {what}", technique=technique,
+            count=int(n), score=score, threshold=threshold, fields=dict(info) | {"client": c, "server": s})
+
+    def score(self, fb: FeatureBatch) -> np.ndarray:
+        """Per window: response time over the calibrated threshold (ratio; >1 alerts)."""
+        if not np.isfinite(self.latency_threshold):
+            return np.zeros(len(fb))
+        return fb.X[:, F["latency_ms_mean"]] / self.latency_threshold
+
+    def regular_channels(self) -> int:
+        return len(self.period)
+
+    def to_state(self) -> tuple[dict, dict]:
+        meta = {"period": {str(k): list(v) for k, v in self.period.items()},
+                "info": {str(k): v for k, v in self.info.items()},
+                "max_per_sec": {str(k): v for k, v in self.max_per_sec.items()},
+                "latency_threshold": self.latency_threshold if np.isfinite(self.latency_threshold) else None,
+                "min_count": self.min_count}
+        return {"cycle.latency_learn": np.asarray(self.latency_learn)}, meta
+
+    @classmethod
+    def from_state(cls, arrays, meta) -> "CycleModel":
+        m = cls(min_count=meta["min_count"])
+        m.period = {int(k): tuple(v) for k, v in meta["period"].items()}
+        m.info = {int(k): v for k, v in meta["info"].items()}
+        m.max_per_sec = {int(k): v for k, v in meta["max_per_sec"].items()}
+        lt = meta["latency_threshold"]
+        m.latency_threshold = np.inf if lt is None else float(lt)
+        m.latency_learn = np.asarray(arrays["cycle.latency_learn"]).tolist()
+        return m
