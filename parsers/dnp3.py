@@ -36,6 +36,7 @@ objects over all headers, ``length`` the application fragment length.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -49,7 +50,7 @@ from .dnp3_objects import (
     attribute_name, attribute_value,
 )
 from .events import (
-    DIR_REQUEST, DIR_RESPONSE, PROTO_DNP3, REASON_BAD_CRC, REASON_BAD_HEADER, REASON_BAD_LENGTH,
+    DIR_REQUEST, DIR_RESPONSE, KIND_PDU, KIND_POINT, PROTO_DNP3, REASON_BAD_CRC, REASON_BAD_HEADER, REASON_BAD_LENGTH,
     REASON_GAP, REASON_NONE, REASON_RESYNC, REASON_SEQ_GAP, REASON_SEQ_REPEAT, REASON_TOO_LARGE,
     REASON_TRUNCATED, REASON_UNKNOWN_FUNCTION, REASON_UNKNOWN_OBJECT, STATUS_MALFORMED, STATUS_OK,
     STATUS_UNKNOWN, EventBuilder,
@@ -84,6 +85,30 @@ _NUMPY_CODES = {"B": "u1", "H": "<u2", "I": "<u4", "Q": "<u8", "b": "i1", "h": "
 INT32_MAX = 0x7FFFFFFF  # the count column is int32; ranges may claim up to 2^32 objects
 #: runs at least this long are decoded with np.frombuffer instead of struct.iter_unpack
 NUMPY_RUN = 48
+#: PDUs with at least this many points hand them to EventBuilder.points (one NumPy block); fewer
+#: are appended as rows (a block costs about as much as 40 rows when the batch is built)
+POINTS_BLOCK = 48
+_NAN = math.nan
+
+
+def _pdu_row(out: EventBuilder, ctx, direction, function, sub, unit, peer, seq, address, count, obj, variation,
+             quality, length, is_write, is_control, status, reason) -> int:
+    """``out.pdu(...)`` for one DNP3 PDU row, positional: appends the row tuple
+    :meth:`EventBuilder.pdu` would append; a builder without a row list gets the public call."""
+    rows = getattr(out, "_rows", None)
+    if rows is None:
+        return out.pdu(ctx, PROTO_DNP3, function=function, direction=direction, subfunction=sub, unit=unit,
+                       peer_unit=peer, seq=seq, address=address, count=count, obj=obj, variation=variation,
+                       quality=quality, length=length, is_write=is_write, is_control=is_control, status=status,
+                       reason=reason)
+    pid = out.next_pdu_id
+    out.next_pdu_id = pid + 1
+    rows.append((ctx.ts, ctx.frame, PROTO_DNP3, ctx.src, ctx.dst, ctx.sport, ctx.dport, ctx.flow, ctx.transport,
+                 direction, KIND_PDU, pid, function, sub, -1, unit, peer, seq, -1, address, count, obj, variation,
+                 _NAN, quality, length, is_write, is_control, status, reason))
+    if reason != REASON_NONE:
+        out.count_error(PROTO_DNP3, reason)
+    return pid
 
 
 def _header_crc_ok(data, pos: int) -> bool:
@@ -229,11 +254,9 @@ class Dnp3Parser:
     def _link_error(chunk, out, ctrl, dst, src, length, reason, known=True):
         # A frame we discard still is an event: what it claimed to be, marked malformed.
         to_outstation = ctrl & CTRL_DIR
-        out.pdu(chunk, PROTO_DNP3, function=-1, subfunction=ctrl if known else -1,
-                direction=DIR_REQUEST if to_outstation else DIR_RESPONSE,
-                unit=(dst if to_outstation else src) if known else -1,
-                peer_unit=(src if to_outstation else dst) if known else -1,
-                length=length, status=STATUS_MALFORMED, reason=reason)
+        _pdu_row(out, chunk, DIR_REQUEST if to_outstation else DIR_RESPONSE, -1, ctrl if known else -1,
+                 (dst if to_outstation else src) if known else -1, (src if to_outstation else dst) if known else -1,
+                 -1, -1, 0, -1, -1, -1, length, False, False, STATUS_MALFORMED, reason)
 
     def _link_frame(self, ctrl, dst, src, user, total, chunk, st, out) -> None:
         prm = ctrl & CTRL_PRM
@@ -244,11 +267,11 @@ class Dnp3Parser:
         # Link-only frame (table 9-1/9-2): one row, function 1000+code (primary), 1100+code (secondary).
         to_outstation = ctrl & CTRL_DIR
         known = func in (LINK_PRIMARY_NAMES if prm else LINK_SECONDARY_NAMES)
-        out.pdu(chunk, PROTO_DNP3, function=(LINK_PRIMARY_BASE if prm else LINK_SECONDARY_BASE) + func,
-                subfunction=ctrl, direction=DIR_REQUEST if to_outstation else DIR_RESPONSE,
-                unit=dst if to_outstation else src, peer_unit=src if to_outstation else dst, length=total,
-                status=STATUS_OK if known else STATUS_UNKNOWN,
-                reason=REASON_NONE if known else REASON_UNKNOWN_FUNCTION)
+        _pdu_row(out, chunk, DIR_REQUEST if to_outstation else DIR_RESPONSE,
+                 (LINK_PRIMARY_BASE if prm else LINK_SECONDARY_BASE) + func, ctrl,
+                 dst if to_outstation else src, src if to_outstation else dst, -1, -1, 0, -1, -1, -1, total,
+                 False, False, STATUS_OK if known else STATUS_UNKNOWN,
+                 REASON_NONE if known else REASON_UNKNOWN_FUNCTION)
 
     # -- transport layer (clause 8.2) ---------------------------------------------------------
     def _transport(self, user, dst, src, ctrl, chunk, st, out) -> None:
@@ -291,9 +314,9 @@ class Dnp3Parser:
             else:
                 frag[0] = None
             to_outstation = ctrl & CTRL_DIR
-            out.pdu(chunk, PROTO_DNP3, function=-1, direction=DIR_REQUEST if to_outstation else DIR_RESPONSE,
-                    unit=dst if to_outstation else src, peer_unit=src if to_outstation else dst,
-                    length=len(buf) + len(user) - 1, status=STATUS_MALFORMED, reason=REASON_TOO_LARGE)
+            _pdu_row(out, chunk, DIR_REQUEST if to_outstation else DIR_RESPONSE, -1, -1,
+                     dst if to_outstation else src, src if to_outstation else dst, -1, -1, 0, -1, -1, -1,
+                     len(buf) + len(user) - 1, False, False, STATUS_MALFORMED, REASON_TOO_LARGE)
             return
         buf += user[1:]
         frag[1] = (seq + 1) & TH_SEQ
@@ -305,16 +328,16 @@ class Dnp3Parser:
     def _application(self, frag: bytes, dst: int, src: int, chunk, out: EventBuilder) -> None:
         n = len(frag)
         if n < 2:
-            out.pdu(chunk, PROTO_DNP3, function=-1, direction=DIR_REQUEST, unit=dst, peer_unit=src,
-                    length=n, status=STATUS_MALFORMED, reason=REASON_TRUNCATED)
+            _pdu_row(out, chunk, DIR_REQUEST, -1, -1, dst, src, -1, -1, 0, -1, -1, -1, n, False, False,
+                     STATUS_MALFORMED, REASON_TRUNCATED)
             return
         ac, fc = frag[0], frag[1]
         flags, seq = ac >> AC_FLAGS_SHIFT, ac & AC_SEQ
         if fc in RESPONSE_FUNCTIONS:
             direction, unit, peer = DIR_RESPONSE, src, dst
             if n < 4:
-                out.pdu(chunk, PROTO_DNP3, function=fc, subfunction=flags, direction=direction, unit=unit,
-                        peer_unit=peer, seq=seq, length=n, status=STATUS_MALFORMED, reason=REASON_TRUNCATED)
+                _pdu_row(out, chunk, direction, fc, flags, unit, peer, seq, -1, 0, -1, -1, -1, n, False, False,
+                         STATUS_MALFORMED, REASON_TRUNCATED)
                 return
             iin = (frag[2] << 8) | frag[3]
             pos = 4
@@ -323,21 +346,31 @@ class Dnp3Parser:
             iin, pos = -1, 2
         is_write, is_control = fc in WRITE_FUNCTIONS, fc in CONTROL_FUNCTIONS
         if fc not in FUNCTION_NAMES:
-            out.pdu(chunk, PROTO_DNP3, function=fc, subfunction=flags, direction=direction, unit=unit,
-                    peer_unit=peer, seq=seq, quality=iin, length=n, status=STATUS_UNKNOWN,
-                    reason=REASON_UNKNOWN_FUNCTION)
+            _pdu_row(out, chunk, direction, fc, flags, unit, peer, seq, -1, 0, -1, -1, iin, n, False, False,
+                     STATUS_UNKNOWN, REASON_UNKNOWN_FUNCTION)
             return
         points: list = []
         first, count, reason = self._objects(frag, pos, fc, points, chunk.src, unit)
-        pid = out.pdu(chunk, PROTO_DNP3, function=fc, subfunction=flags, direction=direction, unit=unit,
-                      peer_unit=peer, seq=seq, address=first[2], count=min(count, INT32_MAX), obj=first[0],
-                      variation=first[1], quality=iin, length=n, is_write=is_write, is_control=is_control,
-                      status=STATUS_OK if reason == REASON_NONE else STATUS_MALFORMED, reason=reason)
-        point = out.point
-        for group, variation, index, value, quality in points:
-            point(chunk, PROTO_DNP3, pid, function=fc, address=index, value=value, direction=direction,
-                  unit=unit, peer_unit=peer, obj=group, variation=variation, quality=quality, seq=seq,
-                  is_write=is_write, is_control=is_control)
+        pid = _pdu_row(out, chunk, direction, fc, flags, unit, peer, seq, first[2], min(count, INT32_MAX), first[0],
+                       first[1], iin, n, is_write, is_control,
+                       STATUS_OK if reason == REASON_NONE else STATUS_MALFORMED, reason)
+        if not points:
+            return
+        rows = getattr(out, "_rows", None)
+        if len(points) >= POINTS_BLOCK or rows is None:
+            groups, variations, indices, values, qualities = zip(*points)
+            out.points(chunk, PROTO_DNP3, pid, function=fc, addresses=np.array(indices, dtype=np.int64),
+                       values=np.array(values, dtype=np.float64), direction=direction, unit=unit, peer_unit=peer,
+                       obj=np.array(groups, dtype=np.int64), variation=np.array(variations, dtype=np.int64),
+                       quality=np.array(qualities, dtype=np.int64), seq=seq, is_write=is_write,
+                       is_control=is_control)
+            return
+        ts, frame, src, dst, sport, dport, flow, transport = (chunk.ts, chunk.frame, chunk.src, chunk.dst,
+                                                              chunk.sport, chunk.dport, chunk.flow, chunk.transport)
+        rows.extend([(ts, frame, PROTO_DNP3, src, dst, sport, dport, flow, transport, direction, KIND_POINT, pid, fc,
+                      -1, -1, unit, peer, seq, -1, index, 1, group, variation, value, quality, 0, is_write,
+                      is_control, STATUS_OK, REASON_NONE)
+                     for group, variation, index, value, quality in points])
 
     def _objects(self, frag: bytes, pos: int, fc: int, points: list, ip: int, unit: int):
         """Walk the object headers (clause 4.2.2.7); append (group, var, index, value, quality).
