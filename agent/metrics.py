@@ -218,8 +218,11 @@ class Metrics:
                                       "(talkers, functions, ranges, cycles)", registry=r)
         self.provisional = Gauge("otwatch_baseline_provisional_entries", "Baseline entries learned but "
                                  "not yet approved", registry=r)
-        self.score_drift = Gauge("otwatch_model_score_drift", "Drift of a detector's recent scores from "
-                                 "its calibration scores (0 = none)", ["detector"], registry=r)
+        self.open_alerts = Gauge("otwatch_open_alerts", "Incidents still open (findings being merged into "
+                                 "them until their cool-down ends)", registry=r)
+        self.score_drift = Gauge("otwatch_model_score_drift", "Shift of a detector's recent median score "
+                                 "from its calibration median, in calibration IQRs (0 = none)", ["detector"],
+                                 registry=r)
         self.above_threshold = Gauge("otwatch_model_above_threshold_ratio", "Fraction of recent scores "
                                      "above the alerting threshold, by detector", ["detector"], registry=r)
 
@@ -374,7 +377,7 @@ class Metrics:
 
         >>> from prometheus_client import CollectorRegistry
         >>> m = Metrics(CollectorRegistry(), process_metrics=False)
-        >>> m.set_health({"mode": "learn", "baseline_size": 12, "score_drift": {"river": 0.25}})
+        >>> m.set_health({"mode": "learn", "baseline_entries": 12, "river_score_drift": 0.25})
         >>> m.registry.get_sample_value("otwatch_mode", {"mode": "learn"}), \
 m.registry.get_sample_value("otwatch_model_score_drift", {"detector": "river"})
         (1.0, 0.25)
@@ -388,13 +391,18 @@ m.registry.get_sample_value("otwatch_model_score_drift", {"detector": "river"})
                 self.baseline_age.set(float(value))
             elif key in ("baseline_size", "baseline_entries"):
                 self.baseline_entries.set(float(value))
-            elif key in ("provisional", "provisional_entries"):
+            elif key in ("provisional", "provisional_entries", "baseline_provisional"):
                 self.provisional.set(float(value))
+            elif key == "open_alerts":
+                self.open_alerts.set(float(value))
             elif key in ("score_drift", "drift"):
                 self._per_detector(self.score_drift, value)
-            elif key in ("above_threshold", "above_threshold_fraction", "fraction_above_threshold",
-                         "above_threshold_ratio"):
+            elif key in ("above_threshold", "fraction_above"):
                 self._per_detector(self.above_threshold, value)
+            elif key.endswith("_score_drift"):  # models.engine: "<detector>_score_drift"
+                self._per_detector(self.score_drift, {key[:-len("_score_drift")]: value})
+            elif key.endswith("_fraction_above"):
+                self._per_detector(self.above_threshold, {key[:-len("_fraction_above")]: value})
 
     def _per_detector(self, gauge, value) -> None:
         if isinstance(value, dict):
@@ -640,6 +648,21 @@ class MetricsEndpoint:
             self._busy, self._batches = st.busy_s, st.batches
         self.metrics.observe(pipeline, events, seconds=seconds, alerts=alerts, scores=scores, health=health)
 
+    def detect(self, engine, pipeline, events, write=None) -> list:
+        """Run ``engine.process(events)`` for one batch and account for pipeline and detection together.
+
+        ``write(alert)`` is called for each alert before it is counted, so the alert counter never
+        runs ahead of the records written.
+        """
+        t0 = time.perf_counter()
+        alerts = engine.process(events)
+        seconds = time.perf_counter() - t0
+        for a in alerts:
+            if write is not None:
+                write(a)
+        self.batch(pipeline, events, extra_seconds=seconds, alerts=alerts, health=engine.health())
+        return alerts
+
     def linger(self, seconds: float) -> None:
         """Keep serving for ``seconds`` (the final values stay readable), then return."""
         if seconds > 0:
@@ -649,3 +672,26 @@ class MetricsEndpoint:
     def close(self) -> None:
         self.server.close()
 
+
+
+def tap_scores(engine, metrics: Metrics) -> None:
+    """Feed the anomaly-score histogram from a :class:`models.engine.DetectionEngine`.
+
+    The engine hands every score array of its ML detectors to a ``ScoreMonitor`` (model health);
+    this wraps each monitor's ``observe`` so the same array, divided by the detector's threshold,
+    also lands in ``otwatch_anomaly_score``.  Call again after loading a saved engine.
+    """
+    for name, monitor in getattr(engine, "monitors", {}).items():
+        if getattr(monitor, "_otwatch_tapped", False):
+            continue
+        observe = monitor.observe
+        detector = metrics._detector(name)
+
+        def tapped(scores, _observe=observe, _monitor=monitor, _detector=detector):
+            _observe(scores)
+            threshold = float(_monitor.threshold)
+            if np.isfinite(threshold) and threshold > 0:
+                metrics.scores.observe(_detector, np.asarray(scores, dtype=np.float64) / threshold)
+
+        monitor.observe = tapped
+        monitor._otwatch_tapped = True
