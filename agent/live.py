@@ -71,7 +71,7 @@ def bpf_for_ports(ports, snaplen: int = 262144) -> list[tuple[int, int, int, int
 
     >>> prog = bpf_for_ports([502])
     >>> len(prog), prog[-1]
-    (18, (6, 0, 0, 0))
+    (22, (6, 0, 0, 0))
     """
     ports = sorted(set(int(p) for p in ports))
     if not ports or len(ports) > 60:
@@ -87,6 +87,15 @@ def bpf_for_ports(ports, snaplen: int = 262144) -> list[tuple[int, int, int, int
     def label(name):
         labels[name] = len(prog)
 
+    def match_ports(load, offset, tag, miss):
+        """Load the 16-bit port at ``offset`` and jump to accept on any of ``ports``, else to ``miss``."""
+        emit(load, offset)
+        for i, p in enumerate(ports):
+            nxt = f"{tag}_{i + 1}" if i + 1 < len(ports) else miss
+            emit(_JEQ, p, "accept", nxt)
+            if nxt != miss:
+                label(nxt)
+
     emit(_LD_H_ABS, 12)
     emit(_JEQ, 0x0800, "ip4", "not4")
     label("not4")
@@ -101,34 +110,18 @@ def bpf_for_ports(ports, snaplen: int = 262144) -> list[tuple[int, int, int, int
     emit(_JSET, 0x1FFF, "reject", "hdr4")
     label("hdr4")
     emit(_LDX_MSH, 14)
-    emit(_LD_H_IND, 14)
-    for i, p in enumerate(ports):
-        nxt = f"s4_{i + 1}" if i + 1 < len(ports) else "d4"
-        emit(_JEQ, p, "accept", nxt)
-        label(nxt)
-    emit(_LD_H_IND, 16)
-    for i, p in enumerate(ports):
-        nxt = f"d4_{i + 1}" if i + 1 < len(ports) else "reject"
-        emit(_JEQ, p, "accept", nxt)
-        if nxt != "reject":
-            label(nxt)
+    match_ports(_LD_H_IND, 14, "s4", "d4")  # IPv4: X = header length, ports at X+14 and X+16
+    label("d4")
+    match_ports(_LD_H_IND, 16, "d4", "reject")
     label("ip6")
     emit(_LD_B_ABS, 20)
     emit(_JEQ, 6, "l4_6", "udp6")
     label("udp6")
     emit(_JEQ, 17, "l4_6", "reject")
     label("l4_6")
-    emit(_LD_H_ABS, 54)
-    for i, p in enumerate(ports):
-        nxt = f"s6_{i + 1}" if i + 1 < len(ports) else "d6"
-        emit(_JEQ, p, "accept", nxt)
-        label(nxt)
-    emit(_LD_H_ABS, 56)
-    for i, p in enumerate(ports):
-        nxt = f"d6_{i + 1}" if i + 1 < len(ports) else "reject"
-        emit(_JEQ, p, "accept", nxt)
-        if nxt != "reject":
-            label(nxt)
+    match_ports(_LD_H_ABS, 54, "s6", "d6")  # IPv6 fixed header: ports at 54 and 56
+    label("d6")
+    match_ports(_LD_H_ABS, 56, "d6", "reject")
     label("accept")
     emit(_RET, snaplen)
     label("reject")
