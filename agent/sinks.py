@@ -131,7 +131,7 @@ def rfc5424(alert: Alert | dict, *, facility: int = 16, hostname: str | None = N
 
     >>> a = Alert(rule="allowlist.new_talker", detector="allowlist", severity="high", first_ts=0, last_ts=0,
     ...           src="10.0.0.66", dst="10.0.0.20", protocol="modbus", entity="e", message='new "talker"')
-    >>> rfc5424(a, hostname="sensor1", procid="42", timestamp="2026-01-05T08:00:00.000000Z")[:88]
+    >>> rfc5424(a, hostname="sensor1", procid="42", timestamp="2026-01-05T08:00:00.000000Z")[:89]
     b'<131>1 2026-01-05T08:00:00.000000Z sensor1 otwatch 42 allowlist.new_talker [otwatch@32473'
     """
     import socket as _socket
