@@ -281,6 +281,7 @@ class AllowList:
             never = "this range was never read by this host during the baseline"
         if provisional:
             never = "seen only rarely or in one burst during the baseline (provisional, not yet approved)"
+            entity = f"{c}/{proto}/provisional"  # one review incident per client and protocol
         severity = "low" if provisional else SEVERITY_NEW[table]
         if not provisional and technique in ("T0816", "T0855") and table not in ("read", "peer"):
             severity = "critical" if table in ("talker", "function") and technique == "T0816" else "high"

@@ -36,18 +36,38 @@ from __future__ import annotations
 
 import numpy as np
 
-from parsers.events import DIR_REQUEST, KIND_POINT, EventBatch
+from parsers.events import DIR_REQUEST, KIND_POINT, PROTO_DNP3, PROTO_IEC104, EventBatch
 
 from .features import NS, KeyTable, hash_columns
 from .findings import Finding, ip_text, protocol_text
 
-STATS = ("count", "min", "max", "max_rate", "max_run", "changes", "decreases")
+STATS = ("count", "min", "max", "max_rate", "max_run", "changes", "decreases", "max_still_s")
+
+
+# DNP3 groups that report the same point (IEEE 1815-2012 Table 9): static, event and command
+# objects of one point space share their index; g12 (CROB) carries control codes, not values.
+_DNP3_SPACE = {1: 1, 2: 1, 3: 3, 4: 3, 10: 10, 11: 10, 20: 20, 21: 20, 22: 20, 23: 20,
+               30: 30, 31: 30, 32: 30, 33: 30, 34: 30, 40: 40, 41: 40, 42: 40, 43: 40}
+_DNP3_LUT = np.arange(256, dtype=np.int64)
+for _g, _s in _DNP3_SPACE.items():
+    _DNP3_LUT[_g] = _s
+
+
+def point_space(ev: EventBatch) -> np.ndarray:
+    """The point space a row's address lives in: Modbus table; DNP3 group family; IEC-104: one space
+    per common address (an IOA names one point whatever type reports it, IEC 60870-5-101 §7.2.5),
+    except commands (type ids 45-69), whose IOAs are their own."""
+    obj = ev.object.astype(np.int64)
+    dnp = _DNP3_LUT[np.clip(obj, 0, 255)]
+    iec = np.where((obj >= 45) & (obj <= 69), obj, 0)
+    return np.where(ev.protocol == PROTO_DNP3, dnp, np.where(ev.protocol == PROTO_IEC104, iec, obj))
 
 
 def point_keys(ev: EventBatch):
     server = np.where(ev.direction == DIR_REQUEST, ev.dst, ev.src)
-    key = hash_columns(21, server, ev.protocol, ev.unit, ev.object, ev.address)
-    role = hash_columns(22, ev.protocol, ev.object, ev.address)
+    space = point_space(ev)
+    key = hash_columns(21, server, ev.protocol, ev.unit, space, ev.address)
+    role = hash_columns(22, ev.protocol, space, ev.address)
     return server, key, role
 
 
@@ -62,6 +82,7 @@ class PointTable:
         self.last_value = np.full(capacity, np.nan)
         self.last_ts = np.zeros(capacity, np.int64)
         self.run = np.zeros(capacity)  # current run of identical values
+        self.run_t0 = np.zeros(capacity, np.int64)  # when that run began
         self.table.on_evict = self._reset
 
     def _reset(self, slots):
@@ -71,6 +92,7 @@ class PointTable:
         self.s["max"][slots] = -np.inf
         self.last_value[slots] = np.nan
         self.run[slots] = 0
+        self.run_t0[slots] = 0
 
     def update(self, key, ts, value, learn: bool):
         """Fold rows (sorted by key then ts) into the table; return per-row (rate, run, slot).
@@ -101,6 +123,8 @@ class PointTable:
         seg = np.cumsum(brk | first) - 1
         base = np.where(same[run_start] & first[run_start], self.run[sl[run_start]], 0.0)
         run = (np.arange(n) - run_start[seg]) + 1 + base[seg]
+        t0 = np.where(same[run_start] & first[run_start], self.run_t0[sl[run_start]], ts[run_start])
+        still = (ts - t0[seg]) / NS  # seconds the value has not changed
         if learn and ok.any():
             s = self.s
             fin = ~np.isnan(value) & ok
@@ -110,6 +134,7 @@ class PointTable:
             has_prev = fin & ~np.isnan(prev_v)
             np.maximum.at(s["max_rate"], slot[has_prev], rate[has_prev])
             np.maximum.at(s["max_run"], slot[fin], run[fin])
+            np.maximum.at(s["max_still_s"], slot[fin], still[fin])
             np.add.at(s["changes"], slot[has_prev & ~same], 1)
             np.add.at(s["decreases"], slot[has_prev & (dv < 0)], 1)
         last = np.r_[starts[1:], n] - 1
@@ -117,7 +142,8 @@ class PointTable:
         self.last_value[slots[good]] = value[last][good]
         self.last_ts[slots[good]] = ts[last][good]
         self.run[slots[good]] = run[last][good]
-        return rate, run, slot
+        self.run_t0[slots[good]] = (ts[last] - (still[last] * NS).astype(np.int64))[good]
+        return rate, run, still, slot
 
 
 class ProcessModel:
@@ -160,20 +186,26 @@ class ProcessModel:
         if p is None:
             return []
         ev, server, key, role = p
-        rate, run, slot = self.points.update(key, ev.ts, ev.value, learn=False)
+        rate, run, still, slot = self.points.update(key, ev.ts, ev.value, learn=False)
         ro = np.lexsort((ev.ts, role))
-        _, _, rslot_sorted = self.roles.update(role[ro], ev.ts[ro], ev.value[ro], learn=False)
+        _, _, _, rslot_sorted = self.roles.update(role[ro], ev.ts[ro], ev.value[ro], learn=False)
         rslot = np.empty_like(rslot_sorted)
         rslot[ro] = rslot_sorted
         ps, pknown = self._limits(self.points, slot)
         rs, rknown = self._limits(self.roles, rslot)
-        # a point with little history of its own borrows its role's statistics
+        # a reported value is judged on its own history only (devices differ: configuration blocks,
+        # feeders); a written value also against what was written to the same point on siblings
         own = pknown & (ps["count"] >= self.min_count)
+        written = ev.direction == DIR_REQUEST
+        borrow = written & rknown
         use = {k: np.where(own, ps[k], rs[k]) for k in STATS}
-        known = own | rknown
+        use["min"] = np.where(borrow, np.minimum(np.where(pknown, ps["min"], np.inf), rs["min"]), use["min"])
+        use["max"] = np.where(borrow, np.maximum(np.where(pknown, ps["max"], -np.inf), rs["max"]), use["max"])
+        known = own | borrow
         v = ev.value
         span = use["max"] - use["min"]
-        margin = np.maximum(0.25 * span, 1e-9 * np.abs(use["max"]))
+        # tolerance: the learned span again, or 1% of the level (slow drifts, integer steps)
+        margin = np.maximum(span, 0.01 * np.abs(use["max"] + use["min"]) / 2)
         counter = (use["decreases"] == 0) & (use["changes"] > 0)
         too_high = (v > use["max"] + margin) & ~counter
         too_low = v < use["min"] - margin
@@ -182,7 +214,8 @@ class ProcessModel:
             (np.abs(rate) > margin) & (ps["changes"] > 0)
         changing = own & (ps["changes"] >= 0.5 * ps["count"])
         stuck_limit = np.maximum(2 * ps["max_run"], ps["max_run"] + 3)
-        stuck = changing & (run > stuck_limit) & ~oor
+        still_limit = np.maximum(2 * ps["max_still_s"], ps["max_still_s"] + 10)
+        stuck = changing & (run >= 2) & ((run > stuck_limit) | (still > still_limit)) & ~oor
         new = ~pknown & ~rknown
         out = []
         for rule, mask, sev, tech in (("out_of_range", oor, "high", "T0836"), ("fast_change", fast, "medium", "T0836"),
@@ -190,17 +223,22 @@ class ProcessModel:
             if not mask.any():
                 continue
             rows = np.flatnonzero(mask)
-            uk, first = np.unique(key[rows], return_index=True)
-            for j, r in enumerate(rows[first].tolist()):  # one finding per point in the batch
-                rr = rows[key[rows] == uk[j]]
-                out.append(self._finding(rule, sev, tech, ev, server, rr, r, use, stuck_limit, margin, rate, run))
+            # one finding per device and point space (a block of registers is one incident)
+            gk = hash_columns(server[rows], ev.protocol[rows], ev.unit[rows], ev.object[rows], ev.direction[rows])
+            uk, first = np.unique(gk, return_index=True)
+            for j, r in enumerate(rows[first].tolist()):
+                rr = rows[gk == uk[j]]
+                out.append(self._finding(rule, sev, tech, ev, server, rr, r, use, stuck_limit, margin, rate, run, still))
         return out
 
-    def _finding(self, rule, sev, tech, ev, server, rows, r, use, stuck_limit, margin, rate, run) -> Finding:
+    def _finding(self, rule, sev, tech, ev, server, rows, r, use, stuck_limit, margin, rate, run, still) -> Finding:
         srv = ip_text(server[r])
         peer = ev.src[r] if ev.direction[r] == DIR_REQUEST else ev.dst[r]
         proto = int(ev.protocol[r])
-        where = (f"{protocol_text(proto)} point {int(ev.address[r])} (object {int(ev.object[r])}, unit "
+        addrs = np.unique(ev.address[rows])
+        others = f" and {addrs.shape[0] - 1} more point(s) ({int(addrs.min())}-{int(addrs.max())})" \
+            if addrs.shape[0] > 1 else ""
+        where = (f"{protocol_text(proto)} point {int(ev.address[r])}{others} (object {int(ev.object[r])}, unit "
                  f"{int(ev.unit[r])}) on {srv}")
         v = float(ev.value[r])
         written = ev.direction[r] == DIR_REQUEST
@@ -215,19 +253,21 @@ class ProcessModel:
                    f"{float(use['max_rate'][r]):g}/s")
         elif rule == "stuck":
             rmax = int(rows.shape[0] and run[rows].max())
-            msg = (f"{where} has reported the same value {v:g} {rmax} times in a row; during the baseline it "
-                   f"changed at least every {int(use['max_run'][r])} samples (frozen or spoofed measurement)")
+            msg = (f"{where} has reported the same value {v:g} {rmax} times in a row for {float(still[r]):.0f} s; "
+                   f"during the baseline it changed at least every {int(use['max_run'][r])} samples and "
+                   f"{float(use['max_still_s'][r]):.0f} s (frozen or spoofed measurement)")
         else:
             msg = f"{verb} {v:g} for {where}, a point never seen during the baseline"
         return Finding(
             rule=f"process.{rule}", detector=self.name, severity=sev if not (rule == "stuck" and written) else "low",
             first_ts=int(ev.ts[rows].min()), last_ts=int(ev.ts[rows].max()), src=int(ev.src[r]),
             dst=int(ev.dst[r]), protocol=proto,
-            entity=f"{srv}/{proto}/u{int(ev.unit[r])}/o{int(ev.object[r])}/a{int(ev.address[r])}",
+            entity=f"{srv}/{proto}/u{int(ev.unit[r])}/o{int(ev.object[r])}/d{int(ev.direction[r])}",
             message=msg, technique="T0855" if written and rule == "out_of_range" and sev == "critical" else tech,
             count=int(rows.shape[0]), score=v, fields={
                 "value": v, "address": int(ev.address[r]), "object": int(ev.object[r]), "unit": int(ev.unit[r]),
-                "function": int(ev.function[r]), "baseline_min": lo, "baseline_max": hi, "frame": int(ev.frame[r])})
+                "function": int(ev.function[r]), "baseline_min": lo, "baseline_max": hi, "frame": int(ev.frame[r]),
+                "addresses": addrs[:32].tolist()})
 
     def size(self) -> int:
         return len(self.points.table)
