@@ -136,3 +136,85 @@ def run(args) -> int:
         print(format_result(result))
     sys.stdout.flush()
     return 0
+
+
+# --- detection during `otwatch replay` -----------------------------------------------------------
+
+def add_detection_arguments(p) -> None:
+    """The replay flags: ``--learn DURATION``, ``--alerts FILE``, ``--state DIR``."""
+    g = p.add_argument_group("detection")
+    g.add_argument("--learn", metavar="DURATION", default=None,
+                   help="learn for the first DURATION of capture time (200s, 2h), then monitor")
+    g.add_argument("--alerts", metavar="FILE", default=None, help="write every alert as one JSON line (ECS)")
+    g.add_argument("--state", metavar="DIR", default=None,
+                   help="load what was learned from DIR if saved there, else learn and save it there")
+
+
+class ReplayDetection:
+    """Runs the detection engine beside ``replay_files`` and writes alerts as they open and close."""
+
+    def __init__(self, learn_s: float | None, alerts_path: str | None, state_dir: str | None):
+        from models import state as state_io
+
+        self.state_dir = state_dir
+        self.loaded = bool(state_dir) and state_io.exists(state_dir)
+        if self.loaded:
+            try:
+                self.engine = DetectionEngine.load(state_dir)
+            except state_io.StateError as exc:
+                raise InputError(str(exc)) from None
+        else:
+            self.engine = DetectionEngine(learn_seconds=learn_s if learn_s is not None else 600.0)
+        self.log = None
+        if alerts_path:
+            from .sinks import AlertLog
+            self.log = AlertLog(alerts_path)
+
+    @classmethod
+    def from_args(cls, args):
+        if not (getattr(args, "learn", None) or getattr(args, "alerts", None) or getattr(args, "state", None)):
+            return None
+        return cls(parse_duration(args.learn) if args.learn else None, args.alerts, args.state)
+
+    def on_events(self, ev) -> None:
+        for a in self.engine.process(ev):
+            self._write(a)
+        for a in self.engine.pop_closed():
+            self._write(a)
+
+    def _write(self, a) -> None:
+        if self.log is not None:
+            self.log.write(a)
+
+    def finish(self) -> dict:
+        for a in self.engine.finish():
+            self._write(a)
+        for a in self.engine.pop_closed():
+            self._write(a)
+        if self.log is not None:
+            self.log.close()
+        if self.state_dir and not self.loaded:
+            if self.engine.mode == "learn" and self.engine.events_seen == 0:
+                raise InputError("nothing to learn from: the captures hold no protocol events")
+            self.engine.save(self.state_dir)
+        return self.summary()
+
+    def summary(self) -> dict:
+        alerts = self.engine.alerts
+        by_rule: dict = {}
+        by_sev: dict = {}
+        for a in alerts:
+            by_rule[a.rule] = by_rule.get(a.rule, 0) + 1
+            by_sev[a.severity] = by_sev.get(a.severity, 0) + 1
+        return {"mode": self.engine.mode, "state_loaded": self.loaded, "alerts": len(alerts),
+                "alerts_by_rule": dict(sorted(by_rule.items())), "alerts_by_severity": by_sev,
+                "health": self.engine.health()}
+
+
+def format_detection(d: dict) -> str:
+    lines = [f"detection: {d['alerts']} alerts" + (" (baseline loaded from state)" if d["state_loaded"] else "")
+             + ("; still learning at the end of input" if d["mode"] == "learn" else "")]
+    if d["alerts_by_severity"]:
+        lines.append("  by severity: " + ", ".join(f"{k} {v}" for k, v in d["alerts_by_severity"].items()))
+        lines.append("  by rule: " + ", ".join(f"{k} {v}" for k, v in d["alerts_by_rule"].items()))
+    return "\n".join(lines)

@@ -26,6 +26,9 @@ def add_arguments(p) -> None:
     from . import metrics
 
     metrics.add_arguments(p)
+    from .eval import add_detection_arguments
+
+    add_detection_arguments(p)
 
 
 def replay_files(files, pipeline: Pipeline, progress: Progress | None = None, on_events=None) -> dict:
@@ -143,10 +146,21 @@ def run(args) -> int:
         from .metrics import MetricsEndpoint
 
         exporter = MetricsEndpoint.from_args(args)
+    from .eval import ReplayDetection, format_detection
+
+    detection = ReplayDetection.from_args(args)
+
+    def on_events(ev):
+        if exporter is not None:
+            exporter.batch(pipeline, ev)
+        if detection is not None:
+            detection.on_events(ev)
+
     t0 = time.perf_counter()
     try:
         files = replay_files(paths, pipeline, progress,
-                             on_events=(lambda ev: exporter.batch(pipeline, ev)) if exporter else None)
+                             on_events=on_events if exporter or detection else None)
+        det = detection.finish() if detection is not None else None
         elapsed = time.perf_counter() - t0
     except BaseException:
         if exporter is not None:
@@ -159,10 +173,14 @@ def run(args) -> int:
         hint = "; ".join(f"{f['file']}: {f.get('corrupt') or 'truncated'}" for f in s["files"]
                          if f.get("corrupt") or f.get("truncated_bytes"))
         raise InputError(f"no frames could be read ({hint or 'the captures hold no frames'})")
+    if det is not None:
+        s["detection"] = det
     if args.json:
-        print(json.dumps(s, sort_keys=False))
+        print(json.dumps(s, sort_keys=False, default=str))
     else:
         print(format_summary(s))
+        if det is not None:
+            print(format_detection(det))
     if exporter is not None:
         sys.stdout.flush()
         try:
