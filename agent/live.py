@@ -348,50 +348,88 @@ class SocketSource(RingSource):
 
 
 class ScapySource:
-    """Portable fallback (non-Linux): scapy's sniffer, batched.  Slower; same frame batches out."""
+    """Portable fallback (non-Linux): scapy's sniffer socket, batched.  Slower; same frame batches out.
 
-    def __init__(self, iface: str, ports=ICS_PORTS, batch_timeout_s: float = 0.2, **_):
+    The port filter runs in the kernel when scapy can compile it (it needs tcpdump for that);
+    otherwise frames are filtered here, after decoding the batch.
+    """
+
+    def __init__(self, iface: str, ports=ICS_PORTS, batch_timeout_s: float = 0.1, **_):
         self.iface = iface
         self.ports = tuple(ports) if ports else ()
         self.batch_timeout_s = batch_timeout_s
         self.stats = CaptureStats()
+        self.sock = None
         self._stop = False
         self._frames = 0
+        self._filter_here = False
 
-    def open(self):
+    def open(self) -> "ScapySource":
+        from scapy.all import conf
+
+        _check_iface(self.iface)
+        flt = " or ".join(f"port {p}" for p in self.ports) if self.ports else None
+        try:
+            self.sock = conf.L2listen(iface=self.iface, filter=flt)
+        except PermissionError:
+            raise InputError("capturing needs CAP_NET_RAW (run as root or with the capability)") from None
+        except Exception:  # no filter compiler (tcpdump) here: filter after decoding instead
+            self.sock = conf.L2listen(iface=self.iface)
+            self._filter_here = bool(self.ports)
         return self
 
     def read_stats(self) -> CaptureStats:
+        """On Linux scapy's socket is AF_PACKET too: read its kernel counters the same way."""
+        inner = getattr(self.sock, "ins", None)
+        if isinstance(inner, socket.socket) and getattr(socket, "AF_PACKET", None) == inner.family:
+            raw = inner.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+            packets, drops = struct.unpack("II", raw[:8])
+            self.stats.received += packets
+            self.stats.kernel_drops += drops
         return self.stats
 
     def stop(self) -> None:
         self._stop = True
 
     def close(self) -> None:
-        pass
+        if self.sock is not None:
+            self.read_stats()
+            self.sock.close()
+            self.sock = None
+
+    def poll(self, timeout_s: float = 0.2) -> FrameBatch | None:
+        from scapy.all import raw
+
+        frames, ts = [], []
+        deadline = time.monotonic() + min(timeout_s, self.batch_timeout_s)
+        while time.monotonic() < deadline:
+            if not select.select([self.sock], [], [], max(deadline - time.monotonic(), 0))[0]:
+                break
+            p = self.sock.recv()
+            if p is not None:
+                frames.append(raw(p))
+                ts.append(int(float(p.time) * 1e9))
+        if self._filter_here and frames:
+            from parsers.decode import decode
+
+            d = decode(FrameBatch.from_frames(frames, ts=ts))
+            keep = np.flatnonzero((d.l4 != 0) & (np.isin(d.sport, self.ports) | np.isin(d.dport, self.ports)))
+            frames = [frames[i] for i in keep]
+            ts = [ts[i] for i in keep]
+        if not frames:
+            return None
+        batch = FrameBatch.from_frames(frames, ts=ts, first_frame=self._frames + 1)
+        self._frames += len(frames)
+        self.stats.delivered += len(frames)
+        return batch
 
     def __iter__(self):
-        from scapy.all import conf, raw
-
-        flt = " or ".join(f"port {p}" for p in self.ports) if self.ports else None
-        sock = conf.L2listen(iface=self.iface, filter=flt)
-        try:
-            while not self._stop:
-                pkts = []
-                deadline = time.monotonic() + self.batch_timeout_s
-                while time.monotonic() < deadline:
-                    p = sock.recv()
-                    if p is not None:
-                        pkts.append(p)
-                if pkts:
-                    batch = FrameBatch.from_frames([raw(p) for p in pkts],
-                                                   ts=[int(float(p.time) * 1e9) for p in pkts],
-                                                   first_frame=self._frames + 1)
-                    self._frames += len(pkts)
-                    self.stats.delivered += len(pkts)
-                    yield batch
-        finally:
-            sock.close()
+        if self.sock is None:
+            self.open()
+        while not self._stop:
+            batch = self.poll()
+            if batch is not None:
+                yield batch
 
 
 def open_live(iface: str, ports=ICS_PORTS, **kw):

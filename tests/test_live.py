@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scapy.all import IP, TCP, Dot1Q, Ether, raw
 
-from agent.live import ICS_PORTS, RingSource, SocketSource, bpf_for_ports
+from agent.live import ICS_PORTS, RingSource, ScapySource, SocketSource, bpf_for_ports
 from agent.sources import read_capture
 from parsers.decode import L4_TCP, L4_UDP, decode
 from tests.conftest import PROJECT_PCAPS
@@ -84,18 +84,25 @@ def ics_frames(path):
     return [b.frame(i) for i in np.flatnonzero(ok)]
 
 
-@pytest.mark.parametrize("source_cls", [RingSource, SocketSource])
+@pytest.mark.parametrize("source_cls", [RingSource, SocketSource, ScapySource])
 def test_live_capture_sees_every_ics_frame(veth, source_cls):
     here, ns, there = veth
     pcap = PROJECT_PCAPS / "dnp3.pcap"
     src = source_cls(here, ports=ICS_PORTS).open()
     try:
-        batches = capture_while(src, lambda: replay_into(ns, there, pcap))
+        batches = capture_while(src, lambda: replay_into(ns, there, pcap, pps=1000 if source_cls is ScapySource
+                                                         else 3000))
         stats = src.read_stats()
     finally:
         src.close()
     got = [b.frame(i) for b in batches for i in range(len(b))]
     want = ics_frames(pcap)
+    if source_cls is ScapySource:
+        # scapy's socket is slower: frames may be lost, but never silently -- the kernel counts them
+        it = iter(want)
+        assert all(any(g == w for w in it) for g in got)  # what arrived is in order and unchanged
+        assert len(got) + stats.kernel_drops >= len(want)
+        return
     if source_cls is RingSource:
         assert stats.kernel_drops == 0
         assert stats.received == len(got)
