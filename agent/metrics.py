@@ -192,8 +192,10 @@ class Metrics:
         self.active_flows = Gauge("otwatch_active_flows", "Flows currently tracked by reassembly", registry=r)
         # Pipeline health.
         self.batch_seconds = Histogram("otwatch_batch_duration_seconds", "Time to process one frame batch "
-                                       "(decode, reassembly, parsing, detection)", buckets=LATENCY_BUCKETS,
+                                       "(decode, reassembly, parsing)", buckets=LATENCY_BUCKETS,
                                        registry=r)
+        self.detection_seconds = Histogram("otwatch_detection_duration_seconds", "Time the detection engine "
+                                           "took for one batch", buckets=LATENCY_BUCKETS, registry=r)
         self.last_frame_ts = Gauge("otwatch_last_frame_timestamp_seconds", "Capture timestamp of the newest "
                                    "frame processed (Unix time)", registry=r)
         self.lag = Gauge("otwatch_pipeline_lag_seconds", "Now minus the capture timestamp of the newest frame "
@@ -662,6 +664,33 @@ class MetricsEndpoint:
                 write(a)
         self.batch(pipeline, events, extra_seconds=seconds, alerts=alerts, health=engine.health())
         return alerts
+
+    def attach(self, engine) -> None:
+        """Count what a :class:`models.engine.DetectionEngine` does, without changing its callers.
+
+        Wraps ``engine.process`` and ``engine.finish``: the alerts they open are counted, their time
+        goes to ``otwatch_detection_duration_seconds``, and the engine's health numbers are read
+        after each call; the ML detectors' scores feed ``otwatch_anomaly_score`` (:func:`tap_scores`).
+        """
+        if getattr(engine, "_otwatch_attached", False):
+            return
+        tap_scores(engine, self.metrics)
+        metrics = self.metrics
+
+        def counted(call):
+            def wrapper(*args, **kwargs):
+                t0 = time.perf_counter()
+                alerts = call(*args, **kwargs)
+                metrics.detection_seconds.observe(time.perf_counter() - t0)
+                metrics.observe(alerts=alerts, health=engine.health())
+                return alerts
+            return wrapper
+
+        engine.process = counted(engine.process)
+        engine.finish = counted(engine.finish)
+        engine._otwatch_attached = True
+        metrics.declare_rules(getattr(engine, "RULES", ()))
+        metrics.set_health(engine.health())
 
     def linger(self, seconds: float) -> None:
         """Keep serving for ``seconds`` (the final values stay readable), then return."""
