@@ -36,7 +36,7 @@ class _Recorder:
     def feed(self, chunk, out):
         self.chunks.append(chunk)
 
-    def close(self, flow):
+    def close(self, flow, out=None):  # the pipeline passes its builder
         pass
 
 
