@@ -149,6 +149,8 @@ def run(args) -> int:
     from .eval import ReplayDetection, format_detection
 
     detection = ReplayDetection.from_args(args)
+    if exporter is not None and detection is not None:
+        exporter.attach(detection.engine)  # alerts opened, detection time, model health, scores
 
     def on_events(ev):
         if exporter is not None:
