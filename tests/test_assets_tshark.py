@@ -36,7 +36,7 @@ pytestmark = [needs_shared, needs_tshark]
 
 FIELDS = ["ip.src", "ip.dst", "ipv6.src", "ipv6.dst", "tcp.srcport", "tcp.dstport", "udp.srcport", "udp.dstport",
           "mbtcp.unit_id", "_ws.col.Info", "dnp3.ctl.dir", "dnp3.src", "dnp3.dst",
-          "iec60870_asdu.typeid", "iec60870_asdu.causetx", "iec60870_asdu.addr"]
+          "iec60870_asdu.typeid", "iec60870_asdu.causetx", "iec60870_asdu.addr", "dnp3.al.func", "dnp3.al.obj"]
 ROLE_WORDS = {"modbus": ("client", "server"), "dnp3": ("master", "outstation"),
               "iec104": ("controlling", "controlled")}
 
@@ -97,11 +97,24 @@ def decode_as(learned_ports: dict) -> list[str]:
     return out
 
 
-def tshark_roles(pcap, extra=()) -> tuple[set, dict]:
+_CACHE: dict = {}
+
+
+def capture_data(capture: str):
+    """(our inventory, tshark field rows) for one capture, computed once per test session."""
+    if capture not in _CACHE:
+        pcap = SHARED_PCAPS / capture
+        inventory, pipeline = build_inventory([pcap])
+        learned = {k: pipeline.registry.name(code) for k, code in pipeline.registry.learned_ports.items()}
+        rows = tshark_fields(pcap, FIELDS, display_filter="mbtcp || dnp3 || iec60870_104", extra=decode_as(learned))
+        _CACHE[capture] = (inventory, rows)
+    return _CACHE[capture]
+
+
+def tshark_roles(rows) -> tuple[set, dict]:
     """(conversations {(protocol, client, server, port)}, units {(address, protocol, role): set})."""
     convs: set = set()
     units: dict = defaultdict(set)
-    rows = tshark_fields(pcap, FIELDS, display_filter="mbtcp || dnp3 || iec60870_104", extra=list(extra))
     for r in rows:
         src, dst = _addr(r, "src"), _addr(r, "dst")
         # Tunnelled frames (IP in IP) show two addresses: the inner one is last.
@@ -148,10 +161,8 @@ def our_roles(inventory) -> tuple[set, dict]:
 
 @pytest.mark.parametrize("capture", CAPTURES)
 def test_conversation_roles_match_tshark(capture):
-    pcap = SHARED_PCAPS / capture
-    inventory, pipeline = build_inventory([pcap])
-    learned = {k: pipeline.registry.name(code) for k, code in pipeline.registry.learned_ports.items()}
-    t_convs, t_units = tshark_roles(pcap, decode_as(learned))
+    inventory, rows = capture_data(capture)
+    t_convs, t_units = tshark_roles(rows)
     o_convs, o_units = our_roles(inventory)
     found = {}
     for c in t_convs - o_convs:
@@ -167,3 +178,158 @@ def test_conversation_roles_match_tshark(capture):
                                          f"explained but gone {sorted(set(explained) - set(found))}"
     # Something was compared: every capture in the manifest has ICS traffic tshark dissects.
     assert t_convs or capture in EXPLAINED
+
+
+# -- identities ---------------------------------------------------------------------------------------
+def _has_identity_traffic(row: dict) -> bool:
+    summary = row.get("tshark_content_summary", "")
+    if row["protocol"] == "modbus":
+        return " 17:" in summary or " 43:" in summary
+    return row["protocol"] == "dnp3"
+
+
+# (capture) -> {(server, unit): reason}: identities tshark shows that we deliberately do not record.
+IDENTITY_EXPLAINED = {
+    "modbus/emreekin_encapsulated_transport.pcap": {
+        ("127.0.0.1", 1): "frame 6: the 43/14 response is 3 octets (MEI, code, conformity level 0) with no "
+                          "more-follows, next-object or object count: tshark shows conformity 0 and flags the "
+                          "packet malformed; our parser rejects the truncated response, so there is no identity",
+    },
+}
+IDENTITY_CAPTURES = [r["file"] for r in manifest_rows() if _has_identity_traffic(r)]
+MODBUS_ID_FIELDS = ["ip.src", "ipv6.src", "mbtcp.unit_id", "_ws.col.Info", "modbus.func_code", "modbus.mei",
+                    "modbus.exception_code", "modbus.conformity_level", "modbus.object_id",
+                    "modbus.object_str_value", "modbus.object_value", "modbus.data"]
+
+
+def tshark_modbus_identities(pcap) -> dict:
+    """{(server address, unit): {"objects": {id: value}, "conformity_level": n, "server_id": hex}}
+    from the FC 43/14 and FC 17 responses tshark shows (exception responses carry none)."""
+    out: dict = {}
+    rows = tshark_fields(pcap, MODBUS_ID_FIELDS, display_filter="modbus.func_code == 43 || modbus.func_code == 17")
+    for r in rows:
+        if "Response" not in r["_ws.col.Info"] or r["modbus.exception_code"]:
+            continue
+        key = (_addr(r, "src"), int(split_multi(r["mbtcp.unit_id"])[0]))
+        fc = int(split_multi(r["modbus.func_code"])[0])
+        entry = out.setdefault(key, {})
+        if fc == 17 and r["modbus.data"]:
+            entry["server_id"] = r["modbus.data"][2:]  # tshark's data starts with the byte count
+        elif fc == 43 and r["modbus.mei"] == "14":
+            entry["conformity_level"] = _int(r["modbus.conformity_level"])
+            strings = iter(split_multi(r["modbus.object_str_value"]))
+            raws = iter(split_multi(r["modbus.object_value"]))
+            objects = entry.setdefault("objects", {})
+            for oid in split_multi(r["modbus.object_id"]):
+                oid = int(oid)
+                objects[str(oid)] = next(strings) if oid < 0x80 else next(raws).replace(":", "")
+    return out
+
+
+def _walk_attributes(node, out: list) -> None:
+    """Group-0 objects in tshark's JSON tree: (variation, value) in order of appearance."""
+    if isinstance(node, list):
+        items = node
+    else:
+        return
+    pending = None
+    for key, value in items:
+        if key == "dnp3.al.obj":
+            obj = _int(value)
+            pending = obj & 0xFF if obj < 256 else None
+        elif key == "dnp3.al.obj_tree" and pending is not None:
+            vals = []
+            _collect_da(value, vals)
+            out.extend((pending, v) for v in vals)
+            pending = None
+        elif isinstance(value, list):
+            _walk_attributes(value, out)
+
+
+def _collect_da(node, vals: list) -> None:
+    for key, value in node:
+        if isinstance(value, list):
+            _collect_da(value, vals)
+        elif key.startswith("dnp3.al.da.") and key != "dnp3.al.da.length":
+            vals.append(value)
+
+
+def tshark_dnp3_attributes(pcap) -> dict:
+    """{(outstation address, link source): {attribute variation: value}} from responses."""
+    import json
+    import subprocess
+
+    cmd = ["tshark", "-n", "-r", str(pcap), "-Y", "dnp3.al.func >= 129 && dnp3.al.obj < 256", "-T", "json"]
+    text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out: dict = {}
+    for packet in json.loads(text or "[]", object_pairs_hook=lambda p: p):
+        layers = dict(dict(packet)["_source"])["layers"]
+        layers = dict(layers)
+        ip = dict(layers.get("ip", layers.get("ipv6", [])))
+        src = ip.get("ip.src") or ip.get("ipv6.src")
+        dnp3 = layers["dnp3"]
+        link_src = next(int(v) for k, v in _flatten(dnp3) if k == "dnp3.src")
+        found: list = []
+        _walk_attributes(dnp3, found)
+        entry = out.setdefault((src, link_src), {})
+        for variation, value in found:
+            entry[variation] = value
+    return out
+
+
+def _flatten(node):
+    for key, value in node:
+        if isinstance(value, list):
+            yield from _flatten(value)
+        else:
+            yield key, value
+
+
+def _same_value(tshark_value: str, ours) -> bool:
+    if isinstance(ours, (int, float)):
+        return float(tshark_value) == float(ours)
+    return str(ours) == tshark_value
+
+
+@pytest.mark.parametrize("capture", IDENTITY_CAPTURES)
+def test_identities_match_tshark(capture):
+    pcap = SHARED_PCAPS / capture
+    inventory, rows = capture_data(capture)
+    ours = {a["address"]: a["identity"] for a in inventory.assets() if a["identity"]}
+    if capture.startswith("modbus/"):
+        theirs = tshark_modbus_identities(pcap)
+        ours_mb = {(addr, int(u)): info for addr, ident in ours.items() for u, info in ident.get("modbus", {}).items()}
+        for key in IDENTITY_EXPLAINED.get(capture, {}):
+            assert key in theirs and key not in ours_mb, (capture, key)
+            del theirs[key]
+        assert set(ours_mb) == set(theirs), capture
+        for key, t in theirs.items():
+            o = ours_mb[key]
+            if "server_id" in t:
+                assert o["server_id"] == t["server_id"], (capture, key)
+            if "conformity_level" in t:
+                assert o["conformity_level"] == t["conformity_level"], (capture, key)
+                assert o.get("objects", {}) == t.get("objects", {}), (capture, key)
+    else:
+        # Only captures where tshark shows a group 0 object in a response need its object tree.
+        has_g0 = any(_int(o) < 256 and any(int(f) >= 129 for f in split_multi(r["dnp3.al.func"]))
+                     for r in rows for o in split_multi(r["dnp3.al.obj"]))
+        theirs = tshark_dnp3_attributes(pcap) if has_g0 else {}
+        ours_dn = {(addr, int(u)): info for addr, ident in ours.items() for u, info in ident.get("dnp3", {}).items()}
+        assert set(ours_dn) == set(theirs), capture
+        for key, t in theirs.items():
+            o = ours_dn[key]
+            assert set(o) == {attribute_name(v) for v in t}, (capture, key)
+            for variation, value in t.items():
+                assert _same_value(value, o[attribute_name(variation)]), (capture, key, variation)
+
+
+def test_identity_captures_cover_both_protocols():
+    """The identity comparison is not vacuous: tshark shows device identification in these."""
+    if not manifest_rows():
+        pytest.skip("no shared captures")
+    mb = tshark_modbus_identities(SHARED_PCAPS / "modbus/icsnpp_modbus_example.pcap")
+    assert {k: sorted(v) for k, v in mb.items()} == {("127.0.0.1", 1): ["conformity_level", "objects"],
+                                                    ("127.0.0.1", 2): ["server_id"]}
+    assert tshark_modbus_identities(SHARED_PCAPS / "modbus/digitalbond_modbus_test_data_part1.pcap")
+    assert tshark_dnp3_attributes(SHARED_PCAPS / "dnp3/itifw_dataset_exchange.pcap")
