@@ -45,7 +45,7 @@ def run(args) -> int:
             if e["table"] not in ("talker", "talker_role"):
                 what += f" unit {e.get('unit')} {e.get('direction')} {e.get('function')}"
             if e["table"].startswith(("write", "read")):
-                what += f" address {e.get('address')} count {e.get('count')}"
+                what += f" address {e.get('address')} count {e.get('pdu_count')}"
             print(f"{e['id']}  {e['status']:<11} {e['count']:>7}x  {iso8601(e['first_ts'])[:19]}.."
                   f"{iso8601(e['last_ts'])[11:19]}  {what}")
         return 0

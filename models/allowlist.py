@@ -299,9 +299,11 @@ class AllowList:
         for name, t in self.tables.items():
             for i in range(len(t)):
                 k = int(t.keys[i])
-                out.append({"id": f"{name}:{k & 0xFFFFFFFFFFFFFFFF:016x}", "table": name,
+                info = dict(t.info.get(k, {}))
+                info["pdu_count"] = info.pop("count", None)  # the PDU's own count field
+                out.append({**info, "id": f"{name}:{k & 0xFFFFFFFFFFFFFFFF:016x}", "table": name,
                             "status": STATUS_NAMES[int(t.status[i])], "count": int(t.count[i]),
-                            "first_ts": int(t.first[i]), "last_ts": int(t.last[i]), **t.info.get(k, {})})
+                            "first_ts": int(t.first[i]), "last_ts": int(t.last[i])})
         return out
 
     def set_status(self, entry_id: str, status: int) -> bool:
