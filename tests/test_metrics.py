@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.metrics import (
-    DEFAULT_HOST, DEFAULT_PORT, FUNCTION_CLASSES, PROTOCOLS, RULE_LABEL_LIMIT, SCORE_BUCKETS, BatchHistogram,
+    DEFAULT_HOST, DEFAULT_PORT, FUNCTION_CLASSES, KNOWN_RULES, PROTOCOLS, RULE_LABEL_LIMIT, SCORE_BUCKETS, BatchHistogram,
     Metrics, MetricsServer,
 )
 from agent.pipeline import Pipeline
@@ -207,17 +207,19 @@ def test_alerts_counted_by_kind_severity_and_capped_rule():
     alerts = [_alert(), _alert(), _alert(severity="low"), _alert(detector="new-thing", rule="x.y")]
     m.observe(alerts=alerts)
     m.count_alerts([_alert().to_ecs()])  # ECS records count the same
+    assert _alert().to_ecs()["rule"]["category"] == "allowlist"
     r = m.registry
     assert r.get_sample_value("otwatch_alerts_total", {"kind": "allowlist", "severity": "high"}) == 3
     assert r.get_sample_value("otwatch_alerts_total", {"kind": "other", "severity": "high"}) == 1
-    assert r.get_sample_value("otwatch_alert_rule_alerts_total",
-                              {"rule": "allowlist.new_talker", "severity": "high"}) == 3
+    assert r.get_sample_value("otwatch_alert_rule_alerts_total", {"rule": "allowlist.new_talker"}) == 4
+    assert r.get_sample_value("otwatch_alert_rule_alerts_total", {"rule": "cycle.burst"}) == 0  # declared
     # A flood of distinct (or data-derived) rule names cannot grow the label set past the cap.
     m.count_alerts([_alert(rule=f"r.n{i}") for i in range(RULE_LABEL_LIMIT * 2)] + [_alert(rule="10.0.0.1")])
     rules = {lab for (n, lab) in samples(r) if n == "otwatch_alert_rule_alerts_total"}
     assert len({dict(lab)["rule"] for lab in rules}) <= RULE_LABEL_LIMIT + 1
-    assert r.get_sample_value("otwatch_alert_rule_alerts_total", {"rule": "other", "severity": "high"}) == \
-        RULE_LABEL_LIMIT * 2 + 1 - (RULE_LABEL_LIMIT - 2)
+    named = len(KNOWN_RULES) + 1  # declared up front, plus "x.y"
+    assert r.get_sample_value("otwatch_alert_rule_alerts_total", {"rule": "other"}) == \
+        RULE_LABEL_LIMIT * 2 + 1 - (RULE_LABEL_LIMIT - named)
 
 
 def test_batch_histogram_equals_prometheus_client_histogram():
@@ -403,3 +405,16 @@ def test_docker_compose_structure():
         for dep in svc.get("depends_on", []):
             assert dep in services
     assert "rules.yml" in prom_cfg["rule_files"]
+
+
+def test_known_rules_cover_what_the_engine_raises(replayed):
+    """Every rule a real engine run on mixed.pcap raises has its by-rule series from the start."""
+    from models.engine import DetectionEngine
+
+    engine = DetectionEngine()
+    pipeline = Pipeline()
+    rules = set()
+    replay_files([MIXED], pipeline, on_events=lambda ev: rules.update(a.rule for a in engine.process(ev)))
+    rules.update(a.rule for a in engine.finish())
+    assert len(rules) >= 5
+    assert rules <= set(KNOWN_RULES), rules - set(KNOWN_RULES)

@@ -220,10 +220,17 @@ def test_alert_counter_equals_alert_records_written(stack):
     api = stack["api"]
     records = [json.loads(line) for line in stack["alerts"].read_text().splitlines()]
     assert records, "mixed.pcap holds seven attack scenarios: expected alerts"
-    assert api.value("sum(otwatch_alerts_total)") == len(records)
-    by_sev = {}
-    for r in records:
+    # An incident is written when it opens and again (same event.id, final count) when it closes;
+    # the counter counts incidents raised.
+    alerts = {r["event"]["id"]: r for r in records}
+    assert len(records) <= 2 * len(alerts)
+    assert api.value("sum(otwatch_alerts_total)") == len(alerts) == stack["summary"]["detection"]["alerts"]
+    by_sev, by_rule = {}, {}
+    for r in alerts.values():
         by_sev[r["otwatch"]["severity"]] = by_sev.get(r["otwatch"]["severity"], 0) + 1
+        by_rule[r["rule"]["name"]] = by_rule.get(r["rule"]["name"], 0) + 1
+    for rule, n in by_rule.items():
+        assert api.value(f'sum(otwatch_alert_rule_alerts_total{{rule="{rule}"}})') == n, rule
     for sev, n in by_sev.items():
         assert api.value(f'sum(otwatch_alerts_total{{severity="{sev}"}})') == n, sev
 
