@@ -224,8 +224,8 @@ class Metrics:
         r.register(self.scores)
         self.mode = Gauge("otwatch_mode", "1 for the detection mode the agent is in (learn or monitor)",
                           ["mode"], registry=r)
-        self.baseline_age = Gauge("otwatch_baseline_age_seconds", "Age of the baseline in use (time since "
-                                  "learning started, by capture time)", registry=r)
+        self.baseline_age = Gauge("otwatch_baseline_age_seconds", "Age of the baseline in use (capture time "
+                                  "since learning ended)", registry=r)
         self.baseline_entries = Gauge("otwatch_baseline_entries", "Entries in the learned baseline "
                                       "(talkers, functions, ranges, cycles)", registry=r)
         self.provisional = Gauge("otwatch_baseline_provisional_entries", "Baseline entries learned but "
