@@ -707,6 +707,8 @@ class AssetInventory:
             "assets": self.assets(),
             "conversations": [self._conversation_record(c, persist=True)
                               for _, c in sorted(self._conversations.items())],
+            # last time of each request signature, so intervals across a restart are not lost
+            "request_times": [[s, t] for s, t in self._last_request.items()],
         }
 
     @classmethod
@@ -772,4 +774,5 @@ class AssetInventory:
             if iv.shape[0]:
                 c.push_intervals(iv, limits.max_intervals)
             inv._conversations[key] = c
+        inv._last_request = {int(s): int(t) for s, t in data.get("request_times", [])}
         return inv
