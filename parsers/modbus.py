@@ -310,6 +310,7 @@ class ModbusParser:
         pos = 0
         role = self._role(chunk)
         unpack = MBAP.unpack_from
+        pending_tables = self._pending
         while n - pos >= 8:
             tid, pid, length, unit, fc = unpack(data, pos)
             if pid or length < MIN_LENGTH or length > FRAMING_MAX_LENGTH:
@@ -321,6 +322,59 @@ class ModbusParser:
             end = pos + 6 + length
             if end > n:
                 break
+            if 1 <= fc <= 4:
+                # Fast path for the well-formed reads that make up most traffic (MB-AP §6.1-6.4);
+                # the same rows as _adu -> _request/_response, which handles everything else.
+                if role == DIR_REQUEST:
+                    if length == 6:  # unit, FC, starting address, quantity
+                        address, count = U16X2.unpack_from(data, pos + 8)
+                        _pdu_row(out, chunk, DIR_REQUEST, fc, -1, -1, unit, tid, address, count, 12, False, False,
+                                 STATUS_OK, REASON_NONE)
+                        self._remember(chunk, out, tid, unit, fc, address, count)
+                        pos = end
+                        continue
+                else:
+                    table = pending_tables.get(chunk.flow)
+                    request = table.get(tid) if table else None
+                    if request is not None and request[_P_FUNCTION] == fc and request[_P_UNIT] == unit:
+                        nbytes = data[pos + 8]
+                        count = request[_P_COUNT]
+                        if length == 3 + nbytes and (count == nbytes >> 1 and not nbytes & 1 if fc > 2
+                                                     else (count + 7) >> 3 == nbytes):
+                            del table[tid]
+                            address = request[_P_ADDRESS]
+                            pdu = _pdu_row(out, chunk, DIR_RESPONSE, fc, -1, -1, unit, tid, address, count,
+                                           length + 6, False, False, STATUS_OK, REASON_NONE)
+                            if fc > 2:
+                                _point_rows(out, chunk, pdu, DIR_RESPONSE, fc, unit, tid,
+                                            MB_INPUT_REGISTER if fc == 4 else MB_HOLDING_REGISTER, address,
+                                            _registers(data, pos + 9, count), False)
+                            else:
+                                _point_rows(out, chunk, pdu, DIR_RESPONSE, fc, unit, tid,
+                                            MB_COIL if fc == 1 else MB_DISCRETE_INPUT, address,
+                                            _bits(data, pos + 9, nbytes, count), False)
+                            pos = end
+                            continue
+            elif (fc == 5 or fc == 6) and length == 6:
+                # Fast path for well-formed single writes (MB-AP §6.5, §6.6): address, value; the
+                # response echoes the request.  Same rows as _adu.
+                address, value = U16X2.unpack_from(data, pos + 8)
+                if role == DIR_REQUEST:
+                    pdu = _pdu_row(out, chunk, DIR_REQUEST, fc, -1, -1, unit, tid, address, 1, 12, True, False,
+                                   STATUS_OK, REASON_NONE)
+                    self._remember(chunk, out, tid, unit, fc, address, 1)
+                    if fc == 5:  # only 0xFF00 (on) and 0x0000 (off) are legal; another value is kept raw
+                        _point_rows(out, chunk, pdu, DIR_REQUEST, fc, unit, tid, MB_COIL, address,
+                                    (1 if value == 0xFF00 else 0 if value == 0 else value,), True)
+                    else:
+                        _point_rows(out, chunk, pdu, DIR_REQUEST, fc, unit, tid, MB_HOLDING_REGISTER, address,
+                                    (value,), True)
+                else:
+                    self._match(chunk, out, tid, unit, fc)
+                    _pdu_row(out, chunk, DIR_RESPONSE, fc, -1, -1, unit, tid, address, 1, 12, True, False, STATUS_OK,
+                             REASON_NONE)
+                pos = end
+                continue
             if length > MAX_LENGTH:
                 out.count_error(PROTO_MODBUS, REASON_TOO_LARGE)
             self._adu(chunk, out, role, data, pos, end, tid, unit, fc)
