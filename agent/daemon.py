@@ -260,6 +260,99 @@ def _make_dir_for(path: Path, owner: tuple[int, int] | None) -> None:
             os.chown(d, *owner)
 
 
+# -- the detection engine, as the configuration says ------------------------------------------------
+def engine_kwargs(cfg: config_mod.Config) -> dict:
+    d = cfg.detection
+    return {"detectors": tuple(d.detectors), "alerts_per_hour": d.alerts_per_hour, "cooldown_s": d.alert_cooldown}
+
+
+def tune_engine(eng, cfg: config_mod.Config) -> None:
+    """Settings that also apply to a loaded engine (and on SIGHUP)."""
+    d = cfg.detection
+    eng.allowlist.min_count = d.min_count
+    eng.allowlist.min_span_s = d.min_span
+    eng.alerts_per_hour = d.alerts_per_hour
+    eng.manager.cooldown_ns = int(d.alert_cooldown * NS)
+
+
+def new_engine(cfg: config_mod.Config, now_ns: int | None = None):
+    """A learning :class:`~models.engine.DetectionEngine` configured by ``cfg``.
+
+    ``learning_clock = "capture"``: learning ends ``learning_period`` of capture time after the
+    first event, exactly as for a replayed file.  ``"wall"``: it ends ``learning_period`` after now,
+    whatever the traffic does (the engine switches on the first batch past that time).
+    """
+    from models.engine import DetectionEngine
+
+    d = cfg.detection
+    if d.learning_clock == "capture":
+        eng = DetectionEngine(learn_seconds=d.learning_period, **engine_kwargs(cfg))
+    else:
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        eng = DetectionEngine(learn_seconds=None, learn_until_ns=now_ns + int(d.learning_period * NS),
+                              **engine_kwargs(cfg))
+    tune_engine(eng, cfg)
+    return eng
+
+
+def _modbus_frames(n: int = 40) -> tuple[list[bytes], list[int]]:
+    """A few seconds of one Modbus/TCP poll (read holding registers), built by hand for :func:`warm_up`."""
+    import struct
+
+    def frame(src, dst, sport, dport, seq, ack, payload):
+        eth = bytes.fromhex("020000000002" "020000000001") + struct.pack(">H", 0x0800)
+        tcp = struct.pack(">HHIIBBHHH", sport, dport, seq, ack, 5 << 4, 0x18, 8192, 0, 0)
+        ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), 1, 0, 64, 6, 0,
+                         bytes(src), bytes(dst))
+        return eth + ip + tcp + payload
+
+    a, b = (10, 255, 0, 1), (10, 255, 0, 2)
+    frames, ts = [], []
+    cseq, sseq = 1000, 5000
+    for i in range(n):
+        req = struct.pack(">HHHBBHH", i, 0, 6, 1, 3, 0, 2)  # MBAP + FC 3 (Modbus v1.1b3 §6.3)
+        rsp = struct.pack(">HHHBBB", i, 0, 7, 1, 3, 4) + struct.pack(">HH", i, 100 + i % 3)
+        frames += [frame(a, b, 40000, 502, cseq, sseq, req), frame(b, a, 502, 40000, sseq, cseq + len(req), rsp)]
+        cseq += len(req)
+        sseq += len(rsp)
+        ts += [i * 100_000_000, i * 100_000_000 + 2_000_000]
+    return frames, ts
+
+
+def warm_up(cfg: config_mod.Config) -> None:
+    """Run a little synthetic traffic through a throwaway pipeline, engine and checkpoint, so every
+    module the agent imports lazily is loaded now: when learning ends (the ML libraries take seconds
+    to import, and processing would stall meanwhile) and after privileges are dropped (a Python
+    installation the agent's user cannot read, as with a per-user pyenv)."""
+    import tempfile
+
+    from parsers.frames import FrameBatch
+
+    from .pipeline import Pipeline
+
+    d = cfg.detection.detectors
+    try:
+        if "river" in d:
+            from river import anomaly, preprocessing  # noqa: F401
+        if "pyod" in d:
+            from pyod.models.hbos import HBOS  # noqa: F401
+    except ImportError as exc:  # the engine reports it when it needs them
+        log.warning("detector library missing: %s", exc)
+    from models.engine import DetectionEngine
+
+    frames, ts = _modbus_frames()
+    pipeline = Pipeline()
+    eng = DetectionEngine(learn_seconds=2.0, detectors=tuple(d))
+    half = len(frames) // 2
+    for lo, hi in ((0, half), (half, len(frames))):
+        eng.process(pipeline.process(FrameBatch.from_frames(frames[lo:hi], ts=ts[lo:hi])))
+    eng.process(pipeline.finish())
+    eng.health()
+    with tempfile.TemporaryDirectory() as tmp:
+        eng.save(tmp, key=b"warm-up" * 4)
+        DetectionEngine.load(tmp, key=b"warm-up" * 4)
+
+
 # -- the agent --------------------------------------------------------------------------------------
 def _fmt_duration(seconds: float) -> str:
     """
@@ -304,28 +397,11 @@ class Agent:
     def iface(self) -> str:
         return self.iface_override or self.cfg.capture.interface
 
-    def _engine_kwargs(self) -> dict:
-        d = self.cfg.detection
-        return {"detectors": tuple(d.detectors), "alerts_per_hour": d.alerts_per_hour, "cooldown_s": d.alert_cooldown}
-
     def new_engine(self):
-        from models.engine import DetectionEngine
-
-        d = self.cfg.detection
-        if d.learning_clock == "capture":
-            eng = DetectionEngine(learn_seconds=d.learning_period, **self._engine_kwargs())
-        else:  # wall clock: learning ends at a fixed time from now, whatever the traffic does
-            eng = DetectionEngine(learn_seconds=None, learn_until_ns=time.time_ns() + int(d.learning_period * NS),
-                                  **self._engine_kwargs())
-        self._tune(eng)
-        return eng
+        return new_engine(self.cfg)
 
     def _tune(self, eng) -> None:
-        d = self.cfg.detection
-        eng.allowlist.min_count = d.min_count
-        eng.allowlist.min_span_s = d.min_span
-        eng.alerts_per_hour = d.alerts_per_hour
-        eng.manager.cooldown_ns = int(d.alert_cooldown * NS)
+        tune_engine(eng, self.cfg)
 
     def load_state(self):
         """The engine from the current checkpoint, or a new learning engine (state refused/absent)."""
@@ -336,7 +412,7 @@ class Agent:
             if where is None:
                 continue
             try:
-                eng = DetectionEngine.load(where, key=cp.key, **self._engine_kwargs())
+                eng = DetectionEngine.load(where, key=cp.key, **engine_kwargs(self.cfg))
             except Exception as exc:  # noqa: BLE001 - any failure to load means: do not trust it
                 log.error("saved state %s refused: %s; %s", where, exc,
                           "trying the previous checkpoint" if where == cp.current() else "learning again",
@@ -381,6 +457,7 @@ class Agent:
             self.source = SocketSource(self.iface, ports=ports, snaplen=c.snaplen, promisc=c.promiscuous).open()
             self.source_kind = "socket"
         self._open_metrics()
+        warm_up(self.cfg)  # before the drop: loads every module the agent needs later
         if owner is not None:
             if state_dir.stat().st_uid != owner[0]:
                 # a directory made by the installer or systemd's StateDirectory= is already the user's
@@ -469,13 +546,17 @@ class Agent:
             next_health = 0.0
             mode = self.engine.mode
             while True:
-                batch = q_in.get()
+                try:
+                    batch = q_in.get(timeout=0.5)
+                except queue.Empty:
+                    batch = False  # no traffic: still reload and checkpoint on time
                 if batch is None:
                     break
-                t0 = time.perf_counter()
-                events = self.pipeline.process(batch)
-                alerts = self.engine.process(events)
-                self._after_batch(events, alerts, t0, q_out, next_health)
+                if batch is not False:
+                    t0 = time.perf_counter()
+                    events = self.pipeline.process(batch)
+                    alerts = self.engine.process(events)
+                    self._after_batch(events, alerts, t0, q_out, next_health)
                 now = time.monotonic()
                 if now >= next_health:
                     next_health = now + 1.0
