@@ -157,12 +157,28 @@ class _Conversation:
 
 
 def _unique_rows(*cols):
-    """Distinct rows of equal-length integer columns, and the row index of every input row."""
-    a = np.stack([np.asarray(c).astype(np.int64) for c in cols], axis=1)
-    if a.shape[0] == 0:
-        return a, np.zeros(0, dtype=np.intp)
-    u, inv = np.unique(a, axis=0, return_inverse=True)
-    return u, inv.reshape(-1)
+    """Distinct rows of equal-length integer columns (sorted, first column first), and the row
+    index of every input row: ``np.unique(axis=0)`` done with ``np.lexsort``, several times faster.
+
+    >>> u, inv = _unique_rows([2, 1, 2], [5, 7, 5])
+    >>> u.tolist(), inv.tolist()
+    ([[1, 7], [2, 5]], [1, 0, 1])
+    """
+    a = [np.asarray(c).astype(np.int64) for c in cols]
+    n = a[0].shape[0]
+    if n == 0:
+        return np.zeros((0, len(a)), dtype=np.int64), np.zeros(0, dtype=np.intp)
+    order = np.lexsort(a[::-1])
+    s = [c[order] for c in a]
+    change = np.zeros(n, dtype=bool)
+    change[0] = True
+    for c in s:
+        change[1:] |= c[1:] != c[:-1]
+    group = np.cumsum(change) - 1
+    inv = np.empty(n, dtype=np.intp)
+    inv[order] = group
+    u = np.stack([c[change] for c in s], axis=1)
+    return u, inv
 
 
 def _group_min_max(inv: np.ndarray, n: int, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
