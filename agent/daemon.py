@@ -176,13 +176,10 @@ class Checkpoints:
     def write(self, save) -> Path:
         """``save(directory, key)`` into a new checkpoint, fsync it, then make it current."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        before = self.current()
         nums = self._numbers()
         n = (nums[-1] + 1) if nums else 1
         target = self.dir / f"ckpt-{n}"
-        if target.exists():  # a half-written one from a crash: never current, safe to replace
-            import shutil
-
-            shutil.rmtree(target)
         target.mkdir()
         save(target, self.key)
         for f in target.iterdir():
@@ -194,14 +191,16 @@ class Checkpoints:
         os.symlink(target.name, tmp)
         os.replace(tmp, self.dir / "current")  # rename(2): atomic
         _fsync_path(self.dir)
-        self._prune(n)
+        self._prune(keep={target.name, before.name if before else None})
         return target
 
-    def _prune(self, newest: int) -> None:
+    def _prune(self, keep: set) -> None:
+        """Remove every checkpoint but the new one and the one it replaced (also half-written
+        ones a crash left behind, which never became current)."""
         import shutil
 
         for m in self._numbers():
-            if m <= newest - self.KEEP:
+            if f"ckpt-{m}" not in keep:
                 shutil.rmtree(self.dir / f"ckpt-{m}", ignore_errors=True)
 
 
@@ -230,6 +229,21 @@ def no_new_privs() -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def drop_capabilities() -> bool:
+    """Give up every capability (CAP_NET_RAW included) once the capture socket is open: what a
+    non-root agent started by systemd with ``AmbientCapabilities=CAP_NET_RAW`` still holds.
+    capset(2) with all sets empty; False when the system refused (the agent then runs on as it is)."""
+    PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+        data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}, all empty
+        return libc.capset(header, data) == 0
     except (OSError, AttributeError):
         return False
 
@@ -466,6 +480,8 @@ class Agent:
             self.dropped_to = cfg.daemon.user
         else:
             self.dropped_to = None
+            if os.geteuid() != 0 and no_new_privs() and drop_capabilities():
+                log.debug("capabilities dropped after opening the capture socket")
         if not os.access(state_dir, os.W_OK | os.X_OK):
             raise InputError(f"state.directory: {state_dir} is not writable by uid {os.getuid()}")
 
