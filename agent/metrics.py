@@ -63,6 +63,9 @@ FLOW_END_REASONS = ("closed", "expired", "evicted")
 DETECTORS = ("allowlist", "cycle", "process", "river", "pyod", "parser", "other")
 SEVERITIES = ("low", "medium", "high", "critical")
 MODES = ("learn", "monitor")
+#: (protocol, role) label pairs of otwatch_assets: each protocol's own words for its two roles.
+ASSET_ROLES = (("modbus", "client"), ("modbus", "server"), ("dnp3", "master"), ("dnp3", "outstation"),
+               ("iec104", "controlling"), ("iec104", "controlled"), ("other", "none"))
 #: Rule names the detectors raise (models/allowlist.py TABLES incl. "peer", models/cycle.py,
 #: models/process.py, models/engine.py): their by-rule series are created at 0 up front, so the
 #: first alert of a rule shows in increase().  A rule missing here is still counted, from its
@@ -198,6 +201,19 @@ class Metrics:
         self.gap_bytes = Counter("otwatch_reassembly_gap_bytes_total", "Bytes missing in TCP stream gaps",
                                  registry=r)
         self.flows_opened = Counter("otwatch_flows_opened_total", "Flows opened by reassembly", registry=r)
+        # Asset inventory (models/inventory.py): counts by protocol and role, never per asset.
+        self.assets = Gauge("otwatch_assets", "Assets seen, by protocol and role (protocol other: assets that "
+                            "speak no ICS protocol)", ["protocol", "role"], registry=r)
+        for (proto, role) in ASSET_ROLES:
+            self.assets.labels(proto, role)
+        self.conversations = Gauge("otwatch_conversations", "ICS conversations (client, server, protocol, "
+                                   "port) seen, by protocol", ["protocol"], registry=r)
+        for proto in PROTOCOLS:
+            self.conversations.labels(proto)
+        self.inventory_dropped = Counter("otwatch_inventory_dropped_total", "Assets or conversations not "
+                                         "kept because the inventory was full", ["table"], registry=r)
+        for table in ("assets", "conversations"):
+            self.inventory_dropped.labels(table)
         self.flows_ended = Counter("otwatch_flows_ended_total", "Flows that ended: closed (FIN/RST), "
                                    "expired (idle) or evicted (flow table full)", ["reason"], registry=r)
         self.active_flows = Gauge("otwatch_active_flows", "Flows currently tracked by reassembly", registry=r)
@@ -414,6 +430,29 @@ m.registry.get_sample_value("otwatch_model_score_drift", {"detector": "river"})
                 self._per_detector(self.score_drift, {key[:-len("_score_drift")]: value})
             elif key.endswith("_fraction_above"):
                 self._per_detector(self.above_threshold, {key[:-len("_fraction_above")]: value})
+
+    def set_inventory(self, counts: dict) -> None:
+        """Set the asset gauges from ``AssetInventory.counts()``.
+
+        >>> from prometheus_client import CollectorRegistry
+        >>> m = Metrics(CollectorRegistry(), process_metrics=False)
+        >>> m.set_inventory({"assets": {"dnp3": {"master": 1}}, "conversations": {"dnp3": 2},
+        ...                  "dropped": {"assets": 0, "conversations": 3}})
+        >>> m.registry.get_sample_value("otwatch_assets", {"protocol": "dnp3", "role": "master"}), \
+m.registry.get_sample_value("otwatch_inventory_dropped_total", {"table": "conversations"})
+        (1.0, 3.0)
+        """
+        known = set(ASSET_ROLES)
+        for proto, roles in counts.get("assets", {}).items():
+            for role, n in roles.items():
+                if (proto, role) in known:
+                    self.assets.labels(proto, role).set(n)
+        for proto, n in counts.get("conversations", {}).items():
+            if proto in PROTOCOLS:
+                self.conversations.labels(proto).set(n)
+        dropped = counts.get("dropped", {})
+        for table in ("assets", "conversations"):
+            self._add(self.inventory_dropped, (table,), int(dropped.get(table, 0)))
 
     def _per_detector(self, gauge, value) -> None:
         if isinstance(value, dict):
