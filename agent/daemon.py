@@ -233,6 +233,15 @@ def no_new_privs() -> bool:
         return False
 
 
+def release_memory() -> None:
+    """Give freed heap back to the kernel (glibc ``malloc_trim``): batch temporaries otherwise stay
+    resident, and RSS is what a 1-4 GB box and systemd's MemoryMax see."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def drop_capabilities() -> bool:
     """Give up every capability (CAP_NET_RAW included) once the capture socket is open: what a
     non-root agent started by systemd with ``AmbientCapabilities=CAP_NET_RAW`` still holds.
@@ -559,7 +568,7 @@ class Agent:
 
     def _process_loop(self, q_in: queue.Queue, q_out: queue.Queue) -> None:
         try:
-            next_health = 0.0
+            next_health = next_trim = 0.0
             mode = self.engine.mode
             while True:
                 try:
@@ -576,6 +585,9 @@ class Agent:
                 now = time.monotonic()
                 if now >= next_health:
                     next_health = now + 1.0
+                if now >= next_trim:
+                    release_memory()
+                    next_trim = now + 10.0
                 if self.engine.mode != mode:
                     mode = self.engine.mode
                     _info("learning finished: monitoring", event="mode", mode=mode)
