@@ -423,33 +423,57 @@ class Iec104Parser:
                        direction=direction, unit=ca, peer_unit=oa, obj=type_id, variation=sq, quality=qualities,
                        cause=cause, seq=ns, is_write=is_write, is_control=is_control)
             return
+        rows = getattr(out, "_rows", None)
+        if rows is None or nfit >= POINTS_BLOCK:  # long runs of the types not decoded as vectors
+            self._points_block(data, body, nfit, sq, first_ioa, element, decode, pid, type_id, cause, ca, oa, ns,
+                               is_write, is_control, ctx, direction, out)
+            return
+        # One row per object, appended as it is decoded (the tuple EventBuilder.point appends).
+        ts, frame, src, dst, sport, dport, flow, transport = (ctx.ts, ctx.frame, ctx.src, ctx.dst, ctx.sport,
+                                                              ctx.dport, ctx.flow, ctx.transport)
+        append = rows.append
         if sq:
             # SQ=1 (-101 §7.2.2.1): one IOA, then nfit elements at IOA, IOA+1, ...
-            stop = body + 3 + nfit * element.size
             if element.size == 0:  # C_RD_NA_1: addresses only
-                decoded = [decode(())] * nfit
-            else:
-                decoded = [decode(f) for f in element.struct.iter_unpack(data[body + 3:stop])]
-            addresses = range(first_ioa, first_ioa + nfit)
+                value, quality = decode(())
+                for ioa in range(first_ioa, first_ioa + nfit):
+                    append((ts, frame, PROTO_IEC104, src, dst, sport, dport, flow, transport, direction, KIND_POINT,
+                            pid, type_id, -1, cause, ca, oa, ns, -1, ioa, 1, type_id, sq, value, quality, 0,
+                            is_write, is_control, STATUS_OK, REASON_NONE))
+                return
+            ioa = first_ioa
+            for fields in element.struct.iter_unpack(data[body + 3:body + 3 + nfit * element.size]):
+                value, quality = decode(fields)
+                append((ts, frame, PROTO_IEC104, src, dst, sport, dport, flow, transport, direction, KIND_POINT, pid,
+                        type_id, -1, cause, ca, oa, ns, -1, ioa, 1, type_id, sq, value, quality, 0, is_write,
+                        is_control, STATUS_OK, REASON_NONE))
+                ioa += 1
         else:
             # SQ=0: every object carries its own IOA.
-            stop = body + nfit * (3 + element.size)
-            records = element.with_ioa.iter_unpack(data[body:stop])
+            for fields in element.with_ioa.iter_unpack(data[body:body + nfit * (3 + element.size)]):
+                value, quality = decode(fields[2:])
+                append((ts, frame, PROTO_IEC104, src, dst, sport, dport, flow, transport, direction, KIND_POINT, pid,
+                        type_id, -1, cause, ca, oa, ns, -1, fields[0] | (fields[1] << 16), 1, type_id, sq, value,
+                        quality, 0, is_write, is_control, STATUS_OK, REASON_NONE))
+
+    @staticmethod
+    def _points_block(data, body, nfit, sq, first_ioa, element, decode, pid, type_id, cause, ca, oa, ns, is_write,
+                      is_control, ctx, direction, out) -> None:
+        """The objects of one ASDU as one EventBuilder.points block, decoded element by element."""
+        if sq:
+            if element.size == 0:
+                decoded = [decode(())] * nfit
+            else:
+                decoded = [decode(f) for f in element.struct.iter_unpack(data[body + 3:body + 3 + nfit * element.size])]
+            addresses = range(first_ioa, first_ioa + nfit)
+        else:
+            records = element.with_ioa.iter_unpack(data[body:body + nfit * (3 + element.size)])
             decoded, addresses = [], []
             for fields in records:
                 addresses.append(fields[0] | (fields[1] << 16))
                 decoded.append(decode(fields[2:]))
-        rows = getattr(out, "_rows", None)
-        if nfit >= POINTS_BLOCK or rows is None:
-            values, qualities = zip(*decoded)
-            out.points(ctx, PROTO_IEC104, pid, function=type_id, addresses=np.array(addresses, dtype=np.int64),
-                       values=np.array(values, dtype=np.float64), direction=direction, unit=ca, peer_unit=oa,
-                       obj=type_id, variation=sq, quality=np.array(qualities, dtype=np.int64), cause=cause,
-                       seq=ns, is_write=is_write, is_control=is_control)
-            return
-        ts, frame, src, dst, sport, dport, flow, transport = (ctx.ts, ctx.frame, ctx.src, ctx.dst, ctx.sport,
-                                                              ctx.dport, ctx.flow, ctx.transport)
-        rows.extend([(ts, frame, PROTO_IEC104, src, dst, sport, dport, flow, transport, direction, KIND_POINT, pid,
-                      type_id, -1, cause, ca, oa, ns, -1, address, 1, type_id, sq, value, quality, 0, is_write,
-                      is_control, STATUS_OK, REASON_NONE)
-                     for address, (value, quality) in zip(addresses, decoded)])
+        values, qualities = zip(*decoded)
+        out.points(ctx, PROTO_IEC104, pid, function=type_id, addresses=np.array(addresses, dtype=np.int64),
+                   values=np.array(values, dtype=np.float64), direction=direction, unit=ca, peer_unit=oa,
+                   obj=type_id, variation=sq, quality=np.array(qualities, dtype=np.int64), cause=cause, seq=ns,
+                   is_write=is_write, is_control=is_control)
