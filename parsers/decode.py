@@ -69,17 +69,24 @@ class AddressBook:
     """
 
     BASE = 0xF0000000
-    LIMIT = 0x08000000
 
-    def __init__(self):
+    def __init__(self, limit: int = 1 << 16):
         self._ids: dict[bytes, int] = {}
         self._addrs: list[bytes] = []
+        # Bounded under a flood of spoofed IPv6 sources: past ``limit`` distinct addresses every
+        # new one shares the last id (formatted as "::") and is counted in ``overflow``.
+        self.limit = max(int(limit), 1)
+        self.overflow = 0
+
+    def __len__(self) -> int:
+        return len(self._addrs)
 
     def intern(self, addr16: bytes) -> int:
         i = self._ids.get(addr16)
         if i is None:
-            if len(self._addrs) >= self.LIMIT:
-                return self.BASE + self.LIMIT - 1  # bounded: beyond 134 M addresses, one bucket
+            if len(self._addrs) >= self.limit - 1:
+                self.overflow += 1
+                return self.BASE + self.limit - 1
             i = self.BASE + len(self._addrs)
             self._ids[addr16] = i
             self._addrs.append(addr16)
@@ -89,6 +96,8 @@ class AddressBook:
         addr = int(addr)
         if self.BASE <= addr < self.BASE + len(self._addrs):
             return str(ipaddress.IPv6Address(self._addrs[addr - self.BASE]))
+        if addr == self.BASE + self.limit - 1:
+            return "::"  # the shared id of addresses beyond the cap
         return str(ipaddress.IPv4Address(addr))
 
 

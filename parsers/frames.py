@@ -78,6 +78,16 @@ class FrameBatch:
         o = int(self.offset[i])
         return self.buf[o : o + int(self.caplen[i])].tobytes()
 
+    def select(self, idx) -> "FrameBatch":
+        """The frames at ``idx`` (indices or a boolean mask), sharing this batch's buffer.
+
+        ``first_frame`` is kept, so frame numbers of a selection are not contiguous: use the
+        source's numbering (``frame_number``) before selecting when it matters.
+        """
+        return FrameBatch(buf=self.buf, ts=self.ts[idx], offset=self.offset[idx], caplen=self.caplen[idx],
+                          wirelen=self.wirelen[idx], linktype=self.linktype[idx], iface=self.iface[idx],
+                          first_frame=self.first_frame, notes=dict(self.notes))
+
     @classmethod
     def empty(cls) -> "FrameBatch":
         return cls.from_frames([], ts=[], linktype=LINKTYPE_ETHERNET)

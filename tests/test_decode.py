@@ -25,7 +25,7 @@ TCP6 = IPv6(src="fe80::1", dst="2001:db8::2") / TCP(sport=2404, dport=50000, fla
 
 
 def one(frame: bytes, linktype=1, book=None):
-    return decode(FrameBatch.from_frames([frame], ts=[0], linktype=linktype), book or AddressBook())
+    return decode(FrameBatch.from_frames([frame], ts=[0], linktype=linktype), book if book is not None else AddressBook())
 
 
 def l4_of(pkt):
@@ -151,3 +151,10 @@ def test_mixed_batch_matches_per_frame_decode():
             assert d.skip[i] == SKIP_OTHER_L4
         else:
             check(d, p, book, i)
+
+
+def test_address_book_is_bounded():
+    book = AddressBook(limit=4)
+    ids = [book.intern(bytes([0] * 15 + [i])) for i in range(10)]
+    assert len(set(ids)) == 4 and len(book) == 3 and book.overflow == 7
+    assert book.format(ids[1]) == "::1" and book.format(ids[-1]) == "::"
