@@ -29,6 +29,7 @@ class AlertManager:
         self.max_open = max_open
         self.keep = keep
         self.open: dict[tuple, Alert] = {}
+        self.hold_ns: dict[tuple, int] = {}  # per open incident: cool-down when longer than the default
         self.alerts: list[Alert] = []  # every incident, newest last (bounded by ``keep``)
         self.suppressed = 0
 
@@ -37,6 +38,8 @@ class AlertManager:
         for f in findings:
             key = (f.rule, f.entity)
             a = self.open.get(key)
+            if f.hold_s:
+                self.hold_ns[key] = max(self.hold_ns.get(key, 0), int(f.hold_s * 1e9))
             if a is not None:
                 a.count += f.count
                 a.first_ts = min(a.first_ts, f.first_ts)
@@ -64,9 +67,10 @@ class AlertManager:
 
     def expire(self, now_ns: int) -> list[Alert]:
         """Close incidents quiet for the cool-down; returns them (final count and last seen)."""
-        done = [k for k, a in self.open.items() if now_ns - a.last_ts > self.cooldown_ns]
+        done = [k for k, a in self.open.items() if now_ns - a.last_ts > max(self.cooldown_ns, self.hold_ns.get(k, 0))]
         out = []
         for k in done:
+            self.hold_ns.pop(k, None)
             a = self.open.pop(k)
             a.status = "closed"
             out.append(a)
@@ -77,4 +81,5 @@ class AlertManager:
         for a in out:
             a.status = "closed"
         self.open.clear()
+        self.hold_ns.clear()
         return out

@@ -105,8 +105,10 @@ class CycleModel:
                 continue
             med = float(np.median(g))
             jit = float(1.4826 * np.median(np.abs(g - med)))
-            # regular: most gaps close to the period (pipelined requests give a few short gaps)
-            if med > 0 and np.mean(np.abs(g - med) <= max(0.25 * med, 3 * jit)) >= 0.8:
+            # regular: most gaps within a quarter period of the period (pipelined requests give a few
+            # short gaps); the jitter does not widen this, or any spread of gaps would look regular
+            # (a DNP3 CONFIRM follows event responses, not a timer)
+            if med > 0 and np.mean(np.abs(g - med) <= 0.25 * med) >= 0.8:
                 self.period[key] = (med, jit, float(g.max()))
         self.gaps = {}
         lat = np.asarray(self.latency_learn)

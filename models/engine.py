@@ -155,11 +155,11 @@ class DetectionEngine:
         self.cycle.learn(EventBatch.empty(), fb)
         self._learn_windows(fb)
         self.allowlist.finish_learning()
-        self.process_model.finish_learning()
         Xl = np.concatenate(self.learn_X) if self.learn_X else np.empty((0, len(FEATURE_NAMES)))
         hours = max(((self.learned_to or 0) - (self.learned_from or 0)) / NS / 3600, 1 / 60)
         budget = self.alerts_per_hour * hours / max(Xl.shape[0], 1)  # fraction of windows allowed over
         self.budget = budget
+        self.process_model.finish_learning(budget)
         self.cycle.finish_learning(budget)
         self._fit_ml(Xl, budget)
         self.mode = "monitor"

@@ -295,6 +295,7 @@ FEATURE_WORDS = {
 }
 F = {name: i for i, name in enumerate(FEATURE_NAMES)}
 RATE_LAMBDAS = (5.0, 1.0, 0.1, 0.01)
+SESSION_GAP_S = 100.0  # 10 half-lives of the slowest iat statistic (lambda 0.1)
 _SEQ_REASONS = (REASON_SEQ_GAP, REASON_SEQ_REPEAT, REASON_BAD_CRC, REASON_GAP)
 
 
@@ -452,7 +453,9 @@ class WindowFeatures:
         return fb.select(order)
 
     def _iat(self, chan: np.ndarray, ts: np.ndarray) -> np.ndarray:
-        """Seconds since the previous PDU of the same channel (across batches); NaN for a channel's first."""
+        """Seconds since the previous PDU of the same channel (across batches); NaN for a channel's first
+        and after an idle gap over ``SESSION_GAP_S`` (a new session: how long a client stayed away is
+        its visiting schedule, not the timing of its conversation, and would swamp the ~10 s stats)."""
         order = np.lexsort((ts, chan))
         c, t = chan[order], ts[order]
         same = np.r_[False, c[1:] == c[:-1]]
@@ -466,6 +469,7 @@ class WindowFeatures:
         s = self.last_ts.slots(c[last], float(t[last].max()) / NS)
         ok = s >= 0
         self.last_ts_value[s[ok]] = t[last][ok]
+        iat[iat > SESSION_GAP_S] = np.nan
         out = np.empty_like(iat)
         out[order] = iat
         return out

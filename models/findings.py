@@ -43,6 +43,7 @@ class Finding:
     provisional: bool = False
     sport: int | None = None
     dport: int | None = None
+    hold_s: float = 0.0  # keep the incident open at least this long without findings (slow polls)
 
 
 def ip_text(addr) -> str:

@@ -41,7 +41,9 @@ from parsers.events import DIR_REQUEST, KIND_POINT, PROTO_DNP3, PROTO_IEC104, Ev
 from .features import NS, KeyTable, hash_columns
 from .findings import Finding, ip_text, protocol_text
 
-STATS = ("count", "min", "max", "max_rate", "max_run", "changes", "decreases", "max_still_s")
+STATS = ("count", "min", "max", "max_rate", "max_run", "changes", "decreases", "max_still_s", "span0", "min_step",
+         "sum_step")
+REL_ANALOG, REL_STEP = 0.01, 0.05  # range tolerance as a fraction of the level (see the module doc)
 
 
 # DNP3 groups that report the same point (IEEE 1815-2012 Table 9): static, event and command
@@ -79,6 +81,7 @@ class PointTable:
         self.s = {k: np.zeros(capacity) for k in STATS}
         self.s["min"][:] = np.inf
         self.s["max"][:] = -np.inf
+        self.s["min_step"][:] = np.inf
         self.last_value = np.full(capacity, np.nan)
         self.last_ts = np.zeros(capacity, np.int64)
         self.run = np.zeros(capacity)  # current run of identical values
@@ -90,6 +93,7 @@ class PointTable:
             self.s[k][slots] = 0.0
         self.s["min"][slots] = np.inf
         self.s["max"][slots] = -np.inf
+        self.s["min_step"][slots] = np.inf
         self.last_value[slots] = np.nan
         self.run[slots] = 0
         self.run_t0[slots] = 0
@@ -125,6 +129,13 @@ class PointTable:
         run = (np.arange(n) - run_start[seg]) + 1 + base[seg]
         t0 = np.where(same[run_start] & first[run_start], self.run_t0[sl[run_start]], ts[run_start])
         still = (ts - t0[seg]) / NS  # seconds the value has not changed
+        # seconds since the value before this row appeared: for a repeated value the same as ``still``,
+        # for a changed one how long the previous value lasted (its learned maximum is the longest time
+        # the point went without a change, which a sparse poll makes at least the poll interval)
+        prev_run_t0 = np.empty(n, np.int64)
+        prev_run_t0[1:] = t0[seg][:-1]
+        prev_run_t0[first] = np.where(self.last_ts[sl[first]] > 0, self.run_t0[sl[first]], ts[first])
+        since = np.where(same, still, (ts - prev_run_t0) / NS)
         if learn and ok.any():
             s = self.s
             fin = ~np.isnan(value) & ok
@@ -134,8 +145,11 @@ class PointTable:
             has_prev = fin & ~np.isnan(prev_v)
             np.maximum.at(s["max_rate"], slot[has_prev], rate[has_prev])
             np.maximum.at(s["max_run"], slot[fin], run[fin])
-            np.maximum.at(s["max_still_s"], slot[fin], still[fin])
+            np.maximum.at(s["max_still_s"], slot[has_prev], since[has_prev])
             np.add.at(s["changes"], slot[has_prev & ~same], 1)
+            step = np.abs(dv)
+            np.minimum.at(s["min_step"], slot[has_prev & ~same], step[has_prev & ~same])
+            np.add.at(s["sum_step"], slot[has_prev], step[has_prev])
             np.add.at(s["decreases"], slot[has_prev & (dv < 0)], 1)
         last = np.r_[starts[1:], n] - 1
         good = slots >= 0
@@ -143,16 +157,17 @@ class PointTable:
         self.last_ts[slots[good]] = ts[last][good]
         self.run[slots[good]] = run[last][good]
         self.run_t0[slots[good]] = (ts[last] - (still[last] * NS).astype(np.int64))[good]
-        return rate, run, still, slot
+        return rate, run, since, slot, dt
 
 
 class ProcessModel:
     name = "process"
 
-    def __init__(self, capacity: int = 100_000, min_count: int = 20):
+    def __init__(self, capacity: int = 100_000, min_count: int = 20, stuck_alpha: float = 1e-5):
         self.points = PointTable(capacity)
         self.roles = PointTable(capacity)
         self.min_count = min_count
+        self.stuck_alpha = stuck_alpha
         self.learning = True
         self.info: dict[int, dict] = {}
 
@@ -173,7 +188,14 @@ class ProcessModel:
         ro = np.lexsort((ev.ts, role))
         self.roles.update(role[ro], ev.ts[ro], ev.value[ro], learn=True)
 
-    def finish_learning(self) -> None:
+    def finish_learning(self, budget: float | None = None) -> None:
+        """Freeze the range tolerances (``span0``); ``budget`` is the false-alarm probability per
+        sample the stuck test may spend (the engine passes its per-window budget)."""
+        for t in (self.points, self.roles):
+            s = t.s
+            s["span0"] = np.where(s["count"] > 0, s["max"] - s["min"], 0.0)
+        if budget is not None:
+            self.stuck_alpha = float(min(max(budget, 1e-9), 0.01))
         self.learning = False
 
     def _limits(self, tbl: PointTable, slot):
@@ -186,9 +208,9 @@ class ProcessModel:
         if p is None:
             return []
         ev, server, key, role = p
-        rate, run, still, slot = self.points.update(key, ev.ts, ev.value, learn=False)
+        rate, run, still, slot, dt = self.points.update(key, ev.ts, ev.value, learn=False)
         ro = np.lexsort((ev.ts, role))
-        _, _, _, rslot_sorted = self.roles.update(role[ro], ev.ts[ro], ev.value[ro], learn=False)
+        _, _, _, rslot_sorted, _ = self.roles.update(role[ro], ev.ts[ro], ev.value[ro], learn=False)
         rslot = np.empty_like(rslot_sorted)
         rslot[ro] = rslot_sorted
         ps, pknown = self._limits(self.points, slot)
@@ -197,25 +219,62 @@ class ProcessModel:
         # feeders); a written value also against what was written to the same point on siblings
         own = pknown & (ps["count"] >= self.min_count)
         written = ev.direction == DIR_REQUEST
-        borrow = written & rknown
+        own_step = own & (ps["changes"] < 0.5 * np.maximum(ps["count"] - 1, 1))
+        # a written value, or a step value (a setpoint register read back), is also judged against the
+        # same point on sibling devices: operators move setpoints of one kind within one band
+        borrow = (written | own_step) & rknown
         use = {k: np.where(own, ps[k], rs[k]) for k in STATS}
         use["min"] = np.where(borrow, np.minimum(np.where(pknown, ps["min"], np.inf), rs["min"]), use["min"])
         use["max"] = np.where(borrow, np.maximum(np.where(pknown, ps["max"], -np.inf), rs["max"]), use["max"])
+        use["span0"] = np.where(borrow, np.maximum(use["span0"], use["max"] - use["min"]), use["span0"])
         known = own | borrow
         v = ev.value
-        span = use["max"] - use["min"]
-        # tolerance: the learned span again, or 1% of the level (slow drifts, integer steps)
-        margin = np.maximum(span, 0.01 * np.abs(use["max"] + use["min"]) / 2)
-        counter = (use["decreases"] == 0) & (use["changes"] > 0)
+        pairs = np.maximum(use["count"] - 1, 1)
+        # analog measurements change at almost every sample; setpoints, limits and breakers hold their
+        # value between operator actions (steps).  Written values are operator actions too.
+        analog = (use["changes"] >= 0.5 * pairs) & ~written
+        level = np.abs(use["max"] + use["min"]) / 2
+        # tolerance: the span learned while learning, or a fraction of the level: 1 % for a measurement
+        # (noise, slow drift), 5 % for a step value (an operator moves a setpoint within a band a short
+        # baseline has not seen all of; a manipulation is a move far beyond it)
+        margin = np.maximum(use["span0"], np.where(analog, REL_ANALOG, REL_STEP) * level)
+        # a counter rises at almost every sample and never falls; a 16-bit register holding a counter's
+        # low word wraps from the top half of its range to the bottom (Modbus registers are 16 bits)
+        counter = (use["decreases"] == 0) & analog
+        wraps = counter & (use["max"] >= 32768) & (use["max"] < 65536) & (v < 32768)
         too_high = (v > use["max"] + margin) & ~counter
-        too_low = v < use["min"] - margin
+        too_low = (v < use["min"] - margin) & ~wraps
         oor = known & (too_high | too_low)
-        fast = known & own & ~oor & (rate > 3 * use["max_rate"]) & (rate > 0) & \
+        # a rate only means something for a measurement sampled on a cycle (a step's rate depends on
+        # how close the next poll happens to follow the operator's command)
+        fast = known & own & analog & ~oor & ~wraps & (rate > 3 * use["max_rate"]) & (rate > 0) & \
             (np.abs(rate) > margin) & (ps["changes"] > 0)
-        changing = own & (ps["changes"] >= 0.5 * ps["count"])
-        stuck_limit = np.maximum(2 * ps["max_run"], ps["max_run"] + 3)
-        still_limit = np.maximum(2 * ps["max_still_s"], ps["max_still_s"] + 10)
-        stuck = changing & (run >= 2) & ((run > stuck_limit) | (still > still_limit)) & ~oor
+        # stuck: a measurement that used to change repeats the same value so many times in a row that
+        # the learned chance of a repeat, p0 ** (run - 1), falls below the per-sample budget; or goes
+        # without any change for twice the longest time it ever did while learning
+        changing = own & analog
+        # the chance that the next sample repeats the last one: the repeats seen while learning; when
+        # there were none, at most 1/2 in (samples + 1), and no more than the value's resolution (its
+        # smallest change) against the spread of its changes (a float measurement never repeats)
+        repeats = pairs - ps["changes"]
+        mean_step = ps["sum_step"] / pairs
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p_res = np.where(np.isfinite(ps["min_step"]) & (mean_step > 0), ps["min_step"] / (2 * mean_step), 1.0)
+        p0 = np.where(repeats > 0, (repeats + 0.5) / (pairs + 1), np.minimum(0.5 / (pairs + 1), p_res))
+        with np.errstate(divide="ignore"):
+            need = 1 + np.ceil(np.log(self.stuck_alpha) / np.log(np.clip(p0, 1e-12, 0.999)))
+        stuck_limit = np.maximum(need, ps["max_run"] + 1)
+        still_limit = 2 * ps["max_still_s"]
+        # (a repeat must span time: the same sample sent twice at once, as a spontaneous report and an
+        # interrogation answer, is no evidence)
+        stuck = changing & (run >= 2) & (still >= 1.0) & ((run >= stuck_limit) | ((still > still_limit) & (still_limit > 0))) & ~oor
+        # the range follows slow drift: accepted values of a point widen its own range (the tolerance
+        # stays the one frozen at the end of learning, so the range moves at most a margin per sample
+        # and only with values that also pass the rate test)
+        follow = own & ~oor & ~fast & (slot >= 0)
+        if follow.any():
+            np.minimum.at(self.points.s["min"], slot[follow], v[follow])
+            np.maximum.at(self.points.s["max"], slot[follow], v[follow])
         new = ~pknown & ~rknown
         out = []
         for rule, mask, sev, tech in (("out_of_range", oor, "high", "T0836"), ("fast_change", fast, "medium", "T0836"),
@@ -228,7 +287,11 @@ class ProcessModel:
             uk, first = np.unique(gk, return_index=True)
             for j, r in enumerate(rows[first].tolist()):
                 rr = rows[gk == uk[j]]
-                out.append(self._finding(rule, sev, tech, ev, server, rr, r, use, stuck_limit, margin, rate, run, still))
+                f = self._finding(rule, sev, tech, ev, server, rr, r, use, stuck_limit, margin, rate, run, still)
+                # a state that persists (an open breaker, a frozen value) is reported at every poll: the
+                # incident stays open for two sampling intervals of the point, however slow its poll
+                f.hold_s = 2.0 * float(np.max(dt[rr]))
+                out.append(f)
         return out
 
     def _finding(self, rule, sev, tech, ev, server, rows, r, use, stuck_limit, margin, rate, run, still) -> Finding:
@@ -245,7 +308,7 @@ class ProcessModel:
         verb = f"{ip_text(peer)} wrote" if written else f"{srv} reported"
         lo, hi = float(use["min"][r]), float(use["max"][r])
         if rule == "out_of_range":
-            msg = f"{verb} {v:g} for {where}; the baseline range is {lo:g} to {hi:g}"
+            msg = f"{verb} {v:g} for {where}; the accepted range is {lo:g} to {hi:g} (tolerance {float(margin[r]):.3g})"
             if written:
                 sev = "critical" if abs(v - (lo + hi) / 2) > 2 * max(hi - lo, 1e-9) else "high"
         elif rule == "fast_change":
@@ -254,8 +317,9 @@ class ProcessModel:
         elif rule == "stuck":
             rmax = int(rows.shape[0] and run[rows].max())
             msg = (f"{where} has reported the same value {v:g} {rmax} times in a row for {float(still[r]):.0f} s; "
-                   f"during the baseline it changed at least every {int(use['max_run'][r])} samples and "
-                   f"{float(use['max_still_s'][r]):.0f} s (frozen or spoofed measurement)")
+                   f"during the baseline it repeated a value at most {int(use['max_run'][r])} times in a row and "
+                   f"never went more than {float(use['max_still_s'][r]):.0f} s without a change "
+                   "(frozen or spoofed measurement)")
         else:
             msg = f"{verb} {v:g} for {where}, a point never seen during the baseline"
         return Finding(
@@ -279,16 +343,20 @@ class ProcessModel:
             arrays[f"process.{name}.keys"] = t.table.slot_key[used]
             for k in STATS:
                 arrays[f"process.{name}.{k}"] = t.s[k][used]
-        return arrays, {"capacity": self.points.table.capacity, "min_count": self.min_count}
+        return arrays, {"capacity": self.points.table.capacity, "min_count": self.min_count,
+                        "stuck_alpha": self.stuck_alpha}
 
     @classmethod
     def from_state(cls, arrays, meta) -> "ProcessModel":
-        m = cls(capacity=meta["capacity"], min_count=meta["min_count"])
+        m = cls(capacity=meta["capacity"], min_count=meta["min_count"], stuck_alpha=meta.get("stuck_alpha", 1e-5))
         for name, t in (("points", m.points), ("roles", m.roles)):
             keys = np.asarray(arrays[f"process.{name}.keys"], np.int64)
             if keys.shape[0]:
                 slots = t.table.slots(keys, 0.0)
                 for k in STATS:
-                    t.s[k][slots] = arrays[f"process.{name}.{k}"]
+                    got = arrays.get(f"process.{name}.{k}")
+                    if got is None and k == "span0":  # a state saved before span0 existed
+                        got = np.asarray(arrays[f"process.{name}.max"]) - np.asarray(arrays[f"process.{name}.min"])
+                    t.s[k][slots] = got
         m.learning = False
         return m

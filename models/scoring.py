@@ -4,14 +4,26 @@ Labels are the simulator's CSV (``start_ts,end_ts,scenario,src,dst,protocol,desc
 columns ignored, ``protocol`` optional).  A label covers every event between its hosts (either
 direction; empty ``dst``: every event to or from ``src``) inside its interval.
 
-- An alert *matches* a scenario when its time span meets ``[start, end + grace_s]`` (attacks leave
-  effects: an opened breaker, a silenced PLC) and one of its hosts is one of the label's hosts.
-- A scenario is *detected* when some alert matches it; time to detect = first matching alert's
-  ``first_ts`` minus the label start (0 when the alert started before).
-- A *false alert* matches no scenario; false alerts per hour divide by the monitored time outside
-  the labelled intervals (plus grace).
-- Event level: an event (PDU row) is *predicted* when an alert with one of its hosts spans its time;
-  precision/recall/F1 of predicted against labelled PDU rows of the monitored part.
+The matching rule (stated in docs/detection.md, "How alerts are scored"):
+
+- **Time**: an alert can belong to an attack only if it *opened* inside ``[start - pre_s, end +
+  grace_s]`` (``pre_s`` = 1 s, ``grace_s`` = 30 s by default: attacks leave effects for a while,
+  such as a silenced PLC).  An incident opened long before the attack does not count, even if the
+  attack's findings later merged into it.
+- **Hosts**: an attack from an *outsider* (a ``src`` never seen while learning: the attacker)
+  matches alerts that name that host (source, destination, or the servers of a new-talker alert).
+  An attack from an *insider* (``src`` already talking while learning: the legitimate master
+  writing a bad setpoint, a relay in the middle of the real conversation, an outstation reporting
+  spoofed values) matches only alerts on the exact ``src``/``dst`` pair (either direction).  An
+  alert that merely involves the SCADA master, which talks to everyone, does not match.
+- A scenario is *detected* when some alert matches it; time to detect = the first matching alert's
+  ``first_ts`` minus the label start (0 when it opened up to ``pre_s`` before).
+- An alert that matches no scenario but opened in an attack's time window on the attacked device
+  (``dst``) is an *effect* (an opened breaker seen in the next poll, a restarted device falling
+  silent): it neither detects the attack nor counts as false.  Every other alert is *false*; false
+  alerts per hour divide by the monitored time outside the labelled intervals (plus grace).
+- Event level: an event (PDU row) is *predicted* when an alert on its host pair (or host) spans its
+  time; precision/recall/F1 of predicted against labelled PDU rows of the monitored part.
 
 >>> labels = [Label(10.0, 20.0, "flood", "10.0.0.66", "10.0.0.1", "modbus")]
 >>> from models.alerts import Alert
@@ -19,6 +31,10 @@ direction; empty ``dst``: every event to or from ``src``) inside its interval.
 >>> r = score_alerts([a], labels, monitor_start_s=0.0, monitor_end_s=3600.0)
 >>> r["scenarios"][0]["detected"], r["scenarios"][0]["time_to_detect_s"], r["false_alerts"]
 (True, 2.0, 0)
+>>> master = Label(10.0, 20.0, "setpoint_manipulation", "10.0.0.10", "10.0.0.2", insider=True)
+>>> other = Alert("r", "cycle", "medium", 12 * 10**9, 15 * 10**9, "10.0.0.10", "10.0.0.3", "modbus", "e", "m")
+>>> matches(other, master, 30.0), matches(a, master, 30.0)
+(False, False)
 """
 
 from __future__ import annotations
@@ -41,6 +57,7 @@ class Label:
     dst: str
     protocol: str = ""
     description: str = ""
+    insider: bool | None = None  # src already talking while learning; None: decided by the scenario name
 
     def hosts(self) -> set:
         return {h for h in (self.src, self.dst) if h}
@@ -62,16 +79,47 @@ def _alert_hosts(a) -> set:
     return hosts
 
 
-def matches(a, lab: Label, grace_s: float) -> bool:
-    t0, t1 = a.first_ts / 1e9, a.last_ts / 1e9
-    if t1 < lab.start_ts or t0 > lab.end_ts + grace_s:
+# Scenarios the simulator runs from hosts of the plant itself (docs/simulator.md), used only when the
+# scorer is not given the events to tell insiders from outsiders.
+INSIDER_SCENARIOS = {"setpoint_manipulation", "mitm", "measurement_spoofing"}
+
+
+def is_insider(lab: Label) -> bool:
+    return lab.insider if lab.insider is not None else lab.scenario in INSIDER_SCENARIOS
+
+
+def in_window(a, lab: Label, grace_s: float, pre_s: float = 1.0) -> bool:
+    t0 = a.first_ts / 1e9
+    return lab.start_ts - pre_s <= t0 <= lab.end_ts + grace_s
+
+
+def matches(a, lab: Label, grace_s: float, pre_s: float = 1.0) -> bool:
+    """The alert opened in the attack's window and names the attack's own hosts (see module doc)."""
+    if not in_window(a, lab, grace_s, pre_s):
         return False
-    hosts = _alert_hosts(a)
-    return lab.src in hosts or (bool(lab.dst) and lab.dst in hosts)
+    if is_insider(lab) and lab.dst:
+        return {a.src, a.dst} == {lab.src, lab.dst}
+    return lab.src in _alert_hosts(a)
+
+
+def is_effect(a, lab: Label, grace_s: float, pre_s: float = 1.0) -> bool:
+    """An alert on the attacked device inside the attack's window (not a detection, not false)."""
+    return bool(lab.dst) and in_window(a, lab, grace_s, pre_s) and lab.dst in _alert_hosts(a)
+
+
+def mark_insiders(labels, events: EventBatch, learn_end_s: float) -> None:
+    """``insider`` = the label's source host sent or received PDUs before ``learn_end_s``."""
+    ev = events.select((events.kind == KIND_PDU) & (events.ts < int(learn_end_s * 1e9)))
+    seen = np.union1d(np.unique(ev.src), np.unique(ev.dst)).astype(np.int64)
+    for lab in labels:
+        ids = _host_ids([lab.src])
+        lab.insider = bool(ids.shape[0]) and bool(np.isin(ids, seen).all())
 
 
 def score_alerts(alerts, labels, monitor_start_s: float, monitor_end_s: float, grace_s: float = 30.0,
                  events: EventBatch | None = None) -> dict:
+    if events is not None:
+        mark_insiders(labels, events, monitor_start_s)
     scenarios = []
     matched = set()
     for lab in labels:
@@ -83,8 +131,10 @@ def score_alerts(alerts, labels, monitor_start_s: float, monitor_end_s: float, g
             "protocol": lab.protocol, "detected": bool(hits),
             "time_to_detect_s": None if first is None else round(max(first / 1e9 - lab.start_ts, 0.0), 6),
             "alerts": len(hits), "rules": sorted({a.rule for a in hits}),
-            "monitored": lab.start_ts >= monitor_start_s,
+            "monitored": lab.start_ts >= monitor_start_s, "insider": is_insider(lab),
         })
+    effects = [a for a in alerts if id(a) not in matched and any(is_effect(a, lab, grace_s) for lab in labels)]
+    matched.update(id(a) for a in effects)
     false = [a for a in alerts if id(a) not in matched]
     # benign monitored time: the monitoring span minus the labelled intervals (with grace)
     attack = 0.0
@@ -96,9 +146,13 @@ def score_alerts(alerts, labels, monitor_start_s: float, monitor_end_s: float, g
         "scenarios": scenarios,
         "false_alerts_per_hour": round(len(false) / benign_h, 3) if benign_h > 0 else None,
         "false_alerts": len(false),
+        "effect_alerts": len(effects),
+        "grace_s": grace_s,
         "benign_hours": round(benign_h, 4),
         "alerts": len(alerts),
         "false_alert_rules": _count(a.rule for a in false),
+        "false_alert_list": [{"rule": a.rule, "severity": a.severity, "entity": a.entity, "first_ts": a.first_ts / 1e9,
+                              "provisional": a.provisional, "message": a.message} for a in false[:100]],
     }
     ttd = [s["time_to_detect_s"] for s in scenarios if s["detected"]]
     out["median_time_to_detect_s"] = float(np.median(ttd)) if ttd else None
@@ -163,4 +217,5 @@ def event_metrics(alerts, labels, events: EventBatch, monitor_start_s: float) ->
             "events": {"tp": tp, "fp": fp, "fn": fn, "total": n}}
 
 
-__all__ = ["Label", "read_labels", "score_alerts", "event_metrics", "matches", "format_ipv4"]
+__all__ = ["Label", "read_labels", "score_alerts", "event_metrics", "matches", "is_effect", "mark_insiders",
+           "format_ipv4"]
