@@ -42,7 +42,6 @@ def main(argv):
     step = 1000  # about one ring block of ICS traffic
     c0, w0 = time.process_time(), time.perf_counter()
     for lo in range(0, n, step):
-        import numpy as np
 
         idx = range(lo, min(n, lo + step))
         part = FrameBatch.from_frames([batch.frame(i) for i in idx], ts=batch.ts[lo:lo + step].tolist())

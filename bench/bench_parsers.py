@@ -30,14 +30,12 @@ import csv
 import json
 import resource
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from agent.pipeline import Pipeline, parse_file  # noqa: E402
 from parsers.dnp3 import Dnp3Parser  # noqa: E402
 from parsers.events import (  # noqa: E402
-    EVENT_DTYPE, KIND_PDU, PROTO_DNP3, PROTO_IEC104, PROTO_MODBUS, EventBuilder,
+    KIND_PDU, PROTO_DNP3, PROTO_IEC104, PROTO_MODBUS, EventBuilder,
 )
 from parsers.iec104 import Iec104Parser  # noqa: E402
 from parsers.modbus import ModbusParser  # noqa: E402
@@ -62,41 +60,6 @@ PROTOCOLS = {
 }
 
 
-#: one EVENT_DTYPE record as packed bytes (native order, no padding, like the NumPy dtype)
-ROW = struct.Struct("=qqBIIHHIBBBqhihiiiiqihhdii??BB")
-assert ROW.size == EVENT_DTYPE.itemsize
-
-
-class ProposedEventBuilder(EventBuilder):
-    """The change to ``parsers.events.EventBuilder`` this benchmark argues for (``--builder proposed``).
-
-    Same rows, same API; only the conversion differs.  ``np.array(list_of_tuples, EVENT_DTYPE)``
-    costs about 1 us per 30-field row and ``np.concatenate`` of structured arrays about 25 us per
-    block (NumPy 2.4 promotes the field dtypes array by array); packing each tuple with one
-    precompiled ``struct`` and joining bytes does the same work in a fraction of that.  A value
-    ``struct`` refuses (a float in an integer column, an out-of-range integer) falls back to
-    ``np.array``, which then converts or raises exactly as before.
-    """
-
-    def _flush_rows(self) -> None:
-        if self._rows:
-            pack = ROW.pack
-            try:
-                block = np.frombuffer(bytearray(b"".join([pack(*r) for r in self._rows])), dtype=EVENT_DTYPE)
-            except struct.error:
-                block = np.array(self._rows, dtype=EVENT_DTYPE)
-            self._blocks.append(block)
-            self._rows = []
-
-    def build(self):
-        if len(self._blocks) > 1:
-            self._flush_rows()
-            joined = bytearray(b"".join([b.tobytes() for b in self._blocks]))
-            self._blocks = [np.frombuffer(joined, dtype=EVENT_DTYPE)]
-        return super().build()
-
-
-BUILDERS = {"stock": EventBuilder, "proposed": ProposedEventBuilder}
 
 
 class _Recorder:
@@ -122,11 +85,11 @@ def record(path: Path) -> list:
     return log
 
 
-def time_parser(parser_class, items: list, repeat: int, builder=EventBuilder) -> tuple[float, int, int]:
+def time_parser(parser_class, items: list, repeat: int) -> tuple[float, int, int]:
     """Best CPU time of feeding ``items`` to a fresh parser and building the batch; PDUs, points."""
     best, pdus, points = float("inf"), 0, 0
     for _ in range(repeat):
-        parser, out = parser_class(), builder()
+        parser, out = parser_class(), EventBuilder()
         feed, close = parser.feed, parser.close
         t0 = time.process_time()
         for item in items:
@@ -185,9 +148,6 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--capture", action="append", default=[], metavar="PROTO=FILE",
                     help="use FILE instead of the default inputs of PROTO (repeatable)")
-    ap.add_argument("--builder", choices=("stock", "proposed", "both"), default="both",
-                    help="EventBuilder to time: parsers.events' own, the proposed faster conversion "
-                         "(ProposedEventBuilder above) or both (default)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args(argv)
     names = [n for n in args.protocols.split(",") if n]
@@ -211,21 +171,20 @@ def main(argv=None) -> int:
             for path in inputs:
                 items = [item for proto, item in record(path) if proto == code]
                 tshark = time_tshark(path, name, args.tshark_repeat) if has_tshark else None
-                for bname in (("stock", "proposed") if args.builder == "both" else (args.builder,)):
-                    secs, pdus, points = time_parser(parser_class, items, args.repeat, BUILDERS[bname])
-                    row = {"protocol": name, "capture": path.name, "builder": bname,
-                           "chunks": sum(not isinstance(i, int) for i in items), "pdus": pdus, "points": points,
-                           "seconds": secs, "pdus_per_s": pdus / secs if secs else 0.0,
-                           "points_per_s": points / secs if secs else 0.0,
-                           "tshark_pdus": None, "tshark_seconds": None, "tshark_pdus_per_s": None, "ratio": None}
-                    if tshark is not None:
-                        tsecs, tpdus = tshark
-                        row.update(tshark_pdus=tpdus, tshark_seconds=tsecs, tshark_pdus_per_s=tpdus / tsecs)
-                        if tpdus:
-                            row["ratio"] = row["pdus_per_s"] / row["tshark_pdus_per_s"]
-                    results.append(row)
-                    if not args.json:
-                        _print_row(row, header=len(results) == 1)
+                secs, pdus, points = time_parser(parser_class, items, args.repeat)
+                row = {"protocol": name, "capture": path.name,
+                       "chunks": sum(not isinstance(i, int) for i in items), "pdus": pdus, "points": points,
+                       "seconds": secs, "pdus_per_s": pdus / secs if secs else 0.0,
+                       "points_per_s": points / secs if secs else 0.0,
+                       "tshark_pdus": None, "tshark_seconds": None, "tshark_pdus_per_s": None, "ratio": None}
+                if tshark is not None:
+                    tsecs, tpdus = tshark
+                    row.update(tshark_pdus=tpdus, tshark_seconds=tsecs, tshark_pdus_per_s=tpdus / tsecs)
+                    if tpdus:
+                        row["ratio"] = row["pdus_per_s"] / row["tshark_pdus_per_s"]
+                results.append(row)
+                if not args.json:
+                    _print_row(row, header=len(results) == 1)
     if args.json:
         print(json.dumps(results, indent=1))
     return 0
@@ -233,11 +192,11 @@ def main(argv=None) -> int:
 
 def _print_row(r: dict, header: bool) -> None:
     if header:
-        print(f"{'protocol':8s} {'capture':30s} {'builder':8s} {'PDUs':>7s} {'points':>8s} {'PDUs/s':>10s} {'points/s':>10s} "
+        print(f"{'protocol':8s} {'capture':30s} {'PDUs':>7s} {'points':>8s} {'PDUs/s':>10s} {'points/s':>10s} "
               f"{'tshark PDUs':>11s} {'tshark s':>8s} {'tshark PDUs/s':>13s} {'ratio':>7s}")
     ts = "-" if r["tshark_pdus_per_s"] is None else f"{r['tshark_pdus_per_s']:13,.0f}"
     ratio = "-" if r["ratio"] is None else f"{r['ratio']:6.1f}x"
-    print(f"{r['protocol']:8s} {r['capture'][:30]:30s} {r['builder']:8s} {r['pdus']:7d} {r['points']:8d} {r['pdus_per_s']:10,.0f} "
+    print(f"{r['protocol']:8s} {r['capture'][:30]:30s} {r['pdus']:7d} {r['points']:8d} {r['pdus_per_s']:10,.0f} "
           f"{r['points_per_s']:10,.0f} {r['tshark_pdus'] if r['tshark_pdus'] is not None else '-':>11} "
           f"{r['tshark_seconds'] or 0:8.2f} {ts} {ratio:>7s}", flush=True)
 

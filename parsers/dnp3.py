@@ -96,14 +96,8 @@ def _pdu_row(out: EventBuilder, ctx, direction, function, sub, unit, peer, seq, 
              quality, length, is_write, is_control, status, reason) -> int:
     """``out.pdu(...)`` for one DNP3 PDU row, positional: appends the row tuple
     :meth:`EventBuilder.pdu` would append; a builder without a row list gets the public call."""
-    rows = getattr(out, "_rows", None)
-    if rows is None:
-        return out.pdu(ctx, PROTO_DNP3, function=function, direction=direction, subfunction=sub, unit=unit,
-                       peer_unit=peer, seq=seq, address=address, count=count, obj=obj, variation=variation,
-                       quality=quality, length=length, is_write=is_write, is_control=is_control, status=status,
-                       reason=reason)
-    pid = out.next_pdu_id
-    out.next_pdu_id = pid + 1
+    pid = out.take_pdu_id()
+    rows = out.rows
     rows.append((ctx.ts, ctx.frame, PROTO_DNP3, ctx.src, ctx.dst, ctx.sport, ctx.dport, ctx.flow, ctx.transport,
                  direction, KIND_PDU, pid, function, sub, -1, unit, peer, seq, -1, address, count, obj, variation,
                  _NAN, quality, length, is_write, is_control, status, reason))
@@ -365,8 +359,8 @@ class Dnp3Parser:
                        STATUS_OK if reason == REASON_NONE else STATUS_MALFORMED, reason)
         if not points:
             return
-        rows = getattr(out, "_rows", None)
-        if len(points) >= POINTS_BLOCK or rows is None:
+        rows = out.rows
+        if len(points) >= POINTS_BLOCK:
             groups, variations, indices, values, qualities = zip(*points)
             out.points(chunk, PROTO_DNP3, pid, function=fc, addresses=np.array(indices, dtype=np.int64),
                        values=np.array(values, dtype=np.float64), direction=direction, unit=unit, peer_unit=peer,

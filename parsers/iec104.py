@@ -184,14 +184,8 @@ def _pdu_row(out: EventBuilder, ctx, direction, function, sub, cause, unit, peer
              variation, length, is_write, is_control, status, reason) -> int:
     """``out.pdu(...)`` for one IEC 104 PDU row, positional: appends the row tuple
     :meth:`EventBuilder.pdu` would append; a builder without a row list gets the public call."""
-    rows = getattr(out, "_rows", None)
-    if rows is None:
-        return out.pdu(ctx, PROTO_IEC104, function=function, direction=direction, subfunction=sub, cause=cause,
-                       unit=unit, peer_unit=peer, seq=seq, ack=ack, address=address, count=count, obj=obj,
-                       variation=variation, length=length, is_write=is_write, is_control=is_control,
-                       status=status, reason=reason)
-    pid = out.next_pdu_id
-    out.next_pdu_id = pid + 1
+    pid = out.take_pdu_id()
+    rows = out.rows
     rows.append((ctx.ts, ctx.frame, PROTO_IEC104, ctx.src, ctx.dst, ctx.sport, ctx.dport, ctx.flow, ctx.transport,
                  direction, KIND_PDU, pid, function, sub, cause, unit, peer, seq, ack, address, count, obj,
                  variation, _NAN, -1, length, is_write, is_control, status, reason))
@@ -423,8 +417,8 @@ class Iec104Parser:
                        direction=direction, unit=ca, peer_unit=oa, obj=type_id, variation=sq, quality=qualities,
                        cause=cause, seq=ns, is_write=is_write, is_control=is_control)
             return
-        rows = getattr(out, "_rows", None)
-        if rows is None or nfit >= POINTS_BLOCK:  # long runs of the types not decoded as vectors
+        rows = out.rows
+        if nfit >= POINTS_BLOCK:  # long runs of the types not decoded as vectors
             self._points_block(data, body, nfit, sq, first_ioa, element, decode, pid, type_id, cause, ca, oa, ns,
                                is_write, is_control, ctx, direction, out)
             return

@@ -193,15 +193,10 @@ def _pdu_row(out: EventBuilder, ctx, direction: int, fc: int, sub: int, cause: i
     """``out.pdu(...)`` for one Modbus PDU row, positional and without keyword handling.
 
     Appends the same row tuple :meth:`EventBuilder.pdu` appends (see parsers.events) straight to
-    the builder's row list; a builder without one gets the public call.
+    the builder's public row list (EventBuilder.rows).
     """
-    rows = getattr(out, "_rows", None)
-    if rows is None:
-        return out.pdu(ctx, PROTO_MODBUS, function=fc, direction=direction, subfunction=sub, cause=cause,
-                       unit=unit, seq=tid, address=address, count=count, length=length, is_write=is_write,
-                       is_control=is_control, status=status, reason=reason)
-    pid = out.next_pdu_id
-    out.next_pdu_id = pid + 1
+    pid = out.take_pdu_id()
+    rows = out.rows
     rows.append((ctx.ts, ctx.frame, PROTO_MODBUS, ctx.src, ctx.dst, ctx.sport, ctx.dport, ctx.flow, ctx.transport,
                  direction, KIND_PDU, pid, fc, sub, cause, unit, -1, tid, -1, address, count, -1, -1, _NAN, -1,
                  length, is_write, is_control, status, reason))
@@ -217,8 +212,8 @@ def _point_rows(out: EventBuilder, ctx, pid: int, direction: int, fc: int, unit:
     n = len(values)
     if not n:
         return
-    rows = getattr(out, "_rows", None)
-    if n >= POINTS_BLOCK or rows is None:
+    rows = out.rows
+    if n >= POINTS_BLOCK:
         out.points(ctx, PROTO_MODBUS, pid, function=fc, direction=direction, unit=unit, obj=obj, seq=tid,
                    is_write=is_write, addresses=np.arange(first, first + n, dtype=np.int64),
                    values=np.asarray(values, dtype=np.float64))
