@@ -108,6 +108,10 @@ class Limits:
     capture_queue: int = _opt(64, "int", "frame batches waiting for processing; a full queue drops (and "
                               "counts) batches rather than stall capture", min=1, max=100_000)
     alert_queue: int = _opt(1024, "int", "alert batches waiting for export", min=1, max=1_000_000)
+    max_assets: int = _opt(4096, "int", "assets kept in the inventory; past it new ones are counted, not kept",
+                           min=16, max=10_000_000)
+    max_conversations: int = _opt(16384, "int", "conversations kept in the inventory; past it new ones are "
+                                  "counted, not kept", min=16, max=10_000_000)
 
 
 @dataclass

@@ -408,6 +408,7 @@ class Agent:
         self.alert_log = None
         self.engine = None
         self.pipeline = None
+        self.inventory = None
         self.loaded_from: Path | None = None
         self.last_checkpoint = 0.0
         self.checkpoints_written = 0
@@ -445,6 +446,25 @@ class Agent:
             self.loaded_from = where
             return eng
         return self.new_engine()
+
+    def load_inventory(self):
+        """The asset inventory saved beside the engine's state, or a new one."""
+        from models.inventory import InventoryLimits
+
+        from .inventory_stage import InventoryStage
+
+        lim = self.cfg.limits
+        limits = InventoryLimits(max_assets=lim.max_assets, max_conversations=lim.max_conversations)
+        if self.loaded_from is not None:
+            try:
+                stage = InventoryStage.load(self.loaded_from, self.pipeline, key=self.checkpoints.key, limits=limits)
+            except Exception as exc:  # noqa: BLE001 - a refused inventory is rebuilt from traffic
+                log.error("saved inventory in %s refused: %s; rebuilding it from traffic", self.loaded_from, exc,
+                          extra={"fields": {"event": "state_refused", "path": str(self.loaded_from)}})
+                stage = None
+            if stage is not None:
+                return stage
+        return InventoryStage(self.pipeline, limits)
 
     def open(self) -> None:
         """Everything that may need root: capture socket, metrics listener, files; then drop root."""
@@ -581,10 +601,14 @@ class Agent:
                     t0 = time.perf_counter()
                     events = self.pipeline.process(batch)
                     alerts = self.engine.process(events)
+                    alerts += self.inventory.observe(events, self.engine.mode)
                     self._after_batch(events, alerts, t0, q_out, next_health)
                 now = time.monotonic()
                 if now >= next_health:
                     next_health = now + 1.0
+                    counts = self.inventory.refresh()
+                    if self.endpoint is not None:
+                        self.endpoint.metrics.set_inventory(counts)
                 if now >= next_trim:
                     release_memory()
                     next_trim = now + 10.0
@@ -601,6 +625,7 @@ class Agent:
             t0 = time.perf_counter()
             events = self.pipeline.finish()
             alerts = self.engine.process(events) + self.engine.finish()
+            alerts += self.inventory.observe(events, self.engine.mode)
             self._after_batch(events, alerts, t0, q_out, 0.0)
             if self.engine.mode == "monitor":
                 self.checkpoint("shutdown")
@@ -652,7 +677,7 @@ class Agent:
     def checkpoint(self, why: str) -> None:
         t0 = time.perf_counter()
         try:
-            where = self.checkpoints.write(lambda d, key: self.engine.save(d, key=key))
+            where = self.checkpoints.write(self._save_state)
         except OSError as exc:
             log.error("checkpoint failed: %s", exc, extra={"fields": {"event": "checkpoint_failed"}})
             self.last_checkpoint = time.monotonic()  # retry at the next interval, not every batch
@@ -661,6 +686,10 @@ class Agent:
         self.checkpoints_written += 1
         _info("checkpoint written (%s)", why, event="checkpoint", path=str(where),
               seconds=round(time.perf_counter() - t0, 3))
+
+    def _save_state(self, directory, key) -> None:
+        self.engine.save(directory, key=key)
+        self.inventory.save(directory, key)
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file; apply what can change while running, keep learned state."""
@@ -724,6 +753,7 @@ class Agent:
         self.pipeline = Pipeline(limits=ReassemblyLimits(max_flows=lim.max_flows,
                                                          idle_timeout_s=lim.flow_idle_timeout))
         self.engine = self.load_state()
+        self.inventory = self.load_inventory()
         if self.endpoint is not None:
             self.endpoint.metrics.set_mode(self.engine.mode)
         self.last_checkpoint = time.monotonic()

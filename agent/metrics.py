@@ -60,7 +60,7 @@ DROP_SOURCES = ("kernel", "internal")
 FLOW_END_REASONS = ("closed", "expired", "evicted")
 # Detectors an alert or a score can come from (models/alerts.py, Alert.detector); anything else
 # is counted as "other" so a new detector cannot grow the label set by accident.
-DETECTORS = ("allowlist", "cycle", "process", "river", "pyod", "parser", "other")
+DETECTORS = ("allowlist", "cycle", "process", "river", "pyod", "parser", "inventory", "other")
 SEVERITIES = ("low", "medium", "high", "critical")
 MODES = ("learn", "monitor")
 #: (protocol, role) label pairs of otwatch_assets: each protocol's own words for its two roles.
@@ -75,7 +75,7 @@ KNOWN_RULES = (
                                                                      "read")),
     "cycle.latency", "cycle.period", "cycle.burst", "cycle.inactive",
     "process.out_of_range", "process.fast_change", "process.stuck", "process.new_point",
-    "parser.errors", "ml.river", "ml.pyod",
+    "parser.errors", "ml.river", "ml.pyod", "inventory.new_asset",
 )
 #: Alert rule names are code-defined ("allowlist.new_talker", ...), but a label must stay bounded
 #: even if a rule name were ever built from data: after this many distinct names, "other".
