@@ -90,6 +90,13 @@ class Alerts:
     max_bytes: int = _opt(64 << 20, "size", "rotate the alert log at this size", min=0)
     backups: int = _opt(5, "int", "rotated alert logs kept", min=0, max=1000)
     fsync: bool = _opt(True, "bool", "fsync every alert record (survives a power cut)")
+    syslog: str = _opt("", "syslog", "also send each alert to a SIEM as RFC 5424 syslog: udp://HOST:PORT, "
+                       "tcp://HOST:PORT, tls://HOST:PORT or unix:///dev/log (empty: off)")
+    syslog_facility: str = _opt("local0", "choice", "syslog facility of the alert messages",
+                                choices=("kern", "user", "daemon", "auth", "local0", "local1", "local2", "local3",
+                                         "local4", "local5", "local6", "local7"))
+    syslog_payload: str = _opt("text", "choice", "syslog message body: the alert sentence or the ECS JSON record",
+                               choices=("text", "json"))
 
 
 @dataclass
@@ -200,21 +207,44 @@ EXPECTED = {
     "size": "a size: bytes, or a string like \"512KiB\", \"64MiB\"",
     "ports": "a list of port numbers 1-65535",
     "listen": "HOST:PORT (e.g. \"127.0.0.1:10502\"), or \"\" for no metrics endpoint",
+    "syslog": "udp://HOST:PORT, tcp://HOST:PORT, tls://HOST:PORT, unix:///PATH, or \"\" for none",
     "choice": "one of",
     "detectors": "a list of detector names from " + ", ".join(DETECTORS),
 }
 
 
+def syslog_target(url: str) -> tuple[str, str | tuple[str, int]]:
+    """``(transport, address)`` from ``udp://host:514`` and the like; ValueError when malformed.
+
+    >>> syslog_target("udp://192.0.2.7:514"), syslog_target("unix:///dev/log")
+    (('udp', ('192.0.2.7', 514)), ('unix', '/dev/log'))
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("udp", "tcp", "tls", "unix"):
+        raise ValueError(url)
+    if scheme == "unix":
+        if not rest.startswith("/"):
+            raise ValueError(url)
+        return scheme, rest
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(url)
+    return scheme, (host, int(port))
+
+
 def _convert(value, meta: dict):
     """The value as the field's kind, or ValueError (the caller names the key)."""
     kind = meta["kind"]
-    if kind in ("str", "path", "choice", "listen", "iface"):
+    if kind in ("str", "path", "choice", "listen", "iface", "syslog"):
         if not isinstance(value, str):
             raise ValueError
         if kind == "choice" and value not in meta["choices"]:
             raise ValueError
         if kind == "iface" and value and (len(value) > 15 or any(c in value for c in "/ \t:")):
             raise ValueError
+        if kind == "syslog" and value:
+            syslog_target(value)
         if kind == "listen" and value:
             from .metrics import parse_listen
 

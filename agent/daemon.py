@@ -514,8 +514,12 @@ class Agent:
         if not os.access(state_dir, os.W_OK | os.X_OK):
             raise InputError(f"state.directory: {state_dir} is not writable by uid {os.getuid()}")
 
+    def _sink_error(self, name: str) -> None:
+        if self.endpoint is not None:
+            self.endpoint.metrics.sink_errors.labels(name).inc()
+
     def _open_alert_log(self, owner=None) -> None:
-        from .sinks import AlertLog
+        from .sinks import AlertLog, AlertSinks, SyslogSink
 
         a = self.cfg.alerts
         path = Path(a.log)
@@ -524,7 +528,12 @@ class Agent:
         log_ = AlertLog(path, max_bytes=a.max_bytes, backups=a.backups, fsync=a.fsync)
         if owner is not None and path.stat().st_uid != owner[0]:
             os.chown(path, *owner)
-        old, self.alert_log = self.alert_log, log_
+        copies = []
+        if a.syslog:
+            transport, address = config_mod.syslog_target(a.syslog)
+            copies.append(SyslogSink(address, transport, facility=a.syslog_facility, payload=a.syslog_payload))
+        sinks = AlertSinks(log_, copies, on_error=self._sink_error)
+        old, self.alert_log = self.alert_log, sinks
         if old is not None:
             old.close()
 

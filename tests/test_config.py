@@ -230,3 +230,38 @@ def test_systemd_unit_verifies(tmp_path):
         assert needed in text, needed
     assert np.all([line.strip() == "" or "=" in line or line.startswith(("[", "#"))
                    for line in text.splitlines()])
+
+
+def test_syslog_copy_of_each_alert(tmp_path):
+    """alerts.syslog sends every alert also as an RFC 5424 message (here to a UDP socket of ours)."""
+    import socket
+
+    from agent.daemon import Agent
+    from models.alerts import Alert
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(5)
+    port = rx.getsockname()[1]
+    cfg = parse_text(f'[alerts]\nlog = "{tmp_path}/alerts.jsonl"\nsyslog = "udp://127.0.0.1:{port}"\n'
+                     'syslog_facility = "local3"\n')
+    agent = Agent(cfg)
+    agent._open_alert_log()
+    try:
+        agent._write_alert(Alert(rule="allowlist.new_talker", detector="allowlist", severity="medium",
+                                 first_ts=1_700_000_000_000_000_000, last_ts=1_700_000_000_000_000_000,
+                                 src="10.0.0.66", dst="10.0.0.20", protocol="modbus", entity="e",
+                                 message="10.0.0.66 talked to 10.0.0.20"))
+        msg = rx.recv(65535).decode()
+    finally:
+        agent.alert_log.close()
+        rx.close()
+    # <PRI> = local3 (19) * 8 + warning (4) for a medium alert; RFC 5424 version 1; MSGID is the rule
+    assert msg.startswith("<156>1 ") and " allowlist.new_talker " in msg and "10.0.0.66 talked to" in msg
+    assert json.loads((tmp_path / "alerts.jsonl").read_text())["rule"]["name"] == "allowlist.new_talker"
+
+
+@pytest.mark.parametrize("url", ["udp://nohostport", "http://x:514", "unix:dev/log", "tcp://h:99999"])
+def test_bad_syslog_target_is_refused(url):
+    with pytest.raises(InputError, match="alerts.syslog"):
+        parse_text(f'[alerts]\nsyslog = "{url}"\n')
