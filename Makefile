@@ -1,5 +1,5 @@
 # Two commands for a new user (see README.md):
-#   make demo   - create .venv, install otwatch, replay a bundled capture through the pipeline
+#   make demo   - create .venv, install otwatch, replay a bundled capture (learn, then alert), score it
 #   make test   - install test extras and system tools (tshark, prometheus, tcpreplay), run pytest
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +18,9 @@ $(BIN)/otwatch: setup.cfg pyproject.toml
 install: $(BIN)/otwatch
 
 demo: install
-	$(BIN)/otwatch replay $(DEMO_PCAP)
+	$(BIN)/otwatch replay $(DEMO_PCAP) --learn 15m --alerts demo-alerts.jsonl
+	@echo "alerts written to demo-alerts.jsonl (one ECS JSON record per line)"
+	$(BIN)/otwatch eval $(DEMO_PCAP) --labels $(DEMO_PCAP:.pcap=.labels.csv)
 
 test-deps:
 	@sh deploy/install-test-deps.sh
