@@ -267,10 +267,46 @@ class Iec104Parser:
 
     def __init__(self):
         self._streams: dict[tuple[int, int], _Stream] = {}
+        #: flow -> the TCP side (FROM_CLIENT/FROM_SERVER) that is the controlling station, once the
+        #: traffic has shown it; until then the client is assumed to be (it usually opens the link).
+        self._controlling: dict[int, int] = {}
 
     def close(self, flow: int, out: EventBuilder | None = None) -> None:
         self._streams.pop((flow, 0), None)
         self._streams.pop((flow, 1), None)
+        self._controlling.pop(flow, None)
+
+    def _role(self, data, pos: int, length: int, ctx) -> int:
+        """DIR_REQUEST if the sender of this APDU is the controlling station, else DIR_RESPONSE.
+
+        The TCP roles usually say it (the controlling station connects to port 2404, §10.2), but not
+        always (some stations connect out).  So the first APDU that proves a role decides for the
+        connection: only the controlling station sends STARTDT/STOPDT act (§5.3); a command or
+        interrogation with cause "activation" comes from it (-101 §7.2.3); periodic, spontaneous or
+        interrogated monitor data comes from the controlled station.
+        """
+        side = self._controlling.get(ctx.flow)
+        if side is None:
+            c1 = data[pos + 2]
+            sender_controls = None
+            if c1 & 0x03 == 0x03:
+                bits = c1 >> 2
+                if bits in (0x01, 0x04):
+                    sender_controls = True
+                elif bits in (0x02, 0x08):
+                    sender_controls = False
+            elif c1 & 0x01 == 0 and length >= MIN_L + 4:
+                type_id, cot = data[pos + 6], data[pos + 8] & 0x3F
+                if cot == 6 and (45 <= type_id <= 69 or 100 <= type_id <= 107):
+                    sender_controls = True
+                elif 1 <= type_id <= 44 and cot in (1, 2, 3, 5) or 20 <= cot <= 41 and type_id < 45:
+                    sender_controls = False
+            if sender_controls is None:
+                side = FROM_CLIENT
+            else:
+                side = ctx.direction if sender_controls else 1 - ctx.direction
+                self._controlling[ctx.flow] = side
+        return DIR_REQUEST if ctx.direction == side else DIR_RESPONSE
 
     def buffered(self) -> int:
         """Octets held across all streams (bounded by MAX_APDU per stream)."""
@@ -323,6 +359,8 @@ class Iec104Parser:
     # -- one APDU: data[pos] is 0x68, data[pos+1] == length, data[pos : pos+2+length] is present --
     def _apdu(self, data, pos, length, st, ctx, direction, out):
         total = length + 2
+        if length >= MIN_L:
+            direction = self._role(data, pos, length, ctx)
         if length < MIN_L:  # §5.1: the control field needs 4 octets
             _pdu_row(out, ctx, direction, -1, -1, -1, -1, -1, -1, -1, -1, 0, -1, -1, total, False, False,
                      STATUS_MALFORMED, REASON_BAD_LENGTH)

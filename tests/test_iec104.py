@@ -323,3 +323,21 @@ def test_many_apdus_in_one_frame_from_capture():
     assert ev.pdus.function.tolist() == [1, 1, 1, 1] and ev.pdus.unit.tolist() == [1054] * 4
     assert len(ev.points) == 64 and (ev.kind[:17] == np.array([KIND_PDU] + [KIND_POINT] * 16)).all()
     assert ev.pdus.seq.tolist() == [1, 2, 3, 4] and (ev.reason == REASON_NONE).all()
+
+
+def test_roles_follow_the_traffic_not_the_tcp_connection():
+    """A controlled station that connected out (it is the TCP client) is still the responder:
+    the first APDU that proves a role (STARTDT act, an activation command, spontaneous data) decides."""
+    single_cmd = asdu(45, ioa(5) + b"\x01", 1, cot=6)  # C_SC_NA_1 activation, from the controlling side
+    measured = asdu(13, ioa(700) + bytes(4) + b"\x00", 1, cot=3)  # M_ME_NC_1 spontaneous
+    ev = run((STARTDT_ACT, FROM_SERVER), (STARTDT_CON, FROM_CLIENT),
+             (apci_i(0, 0, single_cmd), FROM_SERVER), (apci_i(0, 1, measured), FROM_CLIENT))
+    pdus = ev.select(ev.kind == KIND_PDU)
+    assert pdus.function.tolist() == [513, 514, 45, 13]
+    assert pdus.direction.tolist() == [DIR_REQUEST, DIR_RESPONSE, DIR_REQUEST, DIR_RESPONSE]
+    # Without evidence the TCP client is taken as the controlling station.
+    ev = run((TESTFR_ACT, FROM_CLIENT), (TESTFR_CON, FROM_SERVER))
+    assert ev.direction.tolist() == [DIR_REQUEST, DIR_RESPONSE]
+    # Spontaneous data from the TCP client proves the client is the controlled station.
+    ev = run((apci_i(0, 0, measured), FROM_CLIENT), (TESTFR_ACT, FROM_SERVER))
+    assert ev.select(ev.kind == KIND_PDU).direction.tolist() == [DIR_RESPONSE, DIR_REQUEST]
