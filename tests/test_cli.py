@@ -111,3 +111,24 @@ def test_bundled_benign_traffic_is_answered():
         req = np.count_nonzero(m & (ev.direction == DIR_REQUEST))
         rsp = np.count_nonzero(m & (ev.direction == DIR_RESPONSE))
         assert req > 1000 and req == rsp, (name, req, rsp)
+
+
+def test_progress_bar_only_on_a_terminal_and_only_after_a_moment():
+    from agent.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    quick = Progress(100, tty, delay_s=60)
+    quick.update(50)
+    assert tty.getvalue() == ""  # a job shorter than the delay shows nothing
+    slow = Progress(100, tty, delay_s=0, interval_s=0)
+    slow.update(50)
+    assert "50.0%" in tty.getvalue()
+    slow.close()
+    assert tty.getvalue().endswith("\r")
+    piped = Progress(100, pipe, delay_s=0, interval_s=0)
+    piped.update(50)
+    assert pipe.getvalue() == ""  # never on a pipe or file
