@@ -55,7 +55,7 @@ def transform(X: np.ndarray) -> np.ndarray:
 class DetectionEngine:
     def __init__(self, learn_seconds: float | None = 600.0, learn_until_ns: int | None = None,
                  detectors=DETECTORS, alerts_per_hour: float = 0.5, cooldown_s: float = 60.0,
-                 slice_s: float = 5.0, pyod_method: str = "hbos", max_learn_windows: int = 50000):
+                 slice_s: float = 5.0, pyod_method: str = "iforest", max_learn_windows: int = 50000):
         self.learn_seconds = learn_seconds
         self.learn_until_ns = learn_until_ns
         self.detectors = tuple(detectors)

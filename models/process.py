@@ -253,14 +253,17 @@ class ProcessModel:
         # the learned chance of a repeat, p0 ** (run - 1), falls below the per-sample budget; or goes
         # without any change for twice the longest time it ever did while learning
         changing = own & analog
-        # the chance that the next sample repeats the last one: the repeats seen while learning; when
-        # there were none, at most 1/2 in (samples + 1), and no more than the value's resolution (its
-        # smallest change) against the spread of its changes (a float measurement never repeats)
+        # the chance that the next sample repeats the last one, from the repeats seen while learning, and
+        # no more than the value's resolution (its smallest change) against the spread of its changes
+        # when none were seen (a float measurement practically never repeats)
         repeats = pairs - ps["changes"]
         mean_step = ps["sum_step"] / pairs
         with np.errstate(invalid="ignore", divide="ignore"):
             p_res = np.where(np.isfinite(ps["min_step"]) & (mean_step > 0), ps["min_step"] / (2 * mean_step), 1.0)
-        p0 = np.where(repeats > 0, (repeats + 0.5) / (pairs + 1), np.minimum(0.5 / (pairs + 1), p_res))
+        # (the 95 % upper bound of a Poisson count, k + 1.96 sqrt(k + 1) + 1 for k seen: one repeat in a
+        # hundred samples is weak evidence of how rare repeats are; none seen: the rule of three)
+        p0 = np.where(repeats > 0, np.minimum((repeats + 1.96 * np.sqrt(np.maximum(repeats, 0) + 1) + 1) / pairs, 1.0),
+                      np.minimum(3.0 / pairs, p_res))
         with np.errstate(divide="ignore"):
             need = 1 + np.ceil(np.log(self.stuck_alpha) / np.log(np.clip(p0, 1e-12, 0.999)))
         stuck_limit = np.maximum(need, ps["max_run"] + 1)
