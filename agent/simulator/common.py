@@ -105,6 +105,32 @@ class Conversation:
     def start(self, t: float) -> float:
         return t
 
+    def relabel(self, attack: Attack, duration: float, mitm_mac=None, on_begin=None, on_end=None) -> None:
+        """Tag this conversation's own frames as ``attack`` for ``duration`` from ``attack.t``: a man
+        in the middle (``mitm_mac``: relayed frames carry the attacker's MAC, 20-60 ms are added)
+        or spoofed measurements.  What is in flight is flushed first, so no benign frame is tagged."""
+        def begin(conv, t):
+            t = max(t, conv.conn.flush() + 0.001)
+            self.ctx.cap.tag = attack
+            if mitm_mac is not None:
+                conv.latency_extra = (0.02, 0.04)
+                conv.conn.sides[0].src_mac = conv.conn.sides[1].src_mac = mitm_mac
+            if on_begin is not None:
+                on_begin(conv)
+            return t
+
+        def end(conv, t):
+            conv.conn.flush()
+            if mitm_mac is not None:
+                conv.latency_extra = (0.0, 0.0)
+                conv.conn.sides[0].src_mac = conv.conn.sides[1].src_mac = None
+            if on_end is not None:
+                on_end(conv)
+            self.ctx.cap.tag = None
+            return t
+        self.hook(attack.t, begin)
+        self.hook(attack.t + duration, end)
+
     def tagged_block(self, attack: Attack, t: float, body) -> float:
         """Run ``body(t) -> t_end`` with every frame tagged as ``attack`` (pending ACKs go first)."""
         t = max(t, self.conn.flush() + 0.001)

@@ -468,14 +468,6 @@ class Dnp3Network:
         attack.description = (f"ARP-spoofing relay between master and {attack.dst}: +20-60 ms latency and jitter, "
                               f"frames from the attacker's MAC, an old OPERATE replayed with its old sequence number")
         duration = min(40.0, attack.budget * 0.8)
-        mac = self.ctx.host(ATTACKER).mac
-
-        def begin(conv, t):
-            t = max(t, conv.conn.flush() + 0.001)
-            self.ctx.cap.tag = attack
-            conv.latency_extra = (0.02, 0.04)
-            conv.conn.sides[0].src_mac = conv.conn.sides[1].src_mac = mac
-            return t
 
         def replay(conv, t):
             objects = master.last_operate or analog_output(0, 11000)
@@ -491,16 +483,8 @@ class Dnp3Network:
             latency = master.latency()
             objs, _, _ = answer(old_seq, t)
             return master.conn.exchange(t, request, master.o.response(old_seq, master.iin, objs), latency)
-
-        def end(conv, t):
-            conv.conn.flush()
-            conv.latency_extra = (0.0, 0.0)
-            conv.conn.sides[0].src_mac = conv.conn.sides[1].src_mac = None
-            self.ctx.cap.tag = None
-            return t
-        master.hook(attack.t, begin)
+        master.relabel(attack, duration, mitm_mac=self.ctx.host(ATTACKER).mac)
         master.hook(attack.t + duration * 0.6, replay)
-        master.hook(attack.t + duration, end)
 
     def _measurement_spoofing(self, attack: Attack, out: Outstation) -> None:
         master = self.masters[out.octet]
@@ -510,15 +494,4 @@ class Dnp3Network:
         out.feeder.voltage_kv.overrides.append((attack.t, attack.t + duration, attack.variant, 0.45))
         attack.description = (f"{attack.src} reports a {'frozen' if attack.variant == 'freeze' else 'stepped (+450 V)'}"
                               f" bus voltage (g30 index 0) for {duration:.0f} s while current and power move on")
-
-        def begin(conv, t):
-            t = max(t, conv.conn.flush() + 0.001)
-            self.ctx.cap.tag = attack
-            return t
-
-        def end(conv, t):
-            conv.conn.flush()
-            self.ctx.cap.tag = None
-            return t
-        master.hook(attack.t, begin)
-        master.hook(attack.t + duration, end)
+        master.relabel(attack, duration)

@@ -423,31 +423,19 @@ class Iec104Network:
         attack.description = (f"ARP-spoofing relay between master and {attack.dst}: +20-60 ms latency and jitter, "
                               f"duplicated and re-ordered N(S), the master's last setpoint APDU replayed verbatim")
         duration = min(45.0, attack.budget * 0.8)
-        mac = self.ctx.host(ATTACKER).mac
-
-        def begin(conv, t):
-            t = max(t, conv.conn.flush() + 0.001)
-            self.ctx.cap.tag = attack
-            conv.latency_extra = (0.02, 0.04)
-            conv.mitm = True
-            conv.conn.sides[0].src_mac = conv.conn.sides[1].src_mac = mac
-            return t
 
         def replay(conv, t):
             apdu = master.replay_apdu or apci_i(0, 0, asdu(C_SE_NC_1, ACTIVATION, rtu.ca,
                                                           [(SETPOINT_IOA, float_element(11.0))]))
             return master.conn.send(t, 0, apdu)  # old N(S)/N(R): the RTU's counters do not move
 
-        def end(conv, t):
-            conv.conn.flush()
-            conv.latency_extra = (0.0, 0.0)
-            conv.mitm = False
-            conv.conn.sides[0].src_mac = conv.conn.sides[1].src_mac = None
-            self.ctx.cap.tag = None
-            return t
-        master.hook(attack.t, begin)
+        def set_mitm(on):
+            def mark(conv):
+                conv.mitm = on
+            return mark
+        master.relabel(attack, duration, mitm_mac=self.ctx.host(ATTACKER).mac, on_begin=set_mitm(True),
+                       on_end=set_mitm(False))
         master.hook(attack.t + duration * 0.6, replay)
-        master.hook(attack.t + duration, end)
 
     def _measurement_spoofing(self, attack: Attack, rtu: Rtu) -> None:
         master = self.masters[rtu.octet]
@@ -457,15 +445,4 @@ class Iec104Network:
         rtu.feeder.voltage_kv.overrides.append((attack.t, attack.t + duration, attack.variant, 0.45))
         attack.description = (f"{attack.src} reports a {'frozen' if attack.variant == 'freeze' else 'stepped (+0.45 kV)'}"
                               f" bus voltage (IOA 1001) for {duration:.0f} s while current and power move on")
-
-        def begin(conv, t):
-            t = max(t, conv.conn.flush() + 0.001)
-            self.ctx.cap.tag = attack
-            return t
-
-        def end(conv, t):
-            conv.conn.flush()
-            self.ctx.cap.tag = None
-            return t
-        master.hook(attack.t, begin)
-        master.hook(attack.t + duration, end)
+        master.relabel(attack, duration)

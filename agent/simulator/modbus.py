@@ -410,28 +410,12 @@ class ModbusNetwork:
         attack.description = (f"ARP-spoofing relay between master and {attack.dst}: +20-60 ms latency and jitter, "
                               f"relayed frames from the attacker's MAC, the master's last write replayed")
         duration = min(40.0, attack.budget * 0.8)
-        attacker_mac = self.ctx.host(ATTACKER).mac
-
-        def begin(conv, t):
-            t = max(t, conv.conn.flush() + 0.001)
-            self.ctx.cap.tag = attack
-            conv.latency_extra = (0.02, 0.04)
-            conv.conn.sides[0].src_mac = conv.conn.sides[1].src_mac = attacker_mac
-            return t
 
         def replay(conv, t):
             pdu = master.last_write or write_single(6, SETPOINT_REG, SETPOINT_DEFAULT)
             return master.transact(t, pdu)
-
-        def end(conv, t):
-            conv.conn.flush()
-            conv.latency_extra = (0.0, 0.0)
-            conv.conn.sides[0].src_mac = conv.conn.sides[1].src_mac = None
-            self.ctx.cap.tag = None
-            return t
-        master.hook(attack.t, begin)
+        master.relabel(attack, duration, mitm_mac=self.ctx.host(ATTACKER).mac)
         master.hook(attack.t + duration * 0.6, replay)
-        master.hook(attack.t + duration, end)
 
     def _measurement_spoofing(self, attack: Attack, plc: Plc) -> None:
         master = self.masters[plc.octet]
@@ -442,15 +426,4 @@ class ModbusNetwork:
         plc.feeder.voltage_kv.overrides.append((attack.t, attack.t + duration, attack.variant, amount))
         attack.description = (f"{attack.src} reports a {'frozen' if attack.variant == 'freeze' else 'stepped (+450 V)'}"
                               f" bus voltage (input register 0) for {duration:.0f} s while the process moves on")
-
-        def begin(conv, t):
-            t = max(t, conv.conn.flush() + 0.001)
-            self.ctx.cap.tag = attack
-            return t
-
-        def end(conv, t):
-            conv.conn.flush()
-            self.ctx.cap.tag = None
-            return t
-        master.hook(attack.t, begin)
-        master.hook(attack.t + duration, end)
+        master.relabel(attack, duration)
