@@ -34,7 +34,6 @@ from .errors import InputError
 from .pipeline import Pipeline
 from .progress import Progress
 from .replay import check_files, replay_files
-from .sources import sniff_format
 
 FUNCTION_NAMERS = {
     PROTO_MODBUS: modbus.function_name,
@@ -249,9 +248,6 @@ def render(dot_text: str, picture: str) -> None:
 
 def run(args) -> int:
     paths = check_files(args.files)
-    for p in paths:
-        if sniff_format(p) is None:
-            raise InputError(f"{p}: not a pcap or pcapng file")
     if args.max_assets < 1 or args.max_conversations < 1:
         raise InputError("--max-assets and --max-conversations must be at least 1")
     if args.render and Path(args.render).suffix.lower() not in RENDER_FORMATS:

@@ -151,6 +151,15 @@ class CaptureStats:
     delivered: int = 0  # frames handed downstream in batches
     ring_freezes: int = 0  # times the ring froze (tp_freeze_q_cnt)
 
+    def add_kernel(self, sock: socket.socket) -> None:
+        """Add an AF_PACKET socket's PACKET_STATISTICS (the kernel resets them on each read)."""
+        raw = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12)
+        # tpacket_stats_v3 on a TPACKET_V3 socket, the older two-field tpacket_stats otherwise
+        packets, drops, freezes = struct.unpack("III", raw) if len(raw) == 12 else (*struct.unpack("II", raw[:8]), 0)
+        self.received += packets
+        self.kernel_drops += drops
+        self.ring_freezes += freezes
+
 
 def _set_promisc(sock: socket.socket, iface: str) -> None:
     idx = socket.if_nametoindex(iface)
@@ -213,12 +222,7 @@ class RingSource:
     def read_stats(self) -> CaptureStats:
         """Add the kernel's counters since the last read (reading resets them)."""
         if self.sock is not None:
-            raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12)
-            # tpacket_stats_v3 on a TPACKET_V3 socket, the older two-field tpacket_stats otherwise
-            packets, drops, freezes = struct.unpack("III", raw) if len(raw) == 12 else (*struct.unpack("II", raw), 0)
-            self.stats.received += packets
-            self.stats.kernel_drops += drops
-            self.stats.ring_freezes += freezes
+            self.stats.add_kernel(self.sock)
         return self.stats
 
     def stop(self) -> None:
@@ -382,10 +386,7 @@ class ScapySource:
         """On Linux scapy's socket is AF_PACKET too: read its kernel counters the same way."""
         inner = getattr(self.sock, "ins", None)
         if isinstance(inner, socket.socket) and getattr(socket, "AF_PACKET", None) == inner.family:
-            raw = inner.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
-            packets, drops = struct.unpack("II", raw[:8])
-            self.stats.received += packets
-            self.stats.kernel_drops += drops
+            self.stats.add_kernel(inner)
         return self.stats
 
     def stop(self) -> None:

@@ -18,7 +18,6 @@ from parsers.events import (COLUMNS, DIRECTION_NAMES, KIND_NAMES, PROTO_DNP3, PR
 
 from .pipeline import Pipeline
 from .replay import check_files, replay_files
-from .sources import sniff_format
 from .errors import InputError
 
 FUNCTION_NAMERS = {
@@ -62,9 +61,6 @@ def records(events: EventBatch, book):
 
 def run(args) -> int:
     paths = check_files(args.files)
-    for p in paths:
-        if sniff_format(p) is None:
-            raise InputError(f"{p}: not a pcap or pcapng file")
     pipeline = Pipeline()
     try:
         out = open(args.output, "w", newline="") if args.output else sys.stdout

@@ -119,6 +119,7 @@ def format_summary(s: dict) -> str:
 
 
 def check_files(files) -> list[Path]:
+    """The paths, after checking each is a readable, non-empty pcap or pcapng file."""
     paths = [Path(f) for f in files]
     for p in paths:
         if not p.exists():
@@ -129,15 +130,13 @@ def check_files(files) -> list[Path]:
             raise InputError(f"{p}: empty file, not a capture")
         if not os.access(p, os.R_OK):
             raise InputError(f"{p}: not readable")
+        if sniff_format(p) is None:
+            raise InputError(f"{p}: not a pcap or pcapng file")
     return paths
 
 
 def run(args) -> int:
-    paths = check_files(args.files)
-    # Fail on a non-capture before doing any work.
-    for p in paths:
-        if sniff_format(p) is None:
-            raise InputError(f"{p}: not a pcap or pcapng file")
+    paths = check_files(args.files)  # fail on a non-capture before doing any work
     pipeline = Pipeline()
     total = sum(p.stat().st_size for p in paths)
     progress = None if args.no_progress or args.json else Progress(total, stream=sys.stderr)

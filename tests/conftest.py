@@ -39,6 +39,29 @@ needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs 
 
 
 @pytest.fixture
+def veth():
+    """A veth pair: one end here, the other in a network namespace of its own (needs root and
+    iproute2).  Yields (local end, namespace, far end); both are removed afterwards."""
+    import subprocess
+    import time
+
+    tag = f"{os.getpid() % 100000}"
+    ns, here, there = f"otw{tag}", f"otw{tag}a", f"otw{tag}b"
+    sh = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "link", "add", here, "type", "veth", "peer", "name", there, "netns", ns)
+        sh("sysctl", "-qw", f"net.ipv6.conf.{here}.disable_ipv6=1")
+        sh("ip", "link", "set", here, "up")
+        sh("ip", "-n", ns, "link", "set", there, "up")
+        time.sleep(0.2)
+        yield here, ns, there
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture
 def shared_dir() -> Path:
     if not shared_available():
         pytest.skip("needs ../shared/pcaps (public captures; present in CI, not in a fresh clone)")

@@ -46,24 +46,6 @@ RATE = 3000  # frames/s, tcpreplay --pps
 PAUSE_S = 4.0
 
 
-@pytest.fixture
-def veth():
-    tag = f"{os.getpid() % 100000}"
-    ns, here, there = f"otwd{tag}", f"otd{tag}a", f"otd{tag}b"
-    sh = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
-    sh("ip", "netns", "add", ns)
-    try:
-        sh("ip", "link", "add", here, "type", "veth", "peer", "name", there, "netns", ns)
-        sh("sysctl", "-qw", f"net.ipv6.conf.{here}.disable_ipv6=1")
-        sh("ip", "link", "set", here, "up")
-        sh("ip", "-n", ns, "link", "set", there, "up")
-        time.sleep(0.2)
-        yield here, ns, there
-    finally:
-        subprocess.run(["ip", "link", "del", here], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
 def split_capture(tmp: Path) -> tuple[Path, Path, int, int]:
     """benign.pcap and attacks.pcap: the ICS frames of mixed.pcap before / from the first attack,
     timestamps spaced at RATE with the pause between them (as they will arrive)."""

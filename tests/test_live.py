@@ -28,24 +28,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs root, iproute2 and tcpreplay (network namespaces)")
 
 
-@pytest.fixture
-def veth():
-    ns = f"otwt{os.getpid() % 100000}"
-    here, there = f"otw{os.getpid() % 100000}a", f"otw{os.getpid() % 100000}b"
-    sh = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
-    sh("ip", "netns", "add", ns)
-    try:
-        sh("ip", "link", "add", here, "type", "veth", "peer", "name", there, "netns", ns)
-        sh("sysctl", "-qw", f"net.ipv6.conf.{here}.disable_ipv6=1")
-        sh("ip", "link", "set", here, "up")
-        sh("ip", "-n", ns, "link", "set", there, "up")
-        time.sleep(0.2)
-        yield here, ns, there
-    finally:
-        subprocess.run(["ip", "link", "del", here], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
 def replay_into(ns, iface, pcap, pps=3000):
     subprocess.run(["ip", "netns", "exec", ns, "tcpreplay", "-q", "-i", iface, f"--pps={pps}", str(pcap)],
                    check=True, capture_output=True, timeout=120)
