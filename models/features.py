@@ -199,6 +199,55 @@ class DecayedStats:
         self.w[slots[ok]], self.ls[slots[ok]], self.ss[slots[ok]] = w[ok], ls[ok], ss[ok]
         self.t[slots[ok]] = t_end[ok]
 
+    def update_windows(self, win_key: np.ndarray, win_end: np.ndarray, inv: np.ndarray, t: np.ndarray,
+                       x: np.ndarray, valid: np.ndarray | None = None):
+        """Fold rows in window by window and return ``(w, mean, std)`` at the end of every window.
+
+        Row ``i`` belongs to window ``inv[i]``; window ``j`` belongs to entity ``win_key[j]`` and ends
+        at ``win_end[j]`` (its last row's time); an entity's windows are later than its stored state.
+        The same numbers as :meth:`update` then :meth:`get` once per window in time order, but the
+        rows are summed per window in one pass (``np.bincount``) and only the short recurrence
+        ``W_k = W_{k-1} * 2**(-lam * (end_k - end_{k-1})) + S_k`` runs per window rank.
+        """
+        nw = win_key.shape[0]
+        L = self.lambdas.shape[0]
+        out = (np.zeros((nw, L)), np.zeros((nw, L)), np.zeros((nw, L)))
+        if nw == 0:
+            return out
+        lam = self.lambdas
+        d = np.exp2(-np.outer(win_end[inv] - t, lam))  # each row's weight at its window's end
+        if valid is not None:
+            d = d * valid[:, None]
+            x = np.where(valid, x, 0.0)
+        S = [np.stack([np.bincount(inv, weights=d[:, j] * p, minlength=nw) for j in range(L)], axis=1)
+             for p in (1.0, x, x * x)]
+        uk, e_inv = np.unique(win_key, return_inverse=True)
+        slots = self.table.slots(uk, float(win_end.max()))
+        ok = slots >= 0
+        sl = np.maximum(slots, 0)
+        W, LS, SS = self.w[sl] * ok[:, None], self.ls[sl] * ok[:, None], self.ss[sl] * ok[:, None]
+        T = np.where(ok, self.t[sl], 0.0)
+        order = np.lexsort((win_end, e_inv))
+        e_sorted = e_inv[order]
+        start = np.r_[0, np.flatnonzero(e_sorted[1:] != e_sorted[:-1]) + 1]
+        rank = np.arange(nw) - np.repeat(start, np.diff(np.r_[start, nw]))
+        for k in range(int(rank.max()) + 1):  # windows per entity in the batch: a few seconds' worth
+            idx = order[rank == k]
+            e = e_inv[idx]
+            f = np.exp2(-np.outer(np.maximum(win_end[idx] - T[e], 0.0), lam))
+            W[e] = W[e] * f + S[0][idx]
+            LS[e] = LS[e] * f + S[1][idx]
+            SS[e] = SS[e] * f + S[2][idx]
+            T[e] = win_end[idx]
+            ww = W[e]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                m = np.where(ww > 0, LS[e] / ww, 0.0)
+                v = np.where(ww > 0, SS[e] / ww - m * m, 0.0)
+            out[0][idx], out[1][idx], out[2][idx] = ww, m, np.sqrt(np.maximum(v, 0.0))
+        self.w[slots[ok]], self.ls[slots[ok]], self.ss[slots[ok]] = W[ok], LS[ok], SS[ok]
+        self.t[slots[ok]] = T[ok]
+        return out
+
     def get(self, keys: np.ndarray, now: float | np.ndarray):
         """(weight, mean, std) of each key at time ``now``, arrays of shape (len(keys), len(lambdas))."""
         slots = self.table.lookup(keys)
@@ -422,7 +471,7 @@ class WindowFeatures:
             pos = np.minimum(pos, nw - 1)
             hit = uw[pos] == pkey
             X[:, F["points"]] = np.bincount(pos[hit], minlength=nw)
-        # damped statistics, one update per second in time order (the loop runs over seconds)
+        # damped statistics at the end of every window (summed per window, then a short recurrence)
         t = ev.ts / NS
         w_first = np.full(nw, np.iinfo(np.int64).max)
         w_last = np.zeros(nw, dtype=np.int64)
@@ -431,21 +480,14 @@ class WindowFeatures:
         wsec = sec[first_idx]
         wchan = chan[first_idx]
         iat = self._iat(chan, ev.ts)
-        for s in np.unique(wsec).tolist():
-            rows = sec == s
-            self.rates.update(chan[rows], t[rows], np.ones(np.count_nonzero(rows)))
-            self.sizes.update(chan[rows], t[rows], ev.length[rows].astype(np.float64))
-            ok = rows & ~np.isnan(iat)
-            self.iats.update(chan[ok], t[ok], iat[ok])
-            wm = wsec == s
-            now = w_last[wm] / NS
-            w, _, _ = self.rates.get(wchan[wm], now)
-            X[np.flatnonzero(wm)[:, None], [F["rate_5"], F["rate_1"], F["rate_0.1"], F["rate_0.01"]]] = \
-                w * self.rates.lambdas / np.log(2)
-            _, m, sd = self.sizes.get(wchan[wm], now)
-            X[wm, F["size_mean_0.1"]], X[wm, F["size_std_0.1"]] = m[:, 0], sd[:, 0]
-            _, m, sd = self.iats.get(wchan[wm], now)
-            X[wm, F["iat_mean_0.1"]], X[wm, F["iat_std_0.1"]] = m[:, 0], sd[:, 0]
+        now = w_last / NS
+        w, _, _ = self.rates.update_windows(wchan, now, inv, t, np.ones(t.shape[0]))
+        X[:, [F["rate_5"], F["rate_1"], F["rate_0.1"], F["rate_0.01"]]] = w * self.rates.lambdas / np.log(2)
+        _, m, sd = self.sizes.update_windows(wchan, now, inv, t, ev.length.astype(np.float64))
+        X[:, F["size_mean_0.1"]], X[:, F["size_std_0.1"]] = m[:, 0], sd[:, 0]
+        has_iat = ~np.isnan(iat)
+        _, m, sd = self.iats.update_windows(wchan, now, inv, t, np.where(has_iat, iat, 0.0), has_iat)
+        X[:, F["iat_mean_0.1"]], X[:, F["iat_std_0.1"]] = m[:, 0], sd[:, 0]
         self.windows += nw
         order = np.lexsort((wchan, wsec))
         fb = FeatureBatch(wchan, wsec, client[first_idx], server[first_idx], ev.protocol[first_idx],
