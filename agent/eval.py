@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from models.engine import DETECTORS, DetectionEngine
-from models.scoring import read_labels, score_alerts
+from models.scoring import GRACE_S, read_labels, score_alerts
 from parsers.events import EventBatch
 
 from .errors import InputError
@@ -48,7 +48,8 @@ def add_arguments(p) -> None:
                    help="learning window of capture time (e.g. 200s, 2h); default: up to the first attack")
     p.add_argument("--detectors", default=",".join(DETECTORS),
                    help=f"comma-separated subset of {','.join(DETECTORS)} (ablation)")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds after an attack its effects may alert")
+    p.add_argument("--grace", type=float, default=GRACE_S,
+                   help=f"seconds after an attack its effects may alert (default {GRACE_S:g})")
     p.add_argument("--alerts", metavar="FILE", help="also write the alerts as JSON lines")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--ablation", action="store_true",
@@ -62,7 +63,7 @@ def load_batches(capture) -> list:
     return parts
 
 
-def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETECTORS, grace_s: float = 30.0,
+def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETECTORS, grace_s: float = GRACE_S,
              engine_kwargs: dict | None = None, batches: list | None = None) -> tuple[dict, DetectionEngine]:
     labels = read_labels(labels_path)
     kw = dict(engine_kwargs or {})
@@ -94,7 +95,7 @@ def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETEC
 ABLATION = tuple((d,) for d in DETECTORS) + (DETECTORS,)
 
 
-def ablation(capture, labels_path, learn_s: float | None = None, grace_s: float = 30.0,
+def ablation(capture, labels_path, learn_s: float | None = None, grace_s: float = GRACE_S,
              configs=ABLATION) -> list[dict]:
     """Each detector alone, then all together, on one parse of the capture."""
     batches = load_batches(capture)

@@ -279,6 +279,7 @@ class ProcessModel:
             np.minimum.at(self.points.s["min"], slot[follow], v[follow])
             np.maximum.at(self.points.s["max"], slot[follow], v[follow])
         new = ~pknown & ~rknown
+        space = point_space(ev)
         out = []
         for rule, mask, sev, tech in (("out_of_range", oor, "high", "T0836"), ("fast_change", fast, "medium", "T0836"),
                                       ("stuck", stuck, "medium", "T0856"), ("new_point", new, "medium", "T0861")):
@@ -286,7 +287,8 @@ class ProcessModel:
                 continue
             rows = np.flatnonzero(mask)
             # one finding per device and point space (a block of registers is one incident)
-            gk = hash_columns(server[rows], ev.protocol[rows], ev.unit[rows], ev.object[rows], ev.direction[rows])
+            # (static and event objects of one point, DNP3 g1 and g2, are one incident)
+            gk = hash_columns(server[rows], ev.protocol[rows], ev.unit[rows], space[rows], ev.direction[rows])
             uk, first = np.unique(gk, return_index=True)
             for j, r in enumerate(rows[first].tolist()):
                 rr = rows[gk == uk[j]]
@@ -329,7 +331,8 @@ class ProcessModel:
             rule=f"process.{rule}", detector=self.name, severity=sev if not (rule == "stuck" and written) else "low",
             first_ts=int(ev.ts[rows].min()), last_ts=int(ev.ts[rows].max()), src=int(ev.src[r]),
             dst=int(ev.dst[r]), protocol=proto,
-            entity=f"{srv}/{proto}/u{int(ev.unit[r])}/o{int(ev.object[r])}/d{int(ev.direction[r])}",
+            entity=f"{srv}/{proto}/u{int(ev.unit[r])}/s{int(point_space(ev.select(slice(r, r + 1)))[0])}"
+                   f"/d{int(ev.direction[r])}",
             message=msg, technique="T0855" if written and rule == "out_of_range" and sev == "critical" else tech,
             count=int(rows.shape[0]), score=v, fields={
                 "value": v, "address": int(ev.address[r]), "object": int(ev.object[r]), "unit": int(ev.unit[r]),

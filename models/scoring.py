@@ -7,8 +7,9 @@ direction; empty ``dst``: every event to or from ``src``) inside its interval.
 The matching rule (stated in docs/detection.md, "How alerts are scored"):
 
 - **Time**: an alert can belong to an attack only if it *opened* inside ``[start - pre_s, end +
-  grace_s]`` (``pre_s`` = 1 s, ``grace_s`` = 30 s by default: attacks leave effects for a while,
-  such as a silenced PLC).  An incident opened long before the attack does not count, even if the
+  grace_s]`` (``pre_s`` = 1 s; ``grace_s`` = 60 s by default, the slowest poll of the simulated plant,
+  the DNP3 integrity poll: an attack's effect on a device, such as a tripped breaker or a silenced
+  PLC, shows in the next full poll).  An incident opened long before the attack does not count, even if the
   attack's findings later merged into it.
 - **Hosts**: an attack from an *outsider* (a ``src`` never seen while learning: the attacker)
   matches alerts that name that host (source, destination, or the servers of a new-talker alert).
@@ -79,6 +80,8 @@ def _alert_hosts(a) -> set:
     return hosts
 
 
+GRACE_S = 60.0  # see the module doc
+
 # Scenarios the simulator runs from hosts of the plant itself (docs/simulator.md), used only when the
 # scorer is not given the events to tell insiders from outsiders.
 INSIDER_SCENARIOS = {"setpoint_manipulation", "mitm", "measurement_spoofing"}
@@ -116,7 +119,7 @@ def mark_insiders(labels, events: EventBatch, learn_end_s: float) -> None:
         lab.insider = bool(ids.shape[0]) and bool(np.isin(ids, seen).all())
 
 
-def score_alerts(alerts, labels, monitor_start_s: float, monitor_end_s: float, grace_s: float = 30.0,
+def score_alerts(alerts, labels, monitor_start_s: float, monitor_end_s: float, grace_s: float = GRACE_S,
                  events: EventBatch | None = None) -> dict:
     if events is not None:
         mark_insiders(labels, events, monitor_start_s)

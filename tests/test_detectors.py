@@ -33,3 +33,69 @@ def test_pyod_scores_outliers_higher():
     d.fit(rng.normal(0, 1, (2000, 4)))
     s = d.score(np.vstack([rng.normal(0, 1, (100, 4)), np.full((5, 4), 8.0)]))
     assert s[100:].min() > np.quantile(s[:100], 0.99)
+
+
+def test_iforest_flat_arrays_score_like_pyod():
+    rng = np.random.default_rng(5)
+    X = rng.normal(0, 1, (3000, 6))
+    X[:, 2] = np.round(X[:, 2])  # ties, as counts give
+    d = PyODDetector(method="iforest")
+    d.fit(X)
+    Y = np.vstack([rng.normal(0, 1, (300, 6)), np.full((3, 6), 9.0), X[:50]])
+    assert np.allclose(d.score(Y), d.model.decision_function(Y), rtol=0, atol=1e-12)
+
+
+def test_process_model_state_carries_across_batches():
+    """The same findings (rule, incident, first seen) whether a capture comes in one batch or many."""
+    from models.process import ProcessModel, STATS
+    ev = parse_file(PROJECT_PCAPS / "dnp3.pcap")
+    t_learn = int(ev.ts.min()) + 990 * 10**9
+    learn, mon = ev.select(ev.ts < t_learn), ev.select(ev.ts >= t_learn)
+
+    def run(step):
+        pm = ProcessModel()
+        for i in range(0, len(learn), step):
+            pm.learn(learn.select(slice(i, i + step)))
+        pm.finish_learning(1e-4)
+        first = {}
+        for i in range(0, len(mon), step):
+            for f in pm.findings(mon.select(slice(i, i + step))):
+                first[(f.rule, f.entity)] = min(first.get((f.rule, f.entity), f.first_ts), f.first_ts)
+        return pm, first
+
+    whole, f_whole = run(len(ev))
+    sliced, f_sliced = run(333)
+    keys = whole.points.table.keys
+    for k in STATS:
+        a = whole.points.s[k][whole.points.table.lookup(keys)]
+        b = sliced.points.s[k][sliced.points.table.lookup(keys)]
+        assert np.allclose(a, b), k
+    assert f_whole and f_whole == f_sliced
+
+
+def _points(values, t0=0, dt=30, proto_obj=13):
+    from parsers.events import DIR_RESPONSE, PROTO_IEC104, EventBuilder, StreamContext
+    b = EventBuilder()
+    for i, v in enumerate(values):
+        ctx = StreamContext(ts=(t0 + i * dt) * 10**9, src=2, dst=1, direction=DIR_RESPONSE)
+        b.points(ctx, PROTO_IEC104, i, function=proto_obj, addresses=np.array([1001]), values=np.array([v]),
+                 obj=proto_obj)
+    return b.build()
+
+
+def test_stuck_needs_evidence_against_the_learned_repeat_chance():
+    from models.process import ProcessModel
+    rng = np.random.default_rng(6)
+    # a float measurement never repeats: two equal reports 30 s apart are a frozen value
+    pm = ProcessModel()
+    pm.learn(_points(11.0 + np.cumsum(rng.normal(0, 0.01, 200))))
+    pm.finish_learning(1e-4)
+    frozen = _points([11.3, 11.3, 11.3], t0=200 * 30)
+    assert [f.rule for f in pm.findings(frozen)] == ["process.stuck"]
+    # an integer measurement that repeated now and then while learning: one repeat is no evidence
+    pm = ProcessModel()
+    ints = np.round(100 + np.cumsum(rng.normal(0, 3, 200)))
+    assert (np.diff(ints) == 0).sum() > 3
+    pm.learn(_points(ints))
+    pm.finish_learning(1e-4)
+    assert pm.findings(_points([ints[-1] + 1, ints[-1] + 1], t0=200 * 30)) == []

@@ -60,5 +60,9 @@ def test_replay_learn_alerts_state(tmp_path, capsys):
     recs = [json.loads(line) for line in alerts.read_text().splitlines()]
     assert recs and all(r["event"]["kind"] == "alert" and r["rule"]["name"] and r["source"]["ip"] for r in recs)
     assert any(r["source"]["ip"] == "10.20.0.66" for r in recs)
+    # one record per incident, written when it closed (final count and last seen)
+    ids = [r["event"]["id"] for r in recs]
+    assert len(ids) == len(set(ids)) == s["detection"]["alerts"]
+    assert all(r["otwatch"]["status"] == "closed" for r in recs)
     rc = main(["baseline", "show", "--state", str(tmp_path / "st"), "--json"])
     assert rc == 0 and capsys.readouterr().out.count("\n") > 10

@@ -68,3 +68,27 @@ def test_hash_and_key_table_are_bounded():
         kt.slots(keys[i:i + 50], now=float(i))
     assert len(kt) <= 100 and kt.evicted >= 900
     assert (kt.lookup(keys[-50:]) >= 0).all()
+
+
+def test_window_recurrence_equals_update_then_get():
+    rng = np.random.default_rng(2)
+    n = 3000
+    keys, t, x = rng.integers(0, 7, n), np.sort(rng.uniform(100, 112, n)), rng.normal(5, 2, n)
+    valid = rng.random(n) > 0.2
+    a, b = DecayedStats((5.0, 1.0, 0.1), 16), DecayedStats((5.0, 1.0, 0.1), 16)
+    for s in (a, b):  # some state from an earlier batch
+        s.update(np.array([1, 2]), np.array([90.0, 95.0]), np.array([1.0, 2.0]))
+    sec = np.floor(t).astype(np.int64)
+    _, first, inv = np.unique(hash_columns(keys, sec), return_index=True, return_inverse=True)
+    end = np.zeros(first.shape[0])
+    np.maximum.at(end, inv, t)
+    got = a.update_windows(keys[first], end, inv, t, x, valid)
+    want = [np.zeros_like(got[0]) for _ in range(3)]
+    for s in np.unique(sec):  # the definition: fold each second in, read at each window's end
+        r = (sec == s) & valid
+        b.update(keys[r], t[r], x[r])
+        wm = sec[first] == s
+        for j, arr in enumerate(b.get(keys[first][wm], end[wm])):
+            want[j][wm] = arr
+    for g, w in zip(got, want):
+        assert np.allclose(g, w, rtol=1e-9, atol=1e-9)
