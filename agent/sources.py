@@ -175,9 +175,14 @@ class CaptureReader:
         consumed = 24  # file offset of the block's first byte
         eof = False
         while not eof:
-            data = self._read(stream, self.block_size)
-            eof = len(data) < self.block_size
-            block = carry + data if carry else data
+            # Read straight into a fresh buffer behind the carried-over partial record (each batch
+            # keeps its own buffer, so one is never reused).
+            block = bytearray(len(carry) + self.block_size)
+            block[:len(carry)] = carry
+            got = self._read_into(stream, memoryview(block)[len(carry):])
+            eof = got < self.block_size
+            if got < self.block_size:
+                del block[len(carry) + got:]
             if not block:
                 break
             buf = np.frombuffer(block, dtype=np.uint8)
@@ -315,6 +320,24 @@ class CaptureReader:
             self.corrupt = f"read error: {exc}"
         self.bytes_read += len(data)
         return data
+
+    def _read_into(self, stream, view: memoryview) -> int:
+        """Fill ``view`` from the stream (several reads for gzip); the number of bytes read."""
+        total = 0
+        while total < len(view):
+            try:
+                n = stream.readinto(view[total:])
+            except EOFError:  # gzip stream cut short: keep what decompressed
+                self.corrupt = "compressed stream ends early"
+                break
+            except (OSError, gzip.BadGzipFile) as exc:
+                self.corrupt = f"read error: {exc}"
+                break
+            if not n:
+                break
+            total += n
+        self.bytes_read += total
+        return total
 
     def _read_all(self, stream) -> bytes:
         parts = []
