@@ -233,7 +233,8 @@ class ProcessModel:
         # analog measurements change at almost every sample; setpoints, limits and breakers hold their
         # value between operator actions (steps).  Written values are operator actions too.
         analog = (use["changes"] >= 0.5 * pairs) & ~written
-        level = np.abs(use["max"] + use["min"]) / 2
+        with np.errstate(invalid="ignore"):  # unknown points hold +-inf; they are masked by ``known``
+            level = np.abs(use["max"] + use["min"]) / 2
         # tolerance: the span learned while learning, or a fraction of the level: 1 % for a measurement
         # (noise, slow drift), 5 % for a step value (an operator moves a setpoint within a band a short
         # baseline has not seen all of; a manipulation is a move far beyond it)
