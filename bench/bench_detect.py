@@ -154,7 +154,8 @@ def main(argv=None) -> int:
                    help="run N copies of the plant side by side (N times the devices and events per batch)")
     p.add_argument("--batch-s", type=float, default=10.0, help="capture seconds per batch (default 10)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--public", metavar="DIR", help="instead: alerts per capture of DIR/*/*.pcap*, learning the first half")
+    p.add_argument("--public", metavar="DIR",
+                   help="instead: alerts per capture of DIR/*/*.pcap*, learning the first half")
     args = p.parse_args(argv)
     if args.public:
         rows = public(Path(args.public))
@@ -178,7 +179,8 @@ def main(argv=None) -> int:
     batches = [events.select(slice(a, b)) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()) if b > a]
     parse_s = time.perf_counter() - t0
     r = run(batches, args.learn_fraction)
-    r.update({"capture": str(cap), "copies": args.copies, "batch_s": args.batch_s, "batches": len(batches), "parse_wall_s": round(parse_s, 2), "target_events_per_s": 200_000})
+    r.update({"capture": str(cap), "copies": args.copies, "batch_s": args.batch_s, "batches": len(batches),
+              "parse_wall_s": round(parse_s, 2), "target_events_per_s": 200_000})
     if args.json:
         print(json.dumps(r))
         return 0

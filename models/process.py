@@ -271,7 +271,8 @@ class ProcessModel:
         still_limit = 2 * ps["max_still_s"]
         # (a repeat must span time: the same sample sent twice at once, as a spontaneous report and an
         # interrogation answer, is no evidence)
-        stuck = changing & (run >= 2) & (still >= 1.0) & ((run >= stuck_limit) | ((still > still_limit) & (still_limit > 0))) & ~oor
+        too_long = (still > still_limit) & (still_limit > 0)
+        stuck = changing & (run >= 2) & (still >= 1.0) & ((run >= stuck_limit) | too_long) & ~oor
         # the range follows slow drift: accepted values of a point widen its own range (the tolerance
         # stays the one frozen at the end of learning, so the range moves at most a margin per sample
         # and only with values that also pass the rate test)
