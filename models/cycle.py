@@ -61,8 +61,8 @@ class CycleModel:
         return keys, order, k, t, starts, ends
 
     def _per_second_max(self, keys, ts):
-        u, c = np.unique(hash_columns(keys, ts // NS), return_counts=True)
-        _, first = np.unique(hash_columns(keys, ts // NS), return_index=True)
+        """(channel, PDUs) for every channel-second of the batch."""
+        _, first, c = np.unique(hash_columns(keys, ts // NS), return_index=True, return_counts=True)
         return keys[first], c
 
     # -- learning ------------------------------------------------------------------------------
@@ -115,53 +115,88 @@ class CycleModel:
         self.latency_threshold = calibrate(lat, budget) if lat.shape[0] >= 20 else np.inf
 
     # -- monitoring ----------------------------------------------------------------------------
+    def _monitor_tables(self):
+        """Regular channels and per-second maxima as sorted arrays (built once after learning)."""
+        built = getattr(self, "_tables_for", None)
+        if built is None or built[0] is not self.period or built[1] is not self.max_per_sec:
+            keys = np.array(sorted(self.period), dtype=np.int64)
+            per = np.array([self.period[k] for k in keys.tolist()], dtype=np.float64).reshape(-1, 3)
+            last = np.array([self.last_ts.get(k, -1) for k in keys.tolist()], dtype=np.int64)
+            recent = np.array([self.recent_gap.get(k, self.period[k][0]) for k in keys.tolist()])
+            mkeys = np.array(sorted(self.max_per_sec), dtype=np.int64)
+            mvals = np.array([self.max_per_sec[k] for k in mkeys.tolist()], dtype=np.int64)
+            self._reg = {"keys": keys, "period": per[:, 0], "jitter": per[:, 1], "gmax": per[:, 2], "last": last,
+                         "recent": recent}
+            self._mps = (mkeys, mvals)
+            self._tables_for = (self.period, self.max_per_sec)
+        return self._reg, self._mps
+
+    @staticmethod
+    def _find(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        if sorted_keys.shape[0] == 0:
+            return np.full(keys.shape[0], -1)
+        i = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.shape[0] - 1)
+        return np.where(sorted_keys[i] == keys, i, -1)
+
     def findings(self, ev: EventBatch, fb: FeatureBatch | None, now_ns: int) -> list:
         out = []
+        reg, (mkeys, mvals) = self._monitor_tables()
         ev = ev.select(ev.kind == KIND_PDU)
         if len(ev):
             keys, order, k, t, starts, ends = self._group(ev)
-            for s, e in zip(starts.tolist(), ends.tolist()):
-                key = int(k[s])
-                per = self.period.get(key)
-                prev = self.last_ts.get(key)
-                if per is not None and prev is not None:
-                    g = np.diff(np.r_[prev, t[s:e]]) / NS
-                    m = self.recent_gap.get(key, per[0])
-                    for x in g.tolist():  # EWMA over this channel's gaps in the batch (few per batch)
-                        m += 0.2 * (x - m)
-                    self.recent_gap[key] = m
-                    p, jit, _ = per
-                    if abs(m - p) > max(0.5 * p, 6 * jit):
-                        out.append(self._finding("period", key, int(t[s]), int(t[e - 1]), e - s,
-                                                 f"polls every {m:.2f} s on average instead of every {p:.2f} s",
-                                                 "T0831" if m > p else "T0814", "medium", score=m, threshold=p))
-                if key in self.info:
-                    self.last_ts[key] = int(t[e - 1])
+            # period drift: an EWMA (weight 0.2) of each regular channel's gaps, all channels at once:
+            # after n gaps x_1..x_n, m_n = 0.8**n m_0 + sum(0.2 * 0.8**(n - j) x_j)
+            ri = self._find(reg["keys"], k[starts])
+            on = ri >= 0
+            if on.any():
+                gi, r = np.flatnonzero(on), ri[on]
+                prev = reg["last"][r]
+                known = prev >= 0
+                gi, r, prev = gi[known], r[known], prev[known]
+                if gi.shape[0]:
+                    n = ends[gi] - starts[gi]
+                    pos = np.full(starts.shape[0], -1)
+                    pos[gi] = np.arange(gi.shape[0])
+                    grp_of_row = pos[np.repeat(np.arange(starts.shape[0]), ends - starts)]
+                    rows = np.flatnonzero(grp_of_row >= 0)
+                    grp = grp_of_row[rows]
+                    first = rows == starts[gi][grp]
+                    prev_t = np.where(first, prev[grp], t[np.maximum(rows - 1, 0)])
+                    gap = (t[rows] - prev_t) / NS
+                    j = rows - starts[gi][grp] + 1
+                    w = 0.2 * 0.8 ** (n[grp] - j)
+                    m = reg["recent"][r] * 0.8 ** n + np.bincount(grp, weights=w * gap, minlength=gi.shape[0])
+                    reg["recent"][r] = m
+                    p, jit = reg["period"][r], reg["jitter"][r]
+                    for q in np.flatnonzero(np.abs(m - p) > np.maximum(0.5 * p, 6 * jit)).tolist():
+                        a, b = int(starts[gi[q]]), int(ends[gi[q]])
+                        out.append(self._finding("period", int(k[a]), int(t[a]), int(t[b - 1]), b - a,
+                                                 f"polls every {m[q]:.2f} s on average instead of every {p[q]:.2f} s",
+                                                 "T0831" if m[q] > p[q] else "T0814", "medium", score=float(m[q]),
+                                                 threshold=float(p[q])))
+                reg["last"][ri[on]] = t[ends[on] - 1]
+            # bursts: PDUs per channel-second against the learned maximum
             wk, c = self._per_second_max(keys, ev.ts)
-            for key, n in zip(wk.tolist(), c.tolist()):
-                mx = self.max_per_sec.get(key)
-                if mx is None:
-                    continue  # a channel never learned: the allow-list reports it
-                limit = max(2 * mx, mx + 3)
-                if n > limit:
-                    rows = keys == key
-                    ts = ev.ts[rows]
-                    info = self.info[key]
-                    write = bool(ev.is_write[rows].any())
-                    out.append(self._finding("burst", key, int(ts.min()), int(ts.max()), int(n),
-                                             f"sent {n} PDUs in one second (at most {mx} during the baseline)",
-                                             "T0836" if write else "T0814", "high" if write else "medium",
-                                             score=float(n), threshold=float(limit)))
+            mi = self._find(mkeys, wk)
+            mx = np.where(mi >= 0, mvals[np.maximum(mi, 0)], 0)
+            limit = np.maximum(2 * mx, mx + 3)
+            for q in np.flatnonzero((mi >= 0) & (c > limit)).tolist():  # a channel never learned: allow-list
+                key, cnt, mxq = int(wk[q]), int(c[q]), int(mx[q])
+                rows = keys == key
+                ts = ev.ts[rows]
+                write = bool(ev.is_write[rows].any())
+                out.append(self._finding("burst", key, int(ts.min()), int(ts.max()), cnt,
+                                         f"sent {cnt} PDUs in one second (at most {mxq} during the baseline)",
+                                         "T0836" if write else "T0814", "high" if write else "medium",
+                                         score=float(cnt), threshold=float(limit[q])))
         # silent channels
-        for key, (p, jit, gmax) in self.period.items():
-            last = self.last_ts.get(key)
-            limit = max(3 * p, 1.5 * gmax)
-            if last is not None and (now_ns - last) / NS > limit:
-                silent = (now_ns - last) / NS
-                f = self._finding("inactive", key, last + int(limit * NS), now_ns, 1,
-                                  f"has been silent for {silent:.0f} s (usually every {p:.2f} s)", "T0814",
-                                  "medium", score=silent, threshold=limit)
-                out.append(f)
+        lim = np.maximum(3 * reg["period"], 1.5 * reg["gmax"])
+        silent = (now_ns - reg["last"]) / NS
+        for q in np.flatnonzero((reg["last"] >= 0) & (silent > lim)).tolist():
+            key, last, limit = int(reg["keys"][q]), int(reg["last"][q]), float(lim[q])
+            out.append(self._finding("inactive", key, last + int(limit * NS), now_ns, 1,
+                                     f"has been silent for {silent[q]:.0f} s (usually every {reg['period'][q]:.2f} s)",
+                                     "T0814", "medium", score=float(silent[q]), threshold=limit))
         if fb is not None and len(fb):
             lat = fb.X[:, F["latency_ms_mean"]]
             hit = np.flatnonzero(lat > self.latency_threshold)
