@@ -136,6 +136,9 @@ def format_result(r: dict) -> str:
                  f"= {'-' if fa is None else f'{fa:.2f}'} per hour"
                  + (f" ({', '.join(f'{k} {v}' for k, v in r['false_alert_rules'].items())})"
                     if r["false_alert_rules"] else ""))
+    if r.get("effect_alerts"):
+        lines.append(f"effects: {r['effect_alerts']} alerts on attacked devices within {r['grace_s']:g} s of an attack "
+                     "(neither detections nor false)")
     if r.get("precision") is not None:
         lines.append(f"events: precision {r['precision']:.3f}, recall {r['recall']:.3f}, F1 {r['f1']:.3f}")
     return "\n".join(lines)
