@@ -284,6 +284,9 @@ def _make_dir_for(path: Path, owner: tuple[int, int] | None) -> None:
 
 
 # -- the detection engine, as the configuration says ------------------------------------------------
+KEPT_ALERTS = 1000
+
+
 def engine_kwargs(cfg: config_mod.Config) -> dict:
     d = cfg.detection
     return {"detectors": tuple(d.detectors), "alerts_per_hour": d.alerts_per_hour, "cooldown_s": d.alert_cooldown}
@@ -296,6 +299,9 @@ def tune_engine(eng, cfg: config_mod.Config) -> None:
     eng.allowlist.min_span_s = d.min_span
     eng.alerts_per_hour = d.alerts_per_hour
     eng.manager.cooldown_ns = int(d.alert_cooldown * NS)
+    # The agent writes every alert to the log as it opens and closes; it needs only a short
+    # history in memory (the manager keeps 100,000 for replay summaries by default).
+    eng.manager.keep = KEPT_ALERTS
 
 
 def new_engine(cfg: config_mod.Config, now_ns: int | None = None):
@@ -358,7 +364,7 @@ def warm_up(cfg: config_mod.Config) -> None:
         if "river" in d:
             from river import anomaly, preprocessing  # noqa: F401
         if "pyod" in d:
-            from pyod.models.hbos import HBOS  # noqa: F401
+            from pyod.models.iforest import IForest  # noqa: F401
     except ImportError as exc:  # the engine reports it when it needs them
         log.warning("detector library missing: %s", exc)
     from models.engine import DetectionEngine
@@ -648,8 +654,13 @@ class Agent:
             q_out.put(None)
 
     def _after_batch(self, events, alerts, t0, q_out, next_health) -> None:
-        if alerts:
-            q_out.put(alerts)  # blocks when export is behind: capture keeps going, the capture queue absorbs it
+        # An incident is written when it opens and again, same event.id, with its final count when it
+        # closes (a SIEM keeps the latest record per id).  Records are made here, not in the export
+        # thread, so each one shows the alert as it was at that moment; popping the closed ones also
+        # keeps the engine's list of them bounded.
+        records = [a.to_ecs() for a in alerts] + [a.to_ecs() for a in self.engine.pop_closed()]
+        if records:
+            q_out.put(records)  # blocks when export is behind: capture keeps going, the capture queue absorbs it
         if self.endpoint is not None:
             health = None
             if time.monotonic() >= next_health:

@@ -50,7 +50,8 @@ class InventoryStage:
                      src=rec["address"], dst="", protocol=(rec["roles"][0]["protocol"] if rec.get("roles") else "other"),
                      entity=f"asset:{rec['address']}", technique="T0846",
                      message=f"new asset {rec['address']}{mac} appeared after the baseline was learned: {roles}",
-                     fields={"macs": rec.get("macs", []), "vlans": rec.get("vlans", []), "ics": rec.get("ics")})
+                     fields={"macs": rec.get("macs", []), "vlans": rec.get("vlans", []), "ics": rec.get("ics")},
+                     status="closed")  # a one-shot finding: complete when raised
 
     def refresh(self) -> dict:
         """Copy device identities from the parsers and return the counts for the metrics."""

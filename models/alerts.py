@@ -74,10 +74,18 @@ class Alert:
     provisional: bool = False  # raised by a baseline entry still under review
     status: str = "open"  # open while findings go on; closed after the alert manager's cool-down
 
+    #: stable id (ECS event.id) fixed when the incident is created: later findings may move
+    #: ``first_ts`` earlier, the id must not change with it
+    id: str = ""
+
+    def __post_init__(self):
+        if not self.id:
+            key = f"{self.rule}|{self.entity}|{self.first_ts}".encode()
+            self.id = hashlib.sha1(key).hexdigest()[:20]
+
     @property
     def alert_id(self) -> str:
-        key = f"{self.rule}|{self.entity}|{self.first_ts}".encode()
-        return hashlib.sha1(key).hexdigest()[:20]
+        return self.id
 
     def to_ecs(self) -> dict:
         rec = {

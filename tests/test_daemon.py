@@ -240,8 +240,14 @@ def test_run_live_learn_monitor_restart_reload(veth, tmp_path, agents):
     assert stop["internal_drops"] == 0 and stop["kernel_drops"] == 0, "lost frames: alerts cannot match"
     want_keys = collections.Counter((x.rule, x.entity) for x in want)
     assert any(k[0].startswith("allowlist.") for k in want_keys)
-    assert {k: v for k, v in alert_keys(live).items() if k[0].startswith("allowlist.")} == \
+    opened = [r for r in live if r["otwatch"]["status"] == "open"]
+    assert {k: v for k, v in alert_keys(opened).items() if k[0].startswith("allowlist.")} == \
         {k: v for k, v in want_keys.items() if k[0].startswith("allowlist.")}
+    # each incident: one record when it opened, one with the same event.id when it closed (clean stop)
+    closed = {r["event"]["id"]: r for r in live if r["otwatch"]["status"] == "closed"}
+    one_shot = {i for i, r in closed.items() if r["rule"]["name"].startswith("inventory.")}  # complete when raised
+    assert one_shot and sorted(r["event"]["id"] for r in opened) == sorted(set(closed) - one_shot)
+    assert all(closed[r["event"]["id"]]["otwatch"]["count"] >= r["otwatch"]["count"] for r in opened)
     assert len(live) == stop["alerts_written"]
     assert (tmp_path / "state" / "current").is_symlink()
 
