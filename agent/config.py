@@ -35,6 +35,10 @@ from .errors import InputError
 
 DEFAULT_PATH = "/etc/otwatch/otwatch.toml"
 DETECTORS = ["allowlist", "process", "cycle", "parser", "river", "pyod"]  # models.engine.DETECTORS
+# On the edge box: the four models that carry detection (docs/detection.md, ablation) in 88 MB
+# resident; River and PyOD pull in scikit-learn/SciPy/Numba (~190-270 MB) and found 1 and 0 of 84
+# held-out attacks on their own.  Add them where memory allows; replay and eval run all six.
+EDGE_DETECTORS = ["allowlist", "process", "cycle", "parser"]
 ICS_PORTS = [502, 2404, 20000]  # Modbus/TCP, IEC 60870-5-104 (§10.2), DNP3 (IEEE 1815 §A.1)
 
 
@@ -66,7 +70,8 @@ class Detection:
     learning_clock: str = _opt("wall", "choice", "what measures the learning period: wall (the agent's "
                                "clock) or capture (frame timestamps, as `otwatch replay --learn`)",
                                choices=("wall", "capture"))
-    detectors: list = _opt(list(DETECTORS), "detectors", "detectors that raise alerts")
+    detectors: list = _opt(list(EDGE_DETECTORS), "detectors", "detectors that raise alerts (add \"river\", "
+                           "\"pyod\" where memory allows: +100-180 MB)")
     alerts_per_hour: float = _opt(0.5, "float", "false alarms per hour each score-based detector may raise on "
                                   "traffic like the learning period's (calibrates the thresholds)", min=0, max=3600)
     alert_cooldown: float = _opt(60.0, "duration", "an incident closes after this long without a new finding",
