@@ -446,7 +446,8 @@ class Iec104Parser:
             # elements at once from a structured view of the octets.
             start_at = body + 3 if sq else body
             records = np.frombuffer(data, dtype=_run_dtype(element, not sq), count=nfit, offset=start_at)
-            values, qualities = _VECTOR_DECODE[element.kind](records)
+            with np.errstate(invalid="ignore"):  # a float NaN (even signalling) is a value to report, not an error
+                values, qualities = _VECTOR_DECODE[element.kind](records)
             if sq:
                 addresses = np.arange(first_ioa, first_ioa + nfit, dtype=np.int64)
             else:
