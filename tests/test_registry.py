@@ -6,11 +6,11 @@ import numpy as np
 from scapy.all import IP, TCP, UDP, Ether, raw
 
 from agent.pipeline import Pipeline, parse_file
-from parsers.crc import crc16_dnp
 from parsers.events import KIND_PDU, PROTO_DNP3, PROTO_IEC104, PROTO_MODBUS
 from parsers.frames import FrameBatch
 from parsers.registry import Registry
 from tests.conftest import SHARED_PCAPS, needs_shared
+from tests.test_dnp3 import link_frame
 
 E = dict(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 
@@ -19,14 +19,9 @@ def tcp(sport, dport, payload, seq=1, src="10.0.0.1", dst="10.0.0.2"):
     return raw(Ether(**E) / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, seq=seq, flags="PA") / payload)
 
 
-def dnp3_frame(dest=10, src=1, ctrl=0xC4, user=b"\xc0\xc1\x01\x3c\x02\x06"):
-    """A DNP3 link frame (IEEE 1815-2012 §9.2) with valid header and block CRCs."""
-    hdr = bytes([0x05, 0x64, 5 + len(user), ctrl]) + dest.to_bytes(2, "little") + src.to_bytes(2, "little")
-    out = hdr + crc16_dnp(hdr).to_bytes(2, "little")
-    for i in range(0, len(user), 16):
-        block = user[i:i + 16]
-        out += block + crc16_dnp(block).to_bytes(2, "little")
-    return out
+def dnp3_frame():
+    """A DNP3 READ class 1 request in one link frame with valid CRCs (IEEE 1815-2012 §9.2)."""
+    return link_frame(0xC4, 10, 1, b"\xc0\xc1\x01\x3c\x02\x06")
 
 
 MBAP_READ = bytes.fromhex("000100000006" "01" "03" "0000" "0002")
