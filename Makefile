@@ -10,6 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test install test-deps bench fuzz clean
 
 $(BIN)/otwatch: setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || sh deploy/install-test-deps.sh python3-venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
