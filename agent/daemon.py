@@ -371,15 +371,21 @@ def warm_up(cfg: config_mod.Config) -> None:
 
     frames, ts = _modbus_frames()
     pipeline = Pipeline()
-    eng = DetectionEngine(learn_seconds=2.0, detectors=tuple(d))
-    half = len(frames) // 2
-    for lo, hi in ((0, half), (half, len(frames))):
-        eng.process(pipeline.process(FrameBatch.from_frames(frames[lo:hi], ts=ts[lo:hi])))
-    eng.process(pipeline.finish())
-    eng.health()
-    with tempfile.TemporaryDirectory() as tmp:
-        eng.save(tmp, key=b"warm-up" * 4)
-        DetectionEngine.load(tmp, key=b"warm-up" * 4)
+    # the throwaway engine's own log lines ("learned 2 windows ...") would only confuse an operator
+    quiet = logging.getLogger("models")
+    level, quiet.level = quiet.level, logging.WARNING
+    try:
+        eng = DetectionEngine(learn_seconds=2.0, detectors=tuple(d))
+        half = len(frames) // 2
+        for lo, hi in ((0, half), (half, len(frames))):
+            eng.process(pipeline.process(FrameBatch.from_frames(frames[lo:hi], ts=ts[lo:hi])))
+        eng.process(pipeline.finish())
+        eng.health()
+        with tempfile.TemporaryDirectory() as tmp:
+            eng.save(tmp, key=b"warm-up" * 4)
+            DetectionEngine.load(tmp, key=b"warm-up" * 4)
+    finally:
+        quiet.setLevel(level)
 
 
 # -- the agent --------------------------------------------------------------------------------------
