@@ -101,8 +101,6 @@ DIAGNOSTIC_NAMES = {
 # Sub-functions that change how the device operates (restart, go silent) and those that change
 # stored state (counters, the ASCII delimiter).
 DIAGNOSTIC_CONTROL = frozenset({1, 4})
-# The event column is int32, so every 16-bit sub-function fits as sent.
-SUBFUNCTION_MAX = 0xFFFF
 DIAGNOSTIC_WRITE = frozenset({1, 3, 4, 10, 20})
 
 # MB-AP §6.19-6.21: MEI types and the device identification objects.
@@ -185,6 +183,12 @@ _P_FUNCTION, _P_UNIT, _P_ADDRESS, _P_COUNT = range(4)
 #: are appended as rows (a block costs about as much as 40 rows when the batch is built)
 POINTS_BLOCK = 48
 _NAN = math.nan
+
+
+def _diagnostic(data, body: int, blen: int) -> tuple[int, bool, bool, int]:
+    """FC 8 (§6.8), request or echoed response: (sub-function, is_write, is_control, data words)."""
+    sub = U16.unpack_from(data, body)[0]
+    return sub, sub in DIAGNOSTIC_WRITE, sub in DIAGNOSTIC_CONTROL, (blen - 2) // 2
 
 
 def _pdu_row(out: EventBuilder, ctx, direction: int, fc: int, sub: int, cause: int, unit: int, tid: int,
@@ -536,12 +540,9 @@ class ModbusParser:
             else:
                 status, reason = STATUS_MALFORMED, REASON_TRUNCATED
         elif fc == 8:
-            # §6.8 diagnostics: sub-function (2), data.
+            # §6.8 diagnostics (the response echoes the request): sub-function (2), data.
             if blen >= 2:
-                sub = min(U16.unpack_from(data, body)[0], SUBFUNCTION_MAX)
-                is_write = sub in DIAGNOSTIC_WRITE
-                is_control = sub in DIAGNOSTIC_CONTROL
-                count = (blen - 2) // 2
+                sub, is_write, is_control, count = _diagnostic(data, body, blen)
             else:
                 status, reason = STATUS_MALFORMED, REASON_TRUNCATED
         elif fc in (7, 11, 12, 17):
@@ -674,11 +675,9 @@ class ModbusParser:
             else:
                 status, reason = STATUS_MALFORMED, REASON_TRUNCATED
         elif fc == 8:
+            # §6.8 diagnostics (the response echoes the request): sub-function (2), data.
             if blen >= 2:
-                sub = min(U16.unpack_from(data, body)[0], SUBFUNCTION_MAX)
-                is_write = sub in DIAGNOSTIC_WRITE
-                is_control = sub in DIAGNOSTIC_CONTROL
-                count = (blen - 2) // 2
+                sub, is_write, is_control, count = _diagnostic(data, body, blen)
             else:
                 status, reason = STATUS_MALFORMED, REASON_TRUNCATED
         elif fc == 7:
