@@ -143,6 +143,7 @@ def workload_soak(seconds: float) -> dict:
         for lo, hi in zip(cut[:-1], cut[1:]):
             part = FrameBatch.from_frames(frames[lo:hi], ts=(b.ts[lo:hi] + k * span).tolist())
             engine.process(pipeline.process(part))
+            engine.pop_closed()  # as the agent does after each batch (it writes them to the alert log)
         release_memory()
         samples.append(_rss()["VmRSS"])
         k += 1
