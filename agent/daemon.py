@@ -12,7 +12,8 @@ Three threads joined by bounded queues, so a slow stage never stalls capture::
   Both are exported (``otwatch_capture_drops_total{source="kernel"|"internal"}``) and logged at exit.
 - **processing** runs the pipeline and the detection engine on each batch, updates the metrics and
   writes a checkpoint of the learned state when learning ends, every ``state.checkpoint_interval``
-  and at shutdown.
+  and at shutdown -- while learning too, so a restart or a power cut carries learning on instead of
+  starting it again.
 - **export** writes every alert to the durable alert log.
 
 Signals: SIGTERM/SIGINT stop cleanly (capture stops, queued batches are processed, buffered streams
@@ -637,7 +638,7 @@ class Agent:
                     mode = self.engine.mode
                     _info("learning finished: monitoring", event="mode", mode=mode)
                     self.checkpoint("learning finished")
-                elif mode == "monitor" and now - self.last_checkpoint >= self.cfg.state.checkpoint_interval:
+                elif now - self.last_checkpoint >= self.cfg.state.checkpoint_interval:
                     self.checkpoint("scheduled")
                 if self.reload_requested.is_set():
                     self.reload_requested.clear()
@@ -648,11 +649,7 @@ class Agent:
             alerts = self.engine.process(events) + self.engine.finish()
             alerts += self.inventory.observe(events, self.engine.mode)
             self._after_batch(events, alerts, t0, q_out, 0.0)
-            if self.engine.mode == "monitor":
-                self.checkpoint("shutdown")
-            else:
-                _info("stopping while learning: nothing to checkpoint yet (learning restarts next time)",
-                      event="checkpoint_skipped")
+            self.checkpoint("shutdown")
         except BaseException as exc:  # noqa: BLE001
             self.failed = exc
             self.stop_event.set()
@@ -714,7 +711,7 @@ class Agent:
               seconds=round(time.perf_counter() - t0, 3))
 
     def _save_state(self, directory, key) -> None:
-        self.engine.save(directory, key=key)
+        self.engine.save_progress(directory, key=key)  # the finished baseline, or learning so far
         self.inventory.save(directory, key)
 
     def reload(self) -> None:
@@ -758,6 +755,8 @@ class Agent:
             left = d.learning_period if d.learning_clock == "capture" else max(
                 0.0, (e.learn_until_ns - time.time_ns()) / NS)
             mode = f"learning, {_fmt_duration(left)} left ({d.learning_clock} clock)"
+            if self.loaded_from:
+                mode += f", resumed from {self.loaded_from}"
         metrics = self.endpoint.server.url if self.endpoint else "off"
         user = f", running as {self.dropped_to}" if self.dropped_to else ""
         logging.getLogger("otwatch.start").info(

@@ -242,6 +242,30 @@ class CycleModel:
                 "min_count": self.min_count}
         return {"cycle.latency_learn": np.asarray(self.latency_learn)}, meta
 
+    def learning_state(self) -> tuple[dict, dict]:
+        """What learning has gathered so far (gaps, counts, bursts, latencies), for a checkpoint
+        taken before learning ends."""
+        arrays = {"cycle.latency_learn": np.asarray(self.latency_learn, dtype=np.float64)}
+        meta = {"learning": True, "min_count": self.min_count, "learned_until": self.learned_until,
+                "info": {str(k): v for k, v in self.info.items()},
+                "gaps": {str(k): v for k, v in self.gaps.items()},
+                "last_ts": {str(k): v for k, v in self.last_ts.items()},
+                "count": {str(k): v for k, v in self.count.items()},
+                "max_per_sec": {str(k): v for k, v in self.max_per_sec.items()}}
+        return arrays, meta
+
+    @classmethod
+    def from_learning_state(cls, arrays, meta) -> "CycleModel":
+        m = cls(min_count=meta["min_count"])
+        m.learned_until = int(meta["learned_until"])
+        m.info = {int(k): v for k, v in meta["info"].items()}
+        m.gaps = {int(k): list(v) for k, v in meta["gaps"].items()}
+        m.last_ts = {int(k): int(v) for k, v in meta["last_ts"].items()}
+        m.count = {int(k): int(v) for k, v in meta["count"].items()}
+        m.max_per_sec = {int(k): int(v) for k, v in meta["max_per_sec"].items()}
+        m.latency_learn = np.asarray(arrays["cycle.latency_learn"]).tolist()
+        return m
+
     @classmethod
     def from_state(cls, arrays, meta) -> "CycleModel":
         m = cls(min_count=meta["min_count"])

@@ -302,6 +302,25 @@ class DetectionEngine:
     def alerts(self) -> list:
         return self.manager.alerts
 
+    @classmethod
+    def _resume_learning(cls, arrays, meta, kwargs) -> "DetectionEngine":
+        """An engine still learning, from :meth:`save_progress`: learning goes on to the same end."""
+        kwargs.setdefault("learn_seconds", meta["learn_seconds"])
+        kwargs["learn_until_ns"] = meta["learn_until_ns"]
+        e = cls(**kwargs)
+        e.allowlist = AllowList.from_state(arrays, meta["allowlist"])
+        e.cycle = CycleModel.from_learning_state(arrays, meta["cycle"])
+        e.process_model = ProcessModel.from_state(arrays, meta["process"])
+        e.process_model.learning = True
+        e.learned_from, e.learned_to = meta["learned_from"], meta["learned_to"]
+        e.first_ts = meta["first_ts"]
+        e.err_max = meta["err_max"]
+        e.events_seen = int(meta.get("events_seen", 0))
+        X = np.asarray(arrays["ml.learn_matrix"], dtype=np.float64)
+        e.learn_X = [X] if X.shape[0] else []
+        e.learn_n = int(X.shape[0])
+        return e
+
     # -- health and persistence ----------------------------------------------------------------
     def health(self) -> dict:
         """Model health as plain numbers (names are stable; see docs/detection.md)."""
@@ -324,6 +343,27 @@ class DetectionEngine:
         h["latency_threshold_ms"] = self.cycle.latency_threshold
         return h
 
+    def save_progress(self, directory, key: bytes | None = None) -> None:
+        """Save what learning has gathered so far without ending it (an agent restarted or powered
+        off mid-learning carries on where it stopped instead of starting again).  In monitor mode
+        this is :meth:`save`.  The damped window statistics are not kept: they re-warm in seconds."""
+        if self.mode == "monitor":
+            self.save(directory, key)
+            return
+        arrays, meta = {}, {"version": 1, "mode": "learn", "learned_from": self.learned_from,
+                            "learned_to": self.learned_to, "first_ts": self.first_ts,
+                            "learn_until_ns": self.learn_until_ns, "learn_seconds": self.learn_seconds,
+                            "detectors": list(self.detectors), "alerts_per_hour": self.alerts_per_hour,
+                            "pyod_method": self.pyod_method, "err_max": self.err_max,
+                            "events_seen": self.events_seen}
+        for name, (a, m) in (("allowlist", self.allowlist.to_state()), ("cycle", self.cycle.learning_state()),
+                             ("process", self.process_model.to_state())):
+            arrays.update(a)
+            meta[name] = m
+        arrays["ml.learn_matrix"] = (np.concatenate(self.learn_X) if self.learn_X
+                                     else np.empty((0, len(FEATURE_NAMES))))
+        state_io.save(directory, arrays, meta, key=key)
+
     def save(self, directory, key: bytes | None = None) -> None:
         if self.mode != "monitor":
             self.finish_learning()
@@ -344,6 +384,8 @@ class DetectionEngine:
         kwargs.setdefault("detectors", meta["detectors"])
         kwargs.setdefault("alerts_per_hour", meta["alerts_per_hour"])
         kwargs.setdefault("pyod_method", meta["pyod_method"])
+        if meta.get("mode") == "learn":
+            return cls._resume_learning(arrays, meta, kwargs)
         e = cls(**kwargs)
         e.allowlist = AllowList.from_state(arrays, meta["allowlist"])
         e.cycle = CycleModel.from_state(arrays, meta["cycle"])

@@ -265,3 +265,29 @@ def test_syslog_copy_of_each_alert(tmp_path):
 def test_bad_syslog_target_is_refused(url):
     with pytest.raises(InputError, match="alerts.syslog"):
         parse_text(f'[alerts]\nsyslog = "{url}"\n')
+
+
+def test_agent_resumes_learning_from_a_checkpoint_taken_while_learning(tmp_path):
+    """A power cut during learning: the agent's checkpoint holds learning so far, and the restarted
+    agent goes on learning to the same end (wall clock) instead of starting again."""
+    import time
+
+    from agent.daemon import Agent, _modbus_frames, new_engine
+    from agent.pipeline import Pipeline
+    from parsers.frames import FrameBatch
+
+    cfg = parse_text(f'[state]\ndirectory = "{tmp_path}/state"\nkey_file = "{tmp_path}/k"\n'
+                     '[detection]\ndetectors = ["allowlist", "process", "cycle"]\nlearning_period = "2h"\n')
+    key = read_key(Path(cfg.state.key_file))
+    eng = new_engine(cfg)
+    frames, _ = _modbus_frames(60)
+    now = time.time_ns()
+    p = Pipeline()
+    eng.process(p.process(FrameBatch.from_frames(frames, ts=[now + i * 10**8 for i in range(len(frames))])))
+    assert eng.mode == "learn" and eng.allowlist.size() > 0
+    agent = Agent(cfg)
+    agent.checkpoints = Checkpoints(cfg.state.directory, key)
+    where = agent.checkpoints.write(lambda d, k: eng.save_progress(d, key=k))
+    back = agent.load_state()
+    assert agent.loaded_from == where and back.mode == "learn"
+    assert back.learn_until_ns == eng.learn_until_ns and back.allowlist.size() == eng.allowlist.size()
