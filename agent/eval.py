@@ -21,7 +21,6 @@ from parsers.events import EventBatch
 from .errors import InputError
 from .pipeline import Pipeline
 from .replay import check_files, replay_files
-from .sources import sniff_format
 
 
 def parse_duration(text: str) -> float:
@@ -145,9 +144,7 @@ def format_result(r: dict) -> str:
 
 
 def run(args) -> int:
-    (path,) = check_files([args.capture])
-    if sniff_format(path) is None:
-        raise InputError(f"{path}: not a pcap or pcapng file")
+    (path,) = check_files([args.capture])  # exists, readable, a pcap or pcapng file
     if not Path(args.labels).is_file():
         raise InputError(f"{args.labels}: no such labels file")
     detectors = tuple(d.strip() for d in args.detectors.split(",") if d.strip())
