@@ -554,26 +554,12 @@ class Agent:
         m = self.cfg.metrics
         if not m.listen:
             return
-        from prometheus_client import CollectorRegistry, disable_created_metrics
+        from .metrics import MetricsEndpoint
 
-        from .metrics import Metrics, MetricsEndpoint, MetricsServer, load_basic_auth, parse_listen
-
-        host, port = parse_listen(m.listen)
-        users = None
-        if m.auth_file:
-            try:
-                users = load_basic_auth(m.auth_file)
-            except (OSError, ValueError) as exc:
-                raise InputError(f"metrics.auth_file: {exc}") from None
-        disable_created_metrics()
-        metrics = Metrics(CollectorRegistry())
-        try:
-            server = MetricsServer(metrics.registry, host, port, certfile=m.tls_cert or None,
-                                   keyfile=m.tls_key or None, users=users)
-        except OSError as exc:
-            raise InputError(f"metrics.listen: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        metrics.declare_rules([])
-        self.endpoint = MetricsEndpoint(metrics, server)
+        endpoint = MetricsEndpoint.start(m.listen, m.tls_cert, m.tls_key, m.auth_file,
+                                         names=("metrics.listen", "metrics.tls_cert", "metrics.auth_file"))
+        endpoint.metrics.declare_rules([])
+        self.endpoint = endpoint
 
     # -- the three stages -------------------------------------------------------------------------
     def _capture_loop(self, q_in: queue.Queue) -> None:

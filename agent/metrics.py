@@ -655,36 +655,45 @@ class MetricsEndpoint:
         self._batches = 0
 
     @classmethod
-    def from_args(cls, args) -> "MetricsEndpoint | None":
-        """Start serving when ``--metrics`` was given (None otherwise); bad values raise InputError."""
+    def start(cls, listen: str, tls_cert: str | None = None, tls_key: str | None = None,
+              auth_file: str | None = None, names=("--metrics", "--metrics-tls-cert", "--metrics-auth-file")):
+        """Build the metrics and start serving them at ``listen`` (HOST:PORT).  Bad values raise
+        InputError naming the option or config key in ``names`` (listen, TLS, auth file)."""
         from .errors import InputError
 
-        if getattr(args, "metrics", None) is None:
-            return None
+        listen_name, tls_name, auth_name = names
         try:
-            host, port = parse_listen(args.metrics)
+            host, port = parse_listen(listen)
         except ValueError as exc:
-            raise InputError(f"--metrics {args.metrics!r}: {exc}") from None
-        if bool(args.metrics_tls_cert) != bool(args.metrics_tls_key):
-            raise InputError("--metrics-tls-cert and --metrics-tls-key go together")
+            raise InputError(f"{listen_name} {listen!r}: {exc}") from None
+        if bool(tls_cert) != bool(tls_key):
+            raise InputError(f"{tls_name} and its key go together")
         users = None
-        if args.metrics_auth_file:
+        if auth_file:
             try:
-                users = load_basic_auth(args.metrics_auth_file)
+                users = load_basic_auth(auth_file)
             except (OSError, ValueError) as exc:
-                raise InputError(f"--metrics-auth-file: {exc}") from None
+                raise InputError(f"{auth_name}: {exc}") from None
         from prometheus_client import disable_created_metrics
 
         disable_created_metrics()  # one process per run: *_created series add nothing for counters here
         metrics = Metrics(CollectorRegistry())  # complete before the first scrape can arrive
         try:
-            server = MetricsServer(metrics.registry, host, port, certfile=args.metrics_tls_cert,
-                                   keyfile=args.metrics_tls_key, users=users)
+            server = MetricsServer(metrics.registry, host, port, certfile=tls_cert or None, keyfile=tls_key or None,
+                                   users=users)
         except (OSError, ssl.SSLError) as exc:
-            raise InputError(f"--metrics {host}:{port}: {exc}") from None
+            raise InputError(f"{listen_name}: cannot listen on {host}:{port}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
         log.info("serving metrics at %s", server.url)
-        endpoint = cls(metrics, server)
-        if args.wait_scrape > 0 and not server.wait_for_scrapes(1, args.wait_scrape):
+        return cls(metrics, server)
+
+    @classmethod
+    def from_args(cls, args) -> "MetricsEndpoint | None":
+        """Start serving when ``--metrics`` was given (None otherwise); bad values raise InputError."""
+        if getattr(args, "metrics", None) is None:
+            return None
+        endpoint = cls.start(args.metrics, args.metrics_tls_cert, args.metrics_tls_key, args.metrics_auth_file)
+        if args.wait_scrape > 0 and not endpoint.server.wait_for_scrapes(1, args.wait_scrape):
             log.warning("no scrape within %.0f s; starting anyway", args.wait_scrape)
         return endpoint
 
