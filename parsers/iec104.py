@@ -183,7 +183,7 @@ _VECTOR_DECODE = {
 def _pdu_row(out: EventBuilder, ctx, direction, function, sub, cause, unit, peer, seq, ack, address, count, obj,
              variation, length, is_write, is_control, status, reason) -> int:
     """``out.pdu(...)`` for one IEC 104 PDU row, positional: appends the row tuple
-    :meth:`EventBuilder.pdu` would append; a builder without a row list gets the public call."""
+    :meth:`EventBuilder.pdu` would append, straight onto the builder's public row list."""
     pid = out.take_pdu_id()
     rows = out.rows
     rows.append((ctx.ts, ctx.frame, PROTO_IEC104, ctx.src, ctx.dst, ctx.sport, ctx.dport, ctx.flow, ctx.transport,
