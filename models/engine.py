@@ -15,7 +15,7 @@ process-variable model  every point row                         every event
 polling-cycle model     PDU rows grouped by channel; windows    every event / per second
 parser health           per channel-second error counts         one row per channel-second
 River HalfSpaceTrees    per channel-second feature vectors      one row per channel-second
-PyOD (HBOS)             per channel-second feature vectors      one row per channel-second
+PyOD (IForest)          per channel-second feature vectors      one row per channel-second
 ======================= ======================================= ==========================
 
 Large batches are cut into slices of at most ``slice_s`` seconds of capture time so that silence
@@ -243,12 +243,12 @@ class DetectionEngine:
         ok = ~flagged
         if ok.any():
             t0 = t()
-            if self.river is not None:
-                self.river.learn(X[ok])
+            if self.river is not None:  # a sample when windows are many (RiverDetector.learn_sample)
+                self.river.learn_sample(X[ok], float(fb.sec.max() - fb.sec.min() + 1))
             self.busy_s["river"] += t() - t0
             t0 = t()
             if self.pyod is not None:
-                self.pyod.learn(X[ok])
+                self.pyod.learn(X[ok], float(fb.last_ts.max()) / NS)
             self.busy_s["pyod"] += t() - t0
         return self.manager.add(findings)
 

@@ -99,3 +99,44 @@ def test_stuck_needs_evidence_against_the_learned_repeat_chance():
     pm.learn(_points(ints))
     pm.finish_learning(1e-4)
     assert pm.findings(_points([ints[-1] + 1, ints[-1] + 1], t0=200 * 30)) == []
+
+
+def test_river_batch_scores_equal_rivers_score_one_on_real_windows():
+    """The NumPy scoring of River's trees gives River's own score_one, before and after window swaps,
+    on the feature vectors of a bundled capture (and on the same vectors far outside their range)."""
+    from models.engine import transform
+    from models.features import WindowFeatures
+    from models.river_detector import RiverDetector
+    ev = parse_file(PROJECT_PCAPS / "mixed.pcap")
+    wf = WindowFeatures()
+    fb = wf.push(ev)
+    X = transform(fb.X)
+    assert X.shape[0] > 2000
+    d = RiverDetector(window_size=100)
+    d.learn(X[:600])
+    for k in range(4):  # learning 137 rows between checks moves River across its window swaps
+        Y = np.vstack([X[600 + 300 * k: 900 + 300 * k], X[:20] * 3.0])
+        batch, ref = d.score(Y), d.score_one_by_one(Y)
+        assert np.array_equal(batch, ref)
+        assert batch.std() > 0
+        d.learn(Y[:137])
+
+
+def test_river_learns_a_sample_only_when_windows_are_many():
+    from models.river_detector import RiverDetector
+    rng = np.random.default_rng(6)
+    d = RiverDetector(learn_per_s=8)
+    d.learn_sample(rng.normal(0, 1, (40, 3)), seconds=5.0)  # 8/s over 5 s: every window
+    assert d.learned == 40
+    d.learn_sample(rng.normal(0, 1, (4000, 3)), seconds=5.0)  # far more: about 40 of them
+    assert 15 <= d.learned - 40 <= 70
+
+
+def test_iforest_compiled_descent_equals_numpy_descent():
+    rng = np.random.default_rng(8)
+    X = rng.normal(0, 1, (6000, 5))
+    d = PyODDetector(method="iforest")
+    d.fit(X)
+    assert d.model.detector_.n_features_in_ == 5
+    Y = np.vstack([rng.normal(0, 1, (500, 5)), np.full((3, 5), 9.0), np.full((2, 5), np.nan)])
+    assert np.allclose(d.forest.decision_function(Y), d.forest.decision_function_numpy(Y), rtol=0, atol=1e-12)
