@@ -65,6 +65,9 @@ class AlertManager:
                     a.severity = f.severity
                 if f.score is not None and (a.score is None or f.score > a.score):
                     a.score = f.score
+                items = a.fields.get("items")
+                if items is not None:  # a review incident lists every item that joined it (bounded)
+                    items.extend(i for i in f.fields.get("items", ()) if i not in items and len(items) < 50)
                 continue
             group = (f.rule, f.dst)
             rolled = self._group_open.get(group, 0) >= self.rollup

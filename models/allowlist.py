@@ -45,6 +45,10 @@ from .findings import Finding, function_text, ip_text, protocol_text
 TABLES = ("talker", "function", "write", "read")
 ROLE_TABLES = tuple(f"{t}_role" for t in TABLES)
 CODE_NEW_PEER = 8  # classify(): a known client talks to a server of its protocol it never talked to
+# Review items (provisional entries, a known client's new peer) roll up into one low-severity incident per
+# client host, held open this long without a new one: one alert for an operator to review, listing the
+# items, rather than one per item each time the 60 s cool-down lapses between a periodic job's runs.
+REVIEW_HOLD_S = 1800.0
 SEVERITY_NEW = {"peer": "low", "talker": "high", "function": "high", "write": "high", "read": "medium"}
 # Modbus FC 8 sub-functions and DNP3/IEC-104 functions that restart, stop or silence a device.
 RESTART_FUNCTIONS = {
@@ -258,7 +262,7 @@ class AllowList:
         technique = _technique(ev, rows, table)
         servers = sorted({ip_text(x) for x in server[rows].tolist()})
         if table == "peer":
-            entity = f"{c}>{s}/{proto}"
+            entity = f"{c}/new_peer"  # one review incident per client (REVIEW_HOLD_S)
             what = f"{c} talked {ptxt} to {s}"
             never = f"{c} talks {ptxt} to other devices but never to this one during the baseline"
         elif table == "talker":
@@ -281,7 +285,10 @@ class AllowList:
             never = "this range was never read by this host during the baseline"
         if provisional:
             never = "seen only rarely or in one burst during the baseline (provisional, not yet approved)"
-            entity = f"{c}/{proto}/provisional"  # one review incident per client and protocol
+            entity = f"{c}/provisional"  # one review incident per client (REVIEW_HOLD_S)
+        review = provisional or table == "peer"
+        if review:
+            fields["items"] = [what]
         severity = "low" if provisional else SEVERITY_NEW[table]
         if not provisional and technique in ("T0816", "T0855") and table not in ("read", "peer"):
             severity = "critical" if table in ("talker", "function") and technique == "T0816" else "high"
@@ -291,7 +298,7 @@ class AllowList:
             src=int(client[r]), dst=int(server[r]) if len(servers) == 1 else 0,
             protocol=proto, entity=entity, message=f"{what}; {never}", technique=technique,
             count=int(rows.shape[0]), fields=fields, provisional=provisional,
-            sport=int(ev.sport[r]), dport=int(ev.dport[r]))
+            sport=int(ev.sport[r]), dport=int(ev.dport[r]), hold_s=REVIEW_HOLD_S if review else 0.0)
 
     # -- review --------------------------------------------------------------------------------
     def entries(self) -> list[dict]:
