@@ -8,10 +8,12 @@ reads.  Nothing here knows whether frames came from a file or an interface.
 from __future__ import annotations
 
 import time
+from operator import attrgetter
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from parsers.base import feed_chunks
 from parsers.decode import SKIP_ERRORS, SKIP_NAMES, AddressBook, decode
 from parsers.events import PROTOCOL_NAMES, REASON_NAMES, EventBatch, EventBuilder, KIND_PDU
 from parsers.frames import FrameBatch
@@ -105,10 +107,21 @@ class Pipeline:
     def _parse(self, out) -> EventBatch:
         parsers = self.registry.parsers
         builder = self.builder
-        for chunk in out.chunks:
-            parser = parsers.get(chunk.protocol)
-            if parser is not None:
-                parser.feed(chunk, builder)
+        chunks = out.chunks
+        if chunks:
+            # Each parser reads all of its chunks at once; with several protocols in the batch the
+            # rows are tagged with their chunk's place and put back in chunk order by build().
+            protocol = np.fromiter(map(attrgetter("protocol"), chunks), dtype=np.int64, count=len(chunks))
+            codes = np.unique(protocol).tolist()
+            for code in codes:
+                parser = parsers.get(code)
+                if parser is None:
+                    continue
+                if len(codes) == 1:
+                    feed_chunks(parser, chunks, builder)
+                else:
+                    tags = np.flatnonzero(protocol == code)
+                    feed_chunks(parser, [chunks[i] for i in tags.tolist()], builder, tags)
         for flow_id, code in out.closed:
             parser = parsers.get(code)
             if parser is not None:

@@ -55,6 +55,26 @@ class StreamParser(Protocol):
     def feed(self, chunk: Chunk, out: EventBuilder) -> None:
         """Parse the bytes of one chunk, appending PDU and point rows to ``out``."""
 
+    # Optional: ``feed_batch(chunks, out, tags=None)`` reads a list of chunks at once, writing the
+    # same rows as ``feed`` on each in turn (see parsers.batch); ``feed_chunks`` uses it when present.
+
     def close(self, flow: int, out: EventBuilder | None = None) -> None:
         """Forget all state kept for ``flow`` (it ended or was evicted); count what was left
         unfinished (a partial PDU, an unanswered request) into ``out``."""
+
+
+def feed_chunks(parser, chunks: list, out: EventBuilder, tags=None) -> None:
+    """Hand ``chunks`` (in order) to ``parser``: all at once where it has a batch path
+    (``feed_batch``), else one by one.  ``tags`` (or None) are the chunks' order tags in ``out``."""
+    batch = getattr(parser, "feed_batch", None)
+    if batch is not None:
+        batch(chunks, out, tags)
+        return
+    feed = parser.feed
+    if tags is None:
+        for chunk in chunks:
+            feed(chunk, out)
+        return
+    for chunk, tag in zip(chunks, tags):
+        out.set_tag(tag)
+        feed(chunk, out)

@@ -134,6 +134,14 @@ class EventBatch:
         return int(self._cols["ts"].shape[0])
 
     @classmethod
+    def from_columns(cls, columns: dict, errors: dict | None = None) -> "EventBatch":
+        """A batch from one contiguous array per column (all of COLUMNS, equal lengths)."""
+        out = object.__new__(cls)
+        out._cols = {name: columns[name] for name in COLUMNS}
+        out.errors = dict(errors or {})
+        return out
+
+    @classmethod
     def empty(cls) -> "EventBatch":
         return cls(np.zeros(0, dtype=EVENT_DTYPE))
 
@@ -201,11 +209,36 @@ class EventBuilder:
         #: append such tuples here directly (with an id from :meth:`take_pdu_id`).
         self.rows: list[tuple] = []
         self._blocks: list[np.ndarray] = []  # rows already turned into arrays, in order
+        self._block_rows = 0  # rows in self._blocks
+        # Order tags: (first row, tag or per-row tag array) in row order; empty when nobody tags.
+        self._marks: list = []
         self.next_pdu_id = first_pdu_id
         self.errors: dict = {}
 
     def __len__(self) -> int:
-        return len(self.rows) + sum(b.shape[0] for b in self._blocks)
+        return len(self.rows) + self._block_rows
+
+    # -- order tags: parsers that read a whole list of chunks at once ---------------------------
+    #
+    # The pipeline hands each protocol parser all of its chunks of a batch together
+    # (``parse_chunks``), so rows arrive grouped by protocol.  Each chunk carries a tag (its place
+    # in the batch); build() sorts rows by tag, stably, so the batch reads in chunk order exactly
+    # as if the chunks had been fed one by one, and renumbers pdu_id in that order.
+
+    def set_tag(self, tag: int) -> None:
+        """Rows appended from now on (until the next tag) belong to the chunk tagged ``tag``."""
+        self._marks.append((len(self.rows) + self._block_rows, tag))
+
+    def add_columns(self, columns: dict, tags: np.ndarray | None = None) -> None:
+        """Append finished rows given as columns (one array per name in COLUMNS, as a vectorised
+        parser writes them), with the tag of each row; rows appended after them keep the last tag."""
+        self._flush_rows()
+        n = columns["ts"].shape[0]
+        if tags is not None and len(tags):
+            self._marks.append((self._block_rows, tags))
+            self._marks.append((self._block_rows + n, int(tags[-1])))
+        self._blocks.append(columns)
+        self._block_rows += n
 
     def take_pdu_id(self) -> int:
         """The next PDU id, for a parser that appends its own row tuples to :attr:`rows`."""
@@ -276,6 +309,7 @@ class EventBuilder:
         block["quality"] = quality
         self._flush_rows()
         self._blocks.append(block)
+        self._block_rows += n
 
     def _flush_rows(self) -> None:
         rows = self.rows
@@ -286,6 +320,7 @@ class EventBuilder:
             except struct.error:  # a value struct refuses: let NumPy convert (or raise) as it always did
                 block = np.array(rows, dtype=EVENT_DTYPE)
             self._blocks.append(block)
+            self._block_rows += block.shape[0]
             self.rows = []
 
     def count_error(self, protocol: int, reason: int, n: int = 1) -> None:
@@ -296,13 +331,48 @@ class EventBuilder:
     def build(self) -> EventBatch:
         """Return the rows collected so far as a batch and start afresh."""
         self._flush_rows()
-        if not self._blocks:
-            recs = np.zeros(0, dtype=EVENT_DTYPE)
-        elif len(self._blocks) == 1:
-            recs = self._blocks[0]
-        else:  # joining bytes is much cheaper than np.concatenate of structured arrays
-            recs = np.frombuffer(bytearray(b"".join([b.tobytes() for b in self._blocks])), dtype=EVENT_DTYPE)
-        batch = EventBatch(recs, self.errors)
+        blocks = self._blocks
+        if all(isinstance(b, np.ndarray) for b in blocks):
+            if not blocks:
+                recs = np.zeros(0, dtype=EVENT_DTYPE)
+            elif len(blocks) == 1:
+                recs = blocks[0]
+            else:  # joining bytes is much cheaper than np.concatenate of structured arrays
+                recs = np.frombuffer(bytearray(b"".join([b.tobytes() for b in blocks])), dtype=EVENT_DTYPE)
+            columns = {name: np.ascontiguousarray(recs[name]) for name in COLUMNS}
+        else:  # some blocks are columns already (vectorised parsers): join column by column
+            parts = [b if isinstance(b, dict) else {name: b[name] for name in COLUMNS} for b in blocks]
+            columns = {name: np.concatenate([b[name] for b in parts]) for name in COLUMNS}
+        if self._marks:
+            columns = self._in_tag_order(columns)
+        batch = EventBatch.from_columns(columns, self.errors)
         self._blocks = []
+        self._block_rows = 0
+        self._marks = []
         self.errors = {}
         return batch
+
+    def _in_tag_order(self, columns: dict) -> dict:
+        n = columns["ts"].shape[0]
+        marks = self._marks
+        tags = np.empty(n, dtype=np.int64)
+        tags[: marks[0][0]] = -1  # rows before the first tag: no chunk claimed them, keep them first
+        for i, (start, tag) in enumerate(marks):
+            end = marks[i + 1][0] if i + 1 < len(marks) else n
+            if end > start:
+                tags[start:end] = tag if np.ndim(tag) == 0 else tag[: end - start]
+        if n < 2 or not (tags[1:] < tags[:-1]).any():
+            return columns
+        order = np.argsort(tags, kind="stable")
+        columns = {name: col[order] for name, col in columns.items()}
+        # pdu_id is a running number in row order: renumber, and point rows follow their PDU
+        ids = columns["pdu_id"]
+        old = ids[columns["kind"] == KIND_PDU]
+        if old.size:
+            first = int(old.min())
+            new_id = np.full(int(old.max()) - first + 1, -1, dtype=np.int64)
+            new_id[old - first] = first + np.arange(old.size)
+            inside = (ids >= first) & (ids - first < new_id.size)
+            mapped = new_id[np.where(inside, ids - first, 0)]
+            columns["pdu_id"] = np.where(inside & (mapped >= 0), mapped, ids)
+        return columns

@@ -185,6 +185,11 @@ POINTS_BLOCK = 48
 _NAN = math.nan
 
 
+def coil_value(value: int) -> int:
+    """MB-AP §6.5: a coil write carries 0xFF00 (on) or 0x0000 (off); another value is kept raw."""
+    return 1 if value == 0xFF00 else 0 if value == 0 else value
+
+
 def _diagnostic(data, body: int, blen: int) -> tuple[int, bool, bool, int]:
     """FC 8 (§6.8), request or echoed response: (sub-function, is_write, is_control, data words)."""
     sub = U16.unpack_from(data, body)[0]
@@ -297,6 +302,13 @@ class ModbusParser:
             return DIR_REQUEST if to_server else DIR_RESPONSE
         return DIR_REQUEST if chunk.direction == FROM_CLIENT else DIR_RESPONSE
 
+    def feed_batch(self, chunks: list, out: EventBuilder, tags=None) -> None:
+        """Parse a list of chunks in order: the same rows as ``feed`` on each, read as arrays
+        (``parsers.modbus_batch``); ``tags`` are the chunks' order tags for ``out`` (or None)."""
+        from .modbus_batch import feed_batch
+
+        feed_batch(self, chunks, out, tags)
+
     def feed(self, chunk: Chunk, out: EventBuilder) -> None:
         self._last_out = out
         key = (chunk.flow, chunk.direction)
@@ -309,7 +321,7 @@ class ModbusParser:
         pos = 0
         role = self._role(chunk)
         unpack = MBAP.unpack_from
-        pending_tables = self._pending
+        one = self._one
         while n - pos >= 8:
             tid, pid, length, unit, fc = unpack(data, pos)
             if pid or length < MIN_LENGTH or length > FRAMING_MAX_LENGTH:
@@ -321,62 +333,7 @@ class ModbusParser:
             end = pos + 6 + length
             if end > n:
                 break
-            if 1 <= fc <= 4:
-                # Fast path for the well-formed reads that make up most traffic (MB-AP §6.1-6.4);
-                # the same rows as _adu -> _request/_response, which handles everything else.
-                if role == DIR_REQUEST:
-                    if length == 6:  # unit, FC, starting address, quantity
-                        address, count = U16X2.unpack_from(data, pos + 8)
-                        _pdu_row(out, chunk, DIR_REQUEST, fc, -1, -1, unit, tid, address, count, 12, False, False,
-                                 STATUS_OK, REASON_NONE)
-                        self._remember(chunk, out, tid, unit, fc, address, count)
-                        pos = end
-                        continue
-                else:
-                    table = pending_tables.get(chunk.flow)
-                    request = table.get(tid) if table else None
-                    if request is not None and request[_P_FUNCTION] == fc and request[_P_UNIT] == unit:
-                        nbytes = data[pos + 8]
-                        count = request[_P_COUNT]
-                        if length == 3 + nbytes and (count == nbytes >> 1 and not nbytes & 1 if fc > 2
-                                                     else (count + 7) >> 3 == nbytes):
-                            del table[tid]
-                            address = request[_P_ADDRESS]
-                            pdu = _pdu_row(out, chunk, DIR_RESPONSE, fc, -1, -1, unit, tid, address, count,
-                                           length + 6, False, False, STATUS_OK, REASON_NONE)
-                            if fc > 2:
-                                _point_rows(out, chunk, pdu, DIR_RESPONSE, fc, unit, tid,
-                                            MB_INPUT_REGISTER if fc == 4 else MB_HOLDING_REGISTER, address,
-                                            _registers(data, pos + 9, count), False)
-                            else:
-                                _point_rows(out, chunk, pdu, DIR_RESPONSE, fc, unit, tid,
-                                            MB_COIL if fc == 1 else MB_DISCRETE_INPUT, address,
-                                            _bits(data, pos + 9, nbytes, count), False)
-                            pos = end
-                            continue
-            elif (fc == 5 or fc == 6) and length == 6:
-                # Fast path for well-formed single writes (MB-AP §6.5, §6.6): address, value; the
-                # response echoes the request.  Same rows as _adu.
-                address, value = U16X2.unpack_from(data, pos + 8)
-                if role == DIR_REQUEST:
-                    pdu = _pdu_row(out, chunk, DIR_REQUEST, fc, -1, -1, unit, tid, address, 1, 12, True, False,
-                                   STATUS_OK, REASON_NONE)
-                    self._remember(chunk, out, tid, unit, fc, address, 1)
-                    if fc == 5:  # only 0xFF00 (on) and 0x0000 (off) are legal; another value is kept raw
-                        _point_rows(out, chunk, pdu, DIR_REQUEST, fc, unit, tid, MB_COIL, address,
-                                    (1 if value == 0xFF00 else 0 if value == 0 else value,), True)
-                    else:
-                        _point_rows(out, chunk, pdu, DIR_REQUEST, fc, unit, tid, MB_HOLDING_REGISTER, address,
-                                    (value,), True)
-                else:
-                    self._match(chunk, out, tid, unit, fc)
-                    _pdu_row(out, chunk, DIR_RESPONSE, fc, -1, -1, unit, tid, address, 1, 12, True, False, STATUS_OK,
-                             REASON_NONE)
-                pos = end
-                continue
-            if length > MAX_LENGTH:
-                out.count_error(PROTO_MODBUS, REASON_TOO_LARGE)
-            self._adu(chunk, out, role, data, pos, end, tid, unit, fc)
+            one(chunk, out, role, data, pos, end, tid, unit, fc, length)
             pos = end
         if pos < n and chunk.datagram:
             # Modbus over UDP: a datagram carries whole ADUs; the rest is lost, not kept.
@@ -384,6 +341,63 @@ class ModbusParser:
         elif pos < n:
             # A partial ADU (< MAX_ADU bytes by the length check above, or < 8 bytes of header).
             self._tails[key] = bytes(data[pos:])
+
+    def _one(self, chunk, out: EventBuilder, role: int, data, pos: int, end: int, tid: int, unit: int, fc: int,
+             length: int) -> None:
+        """One framed ADU ``data[pos:end]`` (MBAP already checked)."""
+        if 1 <= fc <= 4:
+            # Fast path for the well-formed reads that make up most traffic (MB-AP §6.1-6.4);
+            # the same rows as _adu -> _request/_response, which handles everything else.
+            if role == DIR_REQUEST:
+                if length == 6:  # unit, FC, starting address, quantity
+                    address, count = U16X2.unpack_from(data, pos + 8)
+                    _pdu_row(out, chunk, DIR_REQUEST, fc, -1, -1, unit, tid, address, count, 12, False, False,
+                             STATUS_OK, REASON_NONE)
+                    self._remember(chunk, out, tid, unit, fc, address, count)
+                    return
+            else:
+                table = self._pending.get(chunk.flow)
+                request = table.get(tid) if table else None
+                if request is not None and request[_P_FUNCTION] == fc and request[_P_UNIT] == unit:
+                    nbytes = data[pos + 8]
+                    count = request[_P_COUNT]
+                    if length == 3 + nbytes and (count == nbytes >> 1 and not nbytes & 1 if fc > 2
+                                                 else (count + 7) >> 3 == nbytes):
+                        del table[tid]
+                        address = request[_P_ADDRESS]
+                        pdu = _pdu_row(out, chunk, DIR_RESPONSE, fc, -1, -1, unit, tid, address, count,
+                                       length + 6, False, False, STATUS_OK, REASON_NONE)
+                        if fc > 2:
+                            _point_rows(out, chunk, pdu, DIR_RESPONSE, fc, unit, tid,
+                                        MB_INPUT_REGISTER if fc == 4 else MB_HOLDING_REGISTER, address,
+                                        _registers(data, pos + 9, count), False)
+                        else:
+                            _point_rows(out, chunk, pdu, DIR_RESPONSE, fc, unit, tid,
+                                        MB_COIL if fc == 1 else MB_DISCRETE_INPUT, address,
+                                        _bits(data, pos + 9, nbytes, count), False)
+                        return
+        elif (fc == 5 or fc == 6) and length == 6:
+            # Fast path for well-formed single writes (MB-AP §6.5, §6.6): address, value; the
+            # response echoes the request.  Same rows as _adu.
+            address, value = U16X2.unpack_from(data, pos + 8)
+            if role == DIR_REQUEST:
+                pdu = _pdu_row(out, chunk, DIR_REQUEST, fc, -1, -1, unit, tid, address, 1, 12, True, False,
+                               STATUS_OK, REASON_NONE)
+                self._remember(chunk, out, tid, unit, fc, address, 1)
+                if fc == 5:
+                    _point_rows(out, chunk, pdu, DIR_REQUEST, fc, unit, tid, MB_COIL, address,
+                                (coil_value(value),), True)
+                else:
+                    _point_rows(out, chunk, pdu, DIR_REQUEST, fc, unit, tid, MB_HOLDING_REGISTER, address,
+                                (value,), True)
+            else:
+                self._match(chunk, out, tid, unit, fc)
+                _pdu_row(out, chunk, DIR_RESPONSE, fc, -1, -1, unit, tid, address, 1, 12, True, False, STATUS_OK,
+                         REASON_NONE)
+            return
+        if length > MAX_LENGTH:
+            out.count_error(PROTO_MODBUS, REASON_TOO_LARGE)
+        self._adu(chunk, out, role, data, pos, end, tid, unit, fc)
 
     @staticmethod
     def _resync(data, start: int) -> int:
@@ -478,9 +492,7 @@ class ModbusParser:
                 address, value = U16X2.unpack_from(data, body)
                 count = 1
                 if fc == 5:
-                    # Only 0xFF00 (on) and 0x0000 (off) are legal; another value is kept raw.
-                    coil = 1 if value == 0xFF00 else 0 if value == 0 else value
-                    points = (MB_COIL, address, [coil])
+                    points = (MB_COIL, address, [coil_value(value)])
                 else:
                     points = (MB_HOLDING_REGISTER, address, [value])
                 if blen != 4:

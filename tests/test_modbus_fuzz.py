@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from parsers.base import FROM_CLIENT, FROM_SERVER, Chunk
 from parsers.events import EventBuilder
 from parsers.modbus import MAX_ADU, ModbusParser
+from tests.batchcheck import check_same
 
 LONG = int(os.environ.get("OTWATCH_FUZZ_EXAMPLES", "0") or 0)
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -65,15 +66,22 @@ def mutated_stream(draw):
     return b"".join(parts)
 
 
-def _feed_all(data: bytes, cuts: list[int], gaps: list[bool], datagram: bool, server_first: bool):
-    parser, out = ModbusParser(max_pending=16), EventBuilder()
+def _chunks(data: bytes, cuts: list[int], gaps: list[bool], datagram: bool, server_first: bool) -> list:
     bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    chunks = []
     for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
         toward_server = (i % 2 == 0) != server_first
-        chunk = Chunk(data[a:b], gap=gaps[i % len(gaps)] if gaps else False, datagram=datagram,
-                      frame=i + 1, flow=7, sport=40000 if toward_server else 502,
-                      dport=502 if toward_server else 40000,
-                      direction=FROM_CLIENT if toward_server else FROM_SERVER)
+        chunks.append(Chunk(data[a:b], gap=gaps[i % len(gaps)] if gaps else False, datagram=datagram,
+                            frame=i + 1, flow=7, sport=40000 if toward_server else 502,
+                            dport=502 if toward_server else 40000,
+                            direction=FROM_CLIENT if toward_server else FROM_SERVER))
+    return chunks
+
+
+def _feed_all(data: bytes, cuts: list[int], gaps: list[bool], datagram: bool, server_first: bool):
+    parser, out = ModbusParser(max_pending=16), EventBuilder()
+    chunks = _chunks(data, cuts, gaps, datagram, server_first)
+    for chunk in chunks:
         parser.feed(chunk, out)
         # Bounded state: at most one partial ADU per stream direction, a bounded pending table.
         assert parser.buffered_bytes() <= 2 * MAX_ADU
@@ -85,6 +93,11 @@ def _feed_all(data: bytes, cuts: list[int], gaps: list[bool], datagram: bool, se
 
 def check(data, cuts, gaps, datagram, server_first):
     batch = _feed_all(data, cuts, gaps, datagram, server_first)
+    # The batch path reads the same chunks, two at a time and all at once, into the same rows.
+    chunks = _chunks(data, cuts, gaps, datagram, server_first)
+    for size in (2, max(len(chunks), 1)):
+        groups = [chunks[i: i + size] for i in range(0, len(chunks), size)] or [[]]
+        check_same(lambda: ModbusParser(max_pending=16), groups, {len(groups) - 1: [7]})
     if data:
         # Every input comes back as events or as counted errors.
         assert len(batch) + sum(batch.errors.values()) > 0

@@ -1,0 +1,176 @@
+"""Reading a whole list of chunks at once: the shared pieces of the parsers' batch paths.
+
+A parser's ``feed`` reads one chunk with Python per PDU.  Its ``feed_batch`` reads all chunks the
+pipeline made from one frame batch together: the chunk bytes are joined into one buffer, PDU
+boundaries are found by a compiled walk over that buffer, header fields are gathered with NumPy for
+all PDUs at once, and the rows are written as whole arrays.  Anything unusual (a partial PDU held
+from an earlier chunk, a bad header, a function the batch path does not read) goes to ``feed`` or
+to the parser's per-PDU code, in order, so the rows are exactly those ``feed`` would write (tests
+compare both paths row by row on every capture).
+
+>>> from parsers.base import Chunk
+>>> cols = ChunkColumns([Chunk(b"ab", ts=5, flow=1), Chunk(b"cde", ts=6, flow=2, direction=1)])
+>>> cols.buf[:5].tobytes(), cols.start.tolist(), cols.end.tolist(), cols.direction.tolist()
+(b'abcde', [0, 2], [2, 5], [0, 1])
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+
+import numpy as np
+
+from .events import EVENT_DTYPE, KIND_PDU, KIND_POINT, REASON_NONE, STATUS_OK
+
+try:  # Numba is installed with PyOD; every compiled walk keeps its plain-Python twin as fallback.
+    import numba
+
+    def compiled(fn):
+        """``fn`` compiled by Numba (cached on disk, so start-up stays quick)."""
+        return numba.njit(cache=True, nogil=True)(fn)
+except Exception:  # pragma: no cover - exercised only where numba is missing
+    def compiled(fn):
+        return fn
+
+
+PADDING = 64
+
+
+class ChunkColumns:
+    """The chunks of one batch as columns: ``buf`` (all their bytes, joined), ``start``/``end``
+    (each chunk's bytes in ``buf``) and the stream context of each chunk.
+
+    With ``held`` (a parser's bytes held per ``(flow, direction)`` from earlier chunks: a partial
+    PDU), the bytes are laid out stream by stream instead: for each stream the held bytes (taken
+    out of ``held``), then its chunks in order, so a PDU split over chunks is contiguous in ``buf``.
+    ``layout`` lists the chunks in that order, ``head[c]`` is where chunk ``c``'s stream bytes begin
+    (before ``start[c]`` when held bytes precede it) and ``stream_first[k]`` says whether
+    ``layout[k]`` opens its stream.
+    """
+
+    __slots__ = ("chunks", "raw", "buf", "start", "end", "head", "layout", "stream_first", "ts", "frame", "src",
+                 "dst", "sport", "dport", "flow", "transport", "direction", "tags")
+
+    def __init__(self, chunks: list, tags=None, held: dict | None = None):
+        self.chunks = chunks
+        n = len(chunks)
+        for name, dtype in (("ts", np.int64), ("frame", np.int64), ("flow", np.uint32), ("direction", np.uint8)):
+            setattr(self, name, np.fromiter(map(attrgetter(name), chunks), dtype=dtype, count=n))
+        # Addresses, ports and transport are those of the flow and direction: read them once per
+        # stream, not once per chunk.
+        keys = self.flow.astype(np.int64) * 2 + self.direction
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        for name, dtype in (("src", np.uint32), ("dst", np.uint32), ("sport", np.uint16), ("dport", np.uint16),
+                            ("transport", np.uint8)):
+            per_stream = np.fromiter(map(attrgetter(name), [chunks[i] for i in first.tolist()]), dtype=dtype,
+                                     count=first.shape[0])
+            setattr(self, name, per_stream[inverse.reshape(-1)])
+        datas = [c.data for c in chunks]
+        lens = np.fromiter(map(len, datas), dtype=np.int64, count=n)
+        if held is None:
+            self.layout = np.arange(n)
+            self.stream_first = np.ones(n, dtype=bool)
+            pieces = datas
+            extra = np.zeros(n, np.int64)
+        else:
+            self.layout = np.argsort(keys, kind="stable")
+            sorted_keys = keys[self.layout]
+            self.stream_first = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]] if n else np.zeros(0, bool)
+            pieces = [datas[i] for i in self.layout.tolist()]
+            extra = np.zeros(n, np.int64)  # held bytes laid out before each chunk (layout order)
+            if held:
+                for k in np.flatnonzero(self.stream_first).tolist():
+                    chunk = chunks[self.layout[k]]
+                    tail = held.pop((chunk.flow, chunk.direction), None)
+                    if tail:
+                        pieces[k] = bytes(tail) + bytes(pieces[k])
+                        extra[k] = len(tail)
+        # zero padding after the last chunk: header fields can be gathered for every PDU without
+        # bounds checks (a parser only uses a field when the PDU's length says it is there)
+        self.raw = b"".join(pieces) + bytes(PADDING)
+        self.buf = np.frombuffer(self.raw, dtype=np.uint8)
+        piece_end = np.cumsum(lens[self.layout] + extra)
+        self.start = np.empty(n, np.int64)
+        self.end = np.empty(n, np.int64)
+        self.head = np.empty(n, np.int64)
+        self.end[self.layout] = piece_end
+        self.start[self.layout] = piece_end - lens[self.layout]
+        self.head[self.layout] = piece_end - lens[self.layout] - extra
+        #: each chunk's order tag (EventBuilder.set_tag), or None when the caller keeps order itself
+        self.tags = None if tags is None else np.asarray(tags, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def u16(self, pos: np.ndarray) -> np.ndarray:
+        """Big-endian 16-bit words at byte positions ``pos`` of ``buf``."""
+        b = self.buf
+        return (b[pos].astype(np.int64) << 8) | b[pos + 1]
+
+
+# What a PDU row holds where the parser says nothing (EventBuilder.pdu's defaults), and a point row
+# (EventBuilder.point's).  Point rows copy the columns in _SHARED from their PDU.
+_PDU_DEFAULTS = {"subfunction": -1, "cause": -1, "unit": -1, "peer_unit": -1, "seq": -1, "ack": -1,
+                 "address": -1, "count": 0, "object": -1, "variation": -1, "value": np.nan, "quality": -1,
+                 "length": 0, "is_write": False, "is_control": False, "status": STATUS_OK, "reason": REASON_NONE}
+_POINT_DEFAULTS = {"subfunction": -1, "cause": -1, "ack": -1, "count": 1, "object": -1, "variation": -1,
+                   "quality": -1, "length": 0, "is_write": False, "is_control": False, "status": STATUS_OK,
+                   "reason": REASON_NONE}
+_CONTEXT = ("ts", "frame", "src", "dst", "sport", "dport", "flow", "transport")
+_SHARED = ("direction", "function", "unit", "peer_unit", "seq")
+_COLUMN_TYPES = [(name, EVENT_DTYPE[name]) for name in EVENT_DTYPE.names]
+
+
+def rows(cols: ChunkColumns, chunk: np.ndarray, protocol: int, first_pdu_id: int, pdu: dict,
+         n_points: np.ndarray | None = None, point: dict | None = None) -> tuple[dict, np.ndarray]:
+    """The rows of a run of PDUs, as columns: each PDU row followed by its ``n_points`` point rows.
+
+    ``chunk`` is the chunk of each PDU (its stream context comes from there); ``pdu`` and ``point``
+    map column names to values (arrays of one value per PDU / per point, PDU by PDU, or scalars),
+    over the defaults of EventBuilder.pdu / .point; point rows copy direction, function, unit,
+    peer_unit and seq from their PDU unless ``point`` says otherwise.  ``pdu_id`` counts from
+    ``first_pdu_id``.  Returns (columns, index of the PDU each row belongs to).
+    """
+    n = chunk.shape[0]
+    if n_points is None:
+        n_points = np.zeros(n, np.int64)
+    point = point or {}
+    per_pdu = n_points + 1
+    owner = np.repeat(np.arange(n), per_pdu)
+    total = owner.shape[0]
+    pdu_row = np.cumsum(per_pdu) - per_pdu
+    point_row = np.ones(total, dtype=bool)
+    point_row[pdu_row] = False
+    point_row = np.flatnonzero(point_row)
+    src_chunk = chunk[owner]
+    out = {name: getattr(cols, name)[src_chunk] for name in _CONTEXT}
+    out["protocol"] = np.full(total, protocol, np.uint8)
+    out["kind"] = np.full(total, KIND_POINT, np.uint8)
+    out["kind"][pdu_row] = KIND_PDU
+    out["pdu_id"] = owner + first_pdu_id
+    for name, dtype in _COLUMN_TYPES:
+        if name in out:
+            continue
+        pv = pdu[name] if name in pdu else _PDU_DEFAULTS[name]
+        if name in point:
+            qv = point[name]
+        elif name in _SHARED:
+            out[name] = np.asarray(pv, dtype=dtype)[owner] if np.ndim(pv) else np.full(total, pv, dtype)
+            continue
+        else:
+            qv = _POINT_DEFAULTS.get(name, np.nan)
+        col = np.empty(total, dtype)
+        col[pdu_row] = pv
+        col[point_row] = qv
+        out[name] = col
+    return out, owner
+
+
+def point_offsets(n_points: np.ndarray) -> np.ndarray:
+    """For each point row (PDU by PDU), its index within its PDU: 0, 1, ..., n - 1.
+
+    >>> point_offsets(np.array([2, 0, 3])).tolist()
+    [0, 1, 0, 1, 2]
+    """
+    total = int(n_points.sum())
+    return np.arange(total) - np.repeat(np.cumsum(n_points) - n_points, n_points)
