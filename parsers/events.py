@@ -150,12 +150,11 @@ class EventBatch:
         batches = list(batches)
         if not batches:
             return cls.empty()
-        recs = np.concatenate([b.to_records() for b in batches])
         errors: dict = {}
         for b in batches:
             for k, v in b.errors.items():
                 errors[k] = errors.get(k, 0) + v
-        return cls(recs, errors)
+        return cls.from_columns({name: np.concatenate([b._cols[name] for b in batches]) for name in COLUMNS}, errors)
 
     def select(self, mask) -> "EventBatch":
         out = object.__new__(EventBatch)
