@@ -50,6 +50,8 @@ APCI_LEN = 6
 MIN_L, MAX_L = 4, 253  # §5.1: "maximum length of APDU = 253"; the control field alone is 4
 MAX_APDU = 2 + 255  # what one length octet can ever announce: the most we ever buffer
 ASDU_HEADER = struct.Struct("<BBBBH")  # type id, VSQ, COT, originator address, common address
+ASDU_HEADER_LEN = 6
+assert ASDU_HEADER.size == ASDU_HEADER_LEN
 SEQ_MOD = 1 << 15  # N(S), N(R) are 15-bit (§5.1)
 SEQ_HALF = SEQ_MOD // 2
 _NAN = math.nan
@@ -82,7 +84,9 @@ def _cp56_seconds(ms, minute, hour, day, month, year) -> float:
         return _NAN
 
 
-# (value, quality) from the unpacked fields of one element, by Element.kind.
+# (value, quality) from the fields of one element, by Element.kind.  ``f[k]`` is field k of the
+# element: an int or float unpacked by struct (one element), or a NumPy column (a whole run, see
+# _Fields), so one table serves both.
 # SIQ/DIQ: value is SPI/DPI, quality the BL SB NT IV bits (0xF0); QDS, QOS, QPM, QDP, BCR's
 # sequence/flags octet are kept whole; SCO/DCO/RCO keep the qualifier (QU, S/E) as quality.
 _DECODE = {
@@ -104,8 +108,10 @@ _DECODE = {
     "octet": lambda f: (f[0], -1),
     "word": lambda f: (f[0], -1),
     "none": lambda f: (_NAN, -1),
-    "cp56": lambda f: (_cp56_seconds(*f), -1),
+    "cp56": lambda f: (_cp56_seconds(*f), -1),  # calendar arithmetic: one element at a time only
 }
+#: kinds whose _DECODE also works on whole columns (_Fields)
+VECTOR_KINDS = frozenset(_DECODE) - {"cp56"}
 _ELEMENT_DECODERS = {t: (e, _DECODE[e.kind]) for t, e in ELEMENTS.items()}
 
 #: point runs at least this long go through EventBuilder.points (one NumPy block); shorter ones are
@@ -153,31 +159,25 @@ def _run_dtype(element, with_ioa: bool) -> np.dtype:
     return dtype
 
 
-def _i(a) -> np.ndarray:
-    return a.astype(np.int64)
+class _Fields:
+    """The elements of a run as ``f[k]`` columns for _DECODE: field k of every record, as int64
+    (or float64 for IEEE 754 fields), from a structured array of _run_dtype."""
+
+    __slots__ = ("records",)
+
+    def __init__(self, records: np.ndarray):
+        self.records = records
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        column = self.records[f"f{k}"]
+        return column.astype(np.float64 if column.dtype.kind == "f" else np.int64)
 
 
-# The _DECODE table for whole runs: (values as float64, qualities as int64) from the records.
-_NO_QUALITY = -1
-_VECTOR_DECODE = {
-    "siq": lambda r: (_i(r["f0"]) & 0x01, _i(r["f0"]) & 0xF0),
-    "diq": lambda r: (_i(r["f0"]) & 0x03, _i(r["f0"]) & 0xF0),
-    "vti_qds": lambda r: (((_i(r["f0"]) & 0x7F) ^ 0x40) - 0x40, _i(r["f1"]) | ((_i(r["f0"]) & 0x80) << 1)),
-    "bsi_qds": lambda r: (_i(r["f0"]), _i(r["f1"])),
-    "nva_qds": lambda r: (r["f0"].astype(np.float64) / 32768.0, _i(r["f1"])),
-    "sva_qds": lambda r: (_i(r["f0"]), _i(r["f1"])),
-    "flt_qds": lambda r: (r["f0"].astype(np.float64), _i(r["f1"])),
-    "bcr": lambda r: (_i(r["f0"]), _i(r["f1"])),
-    "nva": lambda r: (r["f0"].astype(np.float64) / 32768.0, _NO_QUALITY),
-    "sep": lambda r: (_i(r["f0"]) & 0x03, _i(r["f0"]) & 0xFC),
-    "spe_qdp": lambda r: (_i(r["f0"]), _i(r["f1"])),
-    "aid_bcr": lambda r: (_i(r["f1"]), _i(r["f2"])),
-    "sco": lambda r: (_i(r["f0"]) & 0x01, _i(r["f0"]) & 0xFC),
-    "dco": lambda r: (_i(r["f0"]) & 0x03, _i(r["f0"]) & 0xFC),
-    "bsi": lambda r: (_i(r["f0"]), _NO_QUALITY),
-    "octet": lambda r: (_i(r["f0"]), _NO_QUALITY),
-    "word": lambda r: (_i(r["f0"]), _NO_QUALITY),
-}  # "none" (addresses only) and "cp56" (calendar arithmetic) stay on the row path
+def decode_run(element, records: np.ndarray):
+    """(values, qualities) of a run of elements of one type (records of ``_run_dtype(element, ...)``,
+    or None for an element without octets): _DECODE on whole columns."""
+    with np.errstate(invalid="ignore"):  # a float NaN (even signalling) is a value to report, not an error
+        return _DECODE[element.kind](None if records is None else _Fields(records))
 
 
 def _pdu_row(out: EventBuilder, ctx, direction, function, sub, cause, unit, peer, seq, ack, address, count, obj,
@@ -194,17 +194,64 @@ def _pdu_row(out: EventBuilder, ctx, direction, function, sub, cause, unit, peer
     return pid
 
 
-def _plausible_apci(data, pos: int) -> bool:
+# The three small rules below are read by ``feed`` one APDU at a time and, compiled, by the batch
+# walk (parsers.iec104_batch) over whole buffers: plain integer code, so Numba compiles them as they
+# are (``data`` is bytes here, a NumPy uint8 array there).
+
+def plausible_apci(data, pos: int) -> bool:
     """A strict test of the APCI at ``data[pos:]`` (needs 6 octets): used to resynchronise and by
-    :func:`looks_like`.  S and U frames have L=4 and their spare control bits zero (§5.2, §5.3)."""
+    :func:`looks_like`.  S and U frames have L=4 and their spare control bits zero (§5.2, §5.3);
+    a U frame has exactly one function bit set.
+
+    >>> plausible_apci(bytes.fromhex("680443000000"), 0), plausible_apci(bytes.fromhex("680453000000"), 0)
+    (True, False)
+    """
     length, c1 = data[pos + 1], data[pos + 2]
     if c1 & 0x01 == 0:  # I format: an ASDU header must follow
-        return 4 + ASDU_HEADER.size <= length <= MAX_L
+        return 4 + ASDU_HEADER_LEN <= length <= MAX_L
     if length != 4 or data[pos + 3] != 0:
         return False
     if c1 & 0x03 == 0x01:  # S
         return c1 == 0x01
-    return (c1 >> 2) in U_FUNCTIONS and data[pos + 4] == 0 and data[pos + 5] == 0
+    bits = c1 >> 2  # one of the six U function bits (U_FUNCTIONS)
+    return bits != 0 and bits & (bits - 1) == 0 and data[pos + 4] == 0 and data[pos + 5] == 0
+
+
+def seq_reason(expected: int, ns: int) -> int:
+    """What an I frame's N(S) says against the N(S) the stream expected (-104 §5.1; -1: unknown):
+    REASON_SEQ_REPEAT at or behind it (within half the sequence space), REASON_SEQ_GAP ahead.
+
+    >>> seq_reason(-1, 9), seq_reason(9, 9), seq_reason(9, 8), seq_reason(9, 10)
+    (0, 0, 7, 6)
+    """
+    if expected < 0 or ns == expected:
+        return REASON_NONE
+    behind = (expected - ns) % SEQ_MOD
+    return REASON_SEQ_REPEAT if behind <= SEQ_HALF else REASON_SEQ_GAP
+
+
+def sender_controls(c1: int, length: int, type_id: int, cot: int) -> int:
+    """1 if the APDU (first control octet ``c1``, length L; type id and 6-bit cause when L >= 8)
+    proves its sender is the controlling station, 0 if it proves the sender is the controlled one,
+    -1 if it says nothing: only the controlling station sends STARTDT/STOPDT act (§5.3); a command
+    or interrogation with cause "activation" comes from it (-101 §7.2.3); periodic, spontaneous or
+    interrogated monitor data comes from the controlled station.
+
+    >>> sender_controls(0x07, 4, 0, 0), sender_controls(0x00, 14, 13, 3), sender_controls(0x43, 4, 0, 0)
+    (1, 0, -1)
+    """
+    if c1 & 0x03 == 0x03:
+        bits = c1 >> 2
+        if bits == 0x01 or bits == 0x04:
+            return 1
+        if bits == 0x02 or bits == 0x08:
+            return 0
+    elif c1 & 0x01 == 0 and length >= MIN_L + 4:
+        if cot == 6 and (45 <= type_id <= 69 or 100 <= type_id <= 107):
+            return 1
+        if 1 <= type_id <= 44 and (1 <= cot <= 3 or cot == 5) or 20 <= cot <= 41 and type_id < 45:
+            return 0
+    return -1
 
 
 def _plausible_asdu(data, pos: int, length: int) -> bool:
@@ -237,7 +284,7 @@ def looks_like(data: bytes) -> bool:
             return False
         if n - pos < APCI_LEN:
             break
-        if not _plausible_apci(data, pos):
+        if not plausible_apci(data, pos):
             return False
         length = data[pos + 1]
         if n - pos < length + 2:
@@ -280,31 +327,17 @@ class Iec104Parser:
         """DIR_REQUEST if the sender of this APDU is the controlling station, else DIR_RESPONSE.
 
         The TCP roles usually say it (the controlling station connects to port 2404, §10.2), but not
-        always (some stations connect out).  So the first APDU that proves a role decides for the
-        connection: only the controlling station sends STARTDT/STOPDT act (§5.3); a command or
-        interrogation with cause "activation" comes from it (-101 §7.2.3); periodic, spontaneous or
-        interrogated monitor data comes from the controlled station.
+        always (some stations connect out).  So the first APDU that proves a role
+        (:func:`sender_controls`) decides for the connection.
         """
         side = self._controlling.get(ctx.flow)
         if side is None:
-            c1 = data[pos + 2]
-            sender_controls = None
-            if c1 & 0x03 == 0x03:
-                bits = c1 >> 2
-                if bits in (0x01, 0x04):
-                    sender_controls = True
-                elif bits in (0x02, 0x08):
-                    sender_controls = False
-            elif c1 & 0x01 == 0 and length >= MIN_L + 4:
-                type_id, cot = data[pos + 6], data[pos + 8] & 0x3F
-                if cot == 6 and (45 <= type_id <= 69 or 100 <= type_id <= 107):
-                    sender_controls = True
-                elif 1 <= type_id <= 44 and cot in (1, 2, 3, 5) or 20 <= cot <= 41 and type_id < 45:
-                    sender_controls = False
-            if sender_controls is None:
+            type_id, cot = (data[pos + 6], data[pos + 8] & 0x3F) if length >= MIN_L + 4 else (0, 0)
+            controls = sender_controls(data[pos + 2], length, type_id, cot)
+            if controls < 0:
                 side = FROM_CLIENT
             else:
-                side = ctx.direction if sender_controls else 1 - ctx.direction
+                side = ctx.direction if controls else 1 - ctx.direction
                 self._controlling[ctx.flow] = side
         return DIR_REQUEST if ctx.direction == side else DIR_RESPONSE
 
@@ -330,10 +363,10 @@ class Iec104Parser:
         pos, end = 0, len(data)
         while end - pos >= 2:
             if data[pos] != START or (not st.in_sync and end - pos >= APCI_LEN
-                                      and not _plausible_apci(data, pos)):
+                                      and not plausible_apci(data, pos)):
                 # Not at an APCI: skip to the next start octet that begins a plausible APCI.
                 nxt = data.find(b"\x68", pos + 1)
-                while nxt >= 0 and end - nxt >= APCI_LEN and not _plausible_apci(data, nxt):
+                while nxt >= 0 and end - nxt >= APCI_LEN and not plausible_apci(data, nxt):
                     nxt = data.find(b"\x68", nxt + 1)
                 out.count_error(PROTO_IEC104, REASON_RESYNC)
                 st.in_sync = False
@@ -371,14 +404,9 @@ class Iec104Parser:
         if c1 & 0x01 == 0:
             # I format (§5.1, figure 4): N(S) in octets 1-2, N(R) in octets 3-4.
             ns = (c1 | (c2 << 8)) >> 1
-            seq_reason = REASON_NONE
-            expected = st.next_ns
-            if expected >= 0 and ns != expected:
-                behind = (expected - ns) % SEQ_MOD
-                seq_reason = REASON_SEQ_REPEAT if behind <= SEQ_HALF else REASON_SEQ_GAP
+            reason = seq_reason(st.next_ns, ns)
             st.next_ns = (ns + 1) % SEQ_MOD
-            self._asdu(data, pos + APCI_LEN, pos + total, ns, nr, seq_reason, too_large, ctx, direction,
-                       total, out)
+            self._asdu(data, pos + APCI_LEN, pos + total, ns, nr, reason, too_large, ctx, direction, total, out)
             return
         status, reason = STATUS_OK, REASON_NONE
         if c1 & 0x03 == 0x01:
@@ -441,13 +469,12 @@ class Iec104Parser:
         if not nfit:
             return
         element, decode = decoder
-        if nfit >= POINTS_BLOCK and element.kind in _VECTOR_DECODE:
+        if nfit >= POINTS_BLOCK and element.size and element.kind in VECTOR_KINDS:
             # A long run (a general interrogation answered with SQ=1, a big SQ=0 block): decode all
             # elements at once from a structured view of the octets.
             start_at = body + 3 if sq else body
             records = np.frombuffer(data, dtype=_run_dtype(element, not sq), count=nfit, offset=start_at)
-            with np.errstate(invalid="ignore"):  # a float NaN (even signalling) is a value to report, not an error
-                values, qualities = _VECTOR_DECODE[element.kind](records)
+            values, qualities = decode_run(element, records)
             if sq:
                 addresses = np.arange(first_ioa, first_ioa + nfit, dtype=np.int64)
             else:
