@@ -345,6 +345,13 @@ class Iec104Parser:
         """Octets held across all streams (bounded by MAX_APDU per stream)."""
         return sum(len(s.pending) for s in self._streams.values())
 
+    def feed_batch(self, chunks: list, out: EventBuilder, tags=None) -> None:
+        """Parse a list of chunks in order: the same rows as ``feed`` on each, read as arrays
+        (``parsers.iec104_batch``); ``tags`` are the chunks' order tags for ``out`` (or None)."""
+        from .iec104_batch import feed_batch
+
+        feed_batch(self, chunks, out, tags)
+
     def feed(self, chunk: Chunk, out: EventBuilder) -> None:
         key = (chunk.flow, chunk.direction)
         st = self._streams.get(key)
