@@ -164,6 +164,13 @@ class Dnp3Parser:
         self._structs: dict = {}
 
     # -- StreamParser interface ---------------------------------------------------------------
+    def feed_batch(self, chunks: list, out: EventBuilder, tags=None) -> None:
+        """Parse a list of chunks in order: the same rows as ``feed`` on each, read as arrays
+        (``parsers.dnp3_batch``); ``tags`` are the chunks' order tags for ``out`` (or None)."""
+        from .dnp3_batch import feed_batch
+
+        feed_batch(self, chunks, out, tags)
+
     def feed(self, chunk: Chunk, out: EventBuilder) -> None:
         key = (chunk.flow, chunk.direction)
         st = self._streams.get(key)
