@@ -8,6 +8,10 @@ Octet accounting for a stream fed without gaps: every octet is in a PDU row (``l
 for the next chunk, or in a run skipped as garbage (each run counted as ``resync``).  So with no
 resync count, PDU lengths plus held octets equal the input exactly.
 
+The batch path (``feed_batch``) must write exactly the rows of ``feed`` on the same chunks: every
+property also feeds them both ways, two chunks at a time and all at once (``check``), with the
+chunks' directions alternating so that both streams of a connection and the role proof are read.
+
 Default: a few hundred examples.  Long run: ``OTWATCH_FUZZ_EXAMPLES=100000 pytest -m slow ...``.
 """
 
@@ -23,6 +27,7 @@ from parsers.base import FROM_CLIENT, FROM_SERVER, Chunk
 from parsers.events import KIND_PDU, PROTO_IEC104, REASON_GAP, REASON_RESYNC, REASON_TRUNCATED, EventBuilder
 from parsers.iec104 import MAX_APDU, Iec104Parser, looks_like
 from parsers.iec104_types import ELEMENTS, TYPE_NAMES
+from tests.batchcheck import check_same
 
 LONG = os.environ.get("OTWATCH_FUZZ_EXAMPLES")
 DEFAULT = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -103,6 +108,18 @@ def _feed(chunks, gaps=None, datagram=False, direction=FROM_SERVER):
     return parser, out.build(), peak
 
 
+def check(chunks, gaps=None, datagram=False, first=FROM_SERVER, alternate=True):
+    """``feed`` and ``feed_batch`` write the same rows and count the same errors, whatever the
+    grouping: chunk i goes one way or the other (alternating when ``alternate``)."""
+    made = [Chunk(data, gap=bool(gaps and gaps[i]), datagram=datagram, flow=3, frame=i + 1,
+                  direction=(first ^ (i & 1)) if alternate else first, sport=2404 if first else 40000,
+                  dport=40000 if first else 2404)
+            for i, data in enumerate(chunks)]
+    for size in (2, max(len(made), 1)):
+        groups = [made[i: i + size] for i in range(0, len(made), size)] or [[]]
+        check_same(Iec104Parser, groups, {len(groups) - 1: [3]})
+
+
 def _check_accounting(data: bytes, parser, ev, peak):
     assert peak <= MAX_APDU  # one stream never holds more than one APDU's worth of octets
     pdu_octets = int(ev.length[ev.kind == KIND_PDU].sum())
@@ -121,6 +138,7 @@ def _random_bytes_body(data):
     parser, ev, peak = _feed([data])
     _check_accounting(data, parser, ev, peak)
     looks_like(data)
+    check([data], first=FROM_CLIENT)
 
 
 def _stream_body(draw, data):
@@ -132,6 +150,8 @@ def _stream_body(draw, data):
     assert whole.function.tolist() == ev.function.tolist()
     assert whole.address.tolist() == ev.address.tolist()
     looks_like(data)
+    check(chunks, alternate=False)
+    check(chunks)
 
 
 def _gaps_body(draw, data):
@@ -142,6 +162,8 @@ def _gaps_body(draw, data):
     assert int(ev.length[ev.kind == KIND_PDU].sum()) + parser.buffered() <= len(data)
     if any(gaps[1:]) and not len(ev) and not ev.errors:
         assert parser.buffered() <= len(chunks[-1])
+    check(chunks, gaps, alternate=False)
+    check(chunks, gaps, first=FROM_CLIENT)
 
 
 def _datagram_body(draw, data):
@@ -151,6 +173,7 @@ def _datagram_body(draw, data):
     if pdu_octets < len(data):  # the rest was garbage or a cut APDU, and was counted
         counted = sum(ev.errors.get((PROTO_IEC104, r), 0) for r in (REASON_RESYNC, REASON_TRUNCATED))
         assert counted
+    check(_split(draw, data), datagram=True, first=FROM_CLIENT)
 
 
 @DEFAULT
