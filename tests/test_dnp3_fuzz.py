@@ -1,4 +1,5 @@
-"""The DNP3 parser never raises and never holds unbounded memory, whatever the bytes.
+"""The DNP3 parser never raises and never holds unbounded memory, whatever the bytes, and its batch
+path (feed_batch) writes exactly the rows of feed.
 
 Default: a few hundred examples per property.  Long run: OTWATCH_FUZZ_EXAMPLES=100000 (the
 ``slow`` tests read it; ``pytest -m slow tests/test_dnp3_fuzz.py``).
@@ -16,6 +17,7 @@ from parsers.base import FROM_CLIENT, FROM_SERVER, Chunk
 from parsers.crc import crc16_dnp
 from parsers.dnp3 import MAX_FRAGMENTS_PER_STREAM, MAX_LINK_FRAME, Dnp3Parser
 from parsers.events import PROTO_DNP3, EventBuilder
+from tests.batchcheck import check_same
 
 LONG = int(os.environ.get("OTWATCH_FUZZ_EXAMPLES", "0"))
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -68,14 +70,30 @@ def mutated_stream(draw):
     return bytes(data)
 
 
+def make_chunks(data: bytes, cuts: list[int], gaps: set[int], datagram: bool) -> list[Chunk]:
+    bounds = sorted({0, len(data), *[c % (len(data) + 1) for c in cuts]})
+    return [Chunk(data[a:b], frame=i + 1, flow=1, direction=FROM_CLIENT if i % 3 else FROM_SERVER, gap=i in gaps,
+                  datagram=datagram) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
+
 def feed_all(data: bytes, cuts: list[int], gaps: set[int], datagram: bool) -> tuple[Dnp3Parser, EventBuilder]:
     parser, out = Dnp3Parser(), EventBuilder()
-    bounds = sorted({0, len(data), *[c % (len(data) + 1) for c in cuts]})
-    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        parser.feed(Chunk(data[a:b], frame=i + 1, flow=1, direction=FROM_CLIENT if i % 3 else FROM_SERVER,
-                          gap=i in gaps, datagram=datagram), out)
+    for chunk in make_chunks(data, cuts, gaps, datagram):
+        parser.feed(chunk, out)
         check_bounded(parser)
     return parser, out
+
+
+def same_in_batches(data: bytes, cuts: list[int], gaps: set[int], datagram: bool) -> None:
+    """The batch path (feed_batch) reads the same chunks, two at a time and all at once, into the
+    same rows and errors as feed; its state stays as bounded."""
+    chunks = make_chunks(data, cuts, gaps, datagram)
+    for size in (2, max(len(chunks), 1)):
+        groups = [chunks[i: i + size] for i in range(0, len(chunks), size)] or [[]]
+        check_same(Dnp3Parser, groups, {len(groups) - 1: [1]})
+    parser = Dnp3Parser()
+    parser.feed_batch(chunks, EventBuilder())
+    check_bounded(parser)
 
 
 def check_bounded(parser: Dnp3Parser) -> None:
@@ -96,6 +114,7 @@ def accounted(data: bytes, out: EventBuilder) -> None:
 def _random_bytes(data, cuts, gaps, datagram):
     _, out = feed_all(data, cuts, set(gaps), datagram)
     accounted(data, out)
+    same_in_batches(data, cuts, set(gaps), datagram)
 
 
 def _mutated(data, cuts, gaps, datagram):
@@ -103,6 +122,7 @@ def _mutated(data, cuts, gaps, datagram):
     accounted(data, out)
     parser.close(1)
     assert not parser._streams
+    same_in_batches(data, cuts, set(gaps), datagram)
 
 
 random_args = (st.binary(max_size=2048), st.lists(st.integers(0, 4096), max_size=8),
