@@ -230,6 +230,31 @@ def seq_reason(expected: int, ns: int) -> int:
     return REASON_SEQ_REPEAT if behind <= SEQ_HALF else REASON_SEQ_GAP
 
 
+# U format function bits (control octet 1 >> 2) -> event function code; FUNC_U_INVALID unless
+# exactly one of the six bits is set.
+U_CODES = tuple(U_FUNCTIONS.get(bits, FUNC_U_INVALID) for bits in range(64))
+
+
+def control_fields(c1: int, length: int) -> tuple:
+    """(function, subfunction, status, reason) of the S or U frame whose first control octet is
+    ``c1`` and length L = ``length`` (>= 4).  S format (§5.2, figure 5): N(R) only.  U format
+    (§5.3, figure 6): exactly one of STARTDT/STOPDT/TESTFR act/con.  Both have L = 4.
+
+    >>> control_fields(0x01, 4), control_fields(0x43, 4), control_fields(0x0F, 4), control_fields(0x07, 5)
+    ((512, -1, 0, 0), (517, 16, 0, 0), (519, 3, 2, 4), (513, 1, 2, 2))
+    """
+    if c1 & 0x03 == 0x01:
+        function, sub, status, reason = FUNC_S, -1, STATUS_OK, REASON_NONE
+    else:
+        sub = c1 >> 2
+        function, status, reason = U_CODES[sub], STATUS_OK, REASON_NONE
+        if function == FUNC_U_INVALID:
+            status, reason = STATUS_MALFORMED, REASON_UNKNOWN_FUNCTION
+    if length != MIN_L and status == STATUS_OK:
+        status, reason = STATUS_MALFORMED, (REASON_TOO_LARGE if length > MAX_L else REASON_BAD_LENGTH)
+    return function, sub, status, reason
+
+
 def sender_controls(c1: int, length: int, type_id: int, cot: int) -> int:
     """1 if the APDU (first control octet ``c1``, length L; type id and 6-bit cause when L >= 8)
     proves its sender is the controlling station, 0 if it proves the sender is the controlled one,
@@ -415,21 +440,9 @@ class Iec104Parser:
             st.next_ns = (ns + 1) % SEQ_MOD
             self._asdu(data, pos + APCI_LEN, pos + total, ns, nr, reason, too_large, ctx, direction, total, out)
             return
-        status, reason = STATUS_OK, REASON_NONE
-        if c1 & 0x03 == 0x01:
-            # S format (§5.2, figure 5): N(R) only.
-            function, seq, ack, sub = FUNC_S, -1, nr, -1
-        else:
-            # U format (§5.3, figure 6): exactly one of STARTDT/STOPDT/TESTFR act/con.
-            bits = c1 >> 2
-            function = U_FUNCTIONS.get(bits, FUNC_U_INVALID)
-            seq, ack, sub = -1, -1, bits
-            if function == FUNC_U_INVALID:
-                status, reason = STATUS_MALFORMED, REASON_UNKNOWN_FUNCTION
-        if length != MIN_L and status == STATUS_OK:
-            status, reason = STATUS_MALFORMED, (REASON_TOO_LARGE if too_large else REASON_BAD_LENGTH)
-        _pdu_row(out, ctx, direction, function, sub, -1, -1, -1, seq, ack, -1, 0, -1, -1, total, False, False,
-                 status, reason)
+        function, sub, status, reason = control_fields(c1, length)
+        _pdu_row(out, ctx, direction, function, sub, -1, -1, -1, -1, nr if function == FUNC_S else -1, -1, 0, -1,
+                 -1, total, False, False, status, reason)
 
     def _asdu(self, data, start, end, ns, nr, seq_reason, too_large, ctx, direction, total, out):
         """The ASDU in data[start:end] (-101 §7.1, -104 §9 field sizes)."""

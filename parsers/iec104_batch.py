@@ -28,20 +28,21 @@ from operator import attrgetter
 import numpy as np
 
 from .base import FROM_CLIENT
-from .batch import ChunkColumns, compiled, point_offsets, rows
+from .batch import ChunkColumns, compiled, rows
 from .events import (
-    COLUMNS, DIR_REQUEST, DIR_RESPONSE, PROTO_IEC104, REASON_BAD_LENGTH, REASON_GAP, REASON_NONE,
-    REASON_TOO_LARGE, REASON_TRUNCATED, REASON_UNKNOWN_FUNCTION, STATUS_MALFORMED, STATUS_OK, EventBuilder,
+    COLUMNS, DIR_REQUEST, DIR_RESPONSE, PROTO_IEC104, REASON_BAD_LENGTH, REASON_GAP, REASON_NONE, REASON_TRUNCATED,
+    STATUS_MALFORMED, STATUS_OK, EventBuilder,
 )
 from .iec104 import (
-    APCI_LEN, ASDU_HEADER_LEN, MAX_L, MIN_L, SEQ_MOD, START, VECTOR_KINDS, _run_dtype, _Stream, decode_run,
-    plausible_apci, sender_controls, seq_reason,
+    APCI_LEN, ASDU_HEADER_LEN, MAX_L, MIN_L, SEQ_MOD, START, VECTOR_KINDS, _run_dtype, _Stream, control_fields,
+    decode_run, plausible_apci, sender_controls, seq_reason,
 )
-from .iec104_types import CONTROL_TYPES, ELEMENTS, FUNC_S, FUNC_U_INVALID, U_FUNCTIONS, WRITE_TYPES
+from .iec104_types import CONTROL_TYPES, ELEMENTS, FUNC_S, WRITE_TYPES
 
 _plausible_apci = compiled(plausible_apci)
 _seq_reason = compiled(seq_reason)
 _sender_controls = compiled(sender_controls)
+_control_fields = compiled(control_fields)
 
 # Per type id: the element size where this path decodes the type (-1 elsewhere), the flags.
 _ELEMENT_SIZE = np.full(256, -1, np.int64)
@@ -50,10 +51,6 @@ for _t, _e in ELEMENTS.items():
         _ELEMENT_SIZE[_t] = _e.size
 _IS_CONTROL = np.isin(np.arange(256), sorted(CONTROL_TYPES))
 _IS_WRITE = np.isin(np.arange(256), sorted(WRITE_TYPES))
-# U format (§5.3): function bits (control octet 1 >> 2) -> event function code.
-_U_CODE = np.full(64, FUNC_U_INVALID, np.int64)
-for _bits, _code in U_FUNCTIONS.items():
-    _U_CODE[_bits] = _code
 _I_HEADER = APCI_LEN + ASDU_HEADER_LEN  # first octet of the information objects
 
 
@@ -153,35 +150,115 @@ def _walk_apcis(buf, head, start, end, stream_first, gap, datagram, sync0, ns0):
 walk_apcis = compiled(_walk_apcis)
 
 
-def _apdu_directions(buf, pos, tcp_direction, flow_index, side):
-    """Each APDU's ``direction`` (DIR_REQUEST from the controlling station), in order, as
-    ``Iec104Parser._role`` gives it: ``side[f]`` is the TCP side that controls flow ``f`` (-1 while
-    unknown), set by the first APDU that proves a role (updated in place)."""
+def _read_apdus(buf, pos, seq, tcp_direction, flow_index, side):
+    """The PDU row fields of the APDUs at ``pos`` (in order; ``seq`` their N(S) reasons from the
+    walk), and the point row fields of the I frames read here.
+
+    ``direction`` is the role ``Iec104Parser._role`` gives: ``side[f]`` is the TCP side that
+    controls flow ``f`` (-1 while unknown), set by the first APDU that proves a role (updated in
+    place).  I frames whose ASDU is not exactly as long as its type and object count need (or of a
+    type not read here, or L > 253) are marked ``slow`` and get no fields: the parser's ``_asdu``
+    reads them.
+    """
     m = pos.shape[0]
     direction = np.empty(m, np.uint8)
+    total = np.empty(m, np.int64)
+    function = np.full(m, -1, np.int64)
+    subfunction = np.full(m, -1, np.int64)
+    cause = np.full(m, -1, np.int64)
+    unit = np.full(m, -1, np.int64)
+    peer_unit = np.full(m, -1, np.int64)
+    ns = np.full(m, -1, np.int64)
+    nr = np.full(m, -1, np.int64)
+    address = np.full(m, -1, np.int64)
+    count = np.zeros(m, np.int64)
+    obj = np.full(m, -1, np.int64)
+    variation = np.full(m, -1, np.int64)
+    is_write = np.zeros(m, np.bool_)
+    is_control = np.zeros(m, np.bool_)
+    status = np.full(m, STATUS_OK, np.int64)
+    reason = np.zeros(m, np.int64)
+    slow = np.zeros(m, np.bool_)
+    n_points = np.zeros(m, np.int64)
     for j in range(m):
         p = pos[j]
         length = np.int64(buf[p + 1])
+        total[j] = length + 2
         d = tcp_direction[j]
-        if length < MIN_L:  # no control field: the TCP role
+        if length < MIN_L:  # §5.1: no control field; the TCP role
             direction[j] = DIR_REQUEST if d == FROM_CLIENT else DIR_RESPONSE
+            status[j] = STATUS_MALFORMED
+            reason[j] = REASON_BAD_LENGTH
             continue
+        c1 = np.int64(buf[p + 2])
+        type_id = np.int64(buf[p + 6])
+        cot = np.int64(buf[p + 8])
         f = flow_index[j]
         if side[f] < 0:
-            type_id = 0
-            cot = 0
-            if length >= MIN_L + 4:
-                type_id = np.int64(buf[p + 6])
-                cot = np.int64(buf[p + 8]) & 0x3F
-            controls = _sender_controls(np.int64(buf[p + 2]), length, type_id, cot)
+            controls = _sender_controls(c1, length, type_id if length >= MIN_L + 4 else 0,
+                                        cot & 0x3F if length >= MIN_L + 4 else 0)
             if controls >= 0:
                 side[f] = d if controls else 1 - d
         s = side[f] if side[f] >= 0 else FROM_CLIENT
         direction[j] = DIR_REQUEST if d == s else DIR_RESPONSE
-    return direction
+        receive = ((np.int64(buf[p + 5]) << 8) | buf[p + 4]) >> 1
+        if c1 & 0x01:  # S or U format
+            function[j], subfunction[j], status[j], reason[j] = _control_fields(c1, length)
+            if function[j] == FUNC_S:
+                nr[j] = receive
+            continue
+        # I format (§5.1): N(S), N(R); ASDU (-101 §7.1): type id, VSQ, COT, originator, common address
+        vsq = np.int64(buf[p + 7])
+        n, sq = vsq & 0x7F, vsq >> 7
+        size = _ELEMENT_SIZE[type_id]
+        need = 3 + n * size if sq else n * (3 + size)
+        if length < MIN_L + ASDU_HEADER_LEN or length > MAX_L or size < 0 or n == 0 or length + 2 - _I_HEADER != need:
+            slow[j] = True
+            continue
+        function[j] = type_id
+        subfunction[j] = cot
+        cause[j] = cot & 0x3F
+        peer_unit[j] = buf[p + 9]
+        unit[j] = (np.int64(buf[p + 11]) << 8) | buf[p + 10]
+        ns[j] = ((np.int64(buf[p + 3]) << 8) | c1) >> 1
+        nr[j] = receive
+        q = p + _I_HEADER
+        address[j] = (np.int64(buf[q + 2]) << 16) | (np.int64(buf[q + 1]) << 8) | buf[q]
+        count[j] = n
+        obj[j] = type_id
+        variation[j] = sq
+        is_write[j] = _IS_WRITE[type_id]
+        is_control[j] = _IS_CONTROL[type_id]
+        reason[j] = seq[j]  # a sequence anomaly: status stays OK, reason says why
+        n_points[j] = n
+    # Points (-101 §7.2.2.1): SQ=1, one IOA and consecutive objects; SQ=0, an IOA per object.
+    total_points = n_points.sum()
+    p_address = np.empty(total_points, np.int64)
+    p_at = np.empty(total_points, np.int64)
+    p_owner = np.empty(total_points, np.int64)
+    k = 0
+    kept = 0
+    for j in range(m):
+        if slow[j]:
+            continue
+        q = pos[j] + _I_HEADER
+        size = _ELEMENT_SIZE[obj[j]] if n_points[j] else 0
+        for i in range(n_points[j]):
+            if variation[j]:
+                p_address[k] = address[j] + i
+                p_at[k] = q + 3 + i * size
+            else:
+                at = q + i * (3 + size)
+                p_address[k] = (np.int64(buf[at + 2]) << 16) | (np.int64(buf[at + 1]) << 8) | buf[at]
+                p_at[k] = at + 3
+            p_owner[k] = kept
+            k += 1
+        kept += 1
+    return (direction, total, function, subfunction, cause, unit, peer_unit, ns, nr, address, count, obj, variation,
+            is_write, is_control, status, reason, slow, n_points, p_address, p_at, p_owner)
 
 
-apdu_directions = compiled(_apdu_directions)
+read_apdus = compiled(_read_apdus)
 
 
 def feed_batch(parser, chunks: list, out, tags=None) -> None:
@@ -253,16 +330,6 @@ def feed_batch(parser, chunks: list, out, tags=None) -> None:
     run.emit(a, first_apdu[n])
 
 
-def _u16(buf, pos):
-    """Little-endian 16-bit words at ``pos`` (-101 §7.2.6: octets low first)."""
-    return buf[pos].astype(np.int64) | (buf[pos + 1].astype(np.int64) << 8)
-
-
-def _u24(buf, pos):
-    """Information object addresses (3 octets, -104 §9) at ``pos``."""
-    return _u16(buf, pos) | (buf[pos + 2].astype(np.int64) << 16)
-
-
 class _Run:
     """The APDUs of the clean chunks of one batch, in chunk order; ``emit(a, b)`` writes APDUs
     a..b-1 (after any ``feed`` call the chunks before them needed)."""
@@ -274,133 +341,78 @@ class _Run:
         self.flows = flows.tolist()
         self.tcp_direction = cols.direction[apdu_chunk].astype(np.int64)
 
-    def _directions(self, a: int, b: int) -> np.ndarray:
-        """Roles of APDUs a..b-1, with the parser's role table read before and written after."""
-        controlling = self.parser._controlling
-        side = np.array([controlling.get(f, -1) for f in self.flows], np.int64)
-        direction = apdu_directions(self.cols.buf, self.pos[a:b], self.tcp_direction[a:b], self.flow_index[a:b],
-                                    side)
-        for u in np.flatnonzero(side >= 0).tolist():
-            controlling.setdefault(self.flows[u], int(side[u]))
-        return direction
-
     def emit(self, a: int, b: int) -> None:
         if a >= b:
             return
-        out, cols, buf = self.out, self.cols, self.cols.buf
+        out, cols = self.out, self.cols
         m = b - a
         base = out.next_pdu_id
         pos, chunk = self.pos[a:b], self.chunk[a:b]
-        direction = self._directions(a, b)
-        length = buf[pos + 1].astype(np.int64)
-        total = length + 2
-        c1 = buf[pos + 2].astype(np.int64)
-        short = length < MIN_L
-        is_i = ~short & ((c1 & 0x01) == 0)
-        is_s = ~short & ((c1 & 0x03) == 0x01)
-        is_u = ~short & ((c1 & 0x03) == 0x03)
-        too_large = length > MAX_L
-        ns = _u16(buf, pos + 2) >> 1
-        nr = _u16(buf, pos + 4) >> 1
-        # ASDU header (-101 §7.1): type id, VSQ, COT, originator address, common address.
-        type_id = buf[pos + 6].astype(np.int64)
-        vsq = buf[pos + 7].astype(np.int64)
-        cot = buf[pos + 8].astype(np.int64)
-        n_objects, sq = vsq & 0x7F, vsq >> 7
-        size = _ELEMENT_SIZE[type_id]
-        need = np.where(sq == 1, 3 + n_objects * size, n_objects * (3 + size))
-        fast_i = (is_i & (length >= MIN_L + ASDU_HEADER_LEN) & ~too_large & (size >= 0) & (n_objects > 0)
-                  & (total - _I_HEADER == need))
-        slow = is_i & ~fast_i
-        seq = self.seq_reason[a:b]
-        # S (§5.2) and U (§5.3) frames: L must be 4; a U frame needs exactly one function bit.
-        bits = c1 >> 2
-        u_code = _U_CODE[bits]
-        bad_u = is_u & (u_code == FUNC_U_INVALID)
-        bad_su = (is_s | is_u) & ~bad_u & (length != MIN_L)
-        status = np.where(short | bad_u | bad_su, STATUS_MALFORMED, STATUS_OK)
-        reason = np.where(is_i, seq, np.where(bad_u, REASON_UNKNOWN_FUNCTION, np.where(
-            bad_su & too_large, REASON_TOO_LARGE, np.where(short | bad_su, REASON_BAD_LENGTH, REASON_NONE))))
-        pdu = {
-            "direction": direction,
-            "function": np.where(is_i, type_id, np.where(is_s, FUNC_S, np.where(is_u, u_code, -1))),
-            "subfunction": np.where(is_i, cot, np.where(is_u, bits, -1)),
-            "cause": np.where(is_i, cot & 0x3F, -1),
-            "unit": np.where(is_i, _u16(buf, pos + 10), -1),
-            "peer_unit": np.where(is_i, buf[pos + 9].astype(np.int64), -1),
-            "seq": np.where(is_i, ns, -1),
-            "ack": np.where(is_i | is_s, nr, -1),
-            "address": np.where(is_i, _u24(buf, pos + _I_HEADER), -1),
-            "count": np.where(is_i, n_objects, 0),
-            "object": np.where(is_i, type_id, -1),
-            "variation": np.where(is_i, sq, -1),
-            "length": total,
-            "is_write": is_i & _IS_WRITE[type_id],
-            "is_control": is_i & _IS_CONTROL[type_id],
-            "status": status,
-            "reason": reason,
-        }
+        controlling = self.parser._controlling  # the role table, read before and written after
+        side = np.array([controlling.get(f, -1) for f in self.flows], np.int64)
+        (direction, total, function, subfunction, cause, unit, peer_unit, ns, nr, address, count, obj, variation,
+         is_write, is_control, status, reason, slow, n_points, p_address, p_at, p_owner) = read_apdus(
+            cols.buf, pos, self.seq_reason[a:b], self.tcp_direction[a:b], self.flow_index[a:b], side)
+        for u in np.flatnonzero(side >= 0).tolist():
+            controlling.setdefault(self.flows[u], int(side[u]))
+        pdu = {"direction": direction, "function": function, "subfunction": subfunction, "cause": cause,
+               "unit": unit, "peer_unit": peer_unit, "seq": ns, "ack": nr, "address": address, "count": count,
+               "object": obj, "variation": variation, "length": total, "is_write": is_write,
+               "is_control": is_control, "status": status, "reason": reason}
         kept = None
         if slow.any():
             kept = np.flatnonzero(~slow)
             pdu = {name: v[kept] for name, v in pdu.items()}
-            fast_i, pos, chunk, sq, size, type_id = fast_i[kept], pos[kept], chunk[kept], sq[kept], size[kept], type_id[kept]
-            n_objects = n_objects[kept]
-        reasons, counts = np.unique(pdu["reason"][pdu["reason"] != REASON_NONE], return_counts=True)
-        for r, c in zip(reasons.tolist(), counts.tolist()):  # as _pdu_row counts them
-            out.count_error(PROTO_IEC104, r, c)
-        n_points = np.where(fast_i, n_objects, 0)
-        point = self._points(pos, sq, size, type_id, pdu, n_points)
+            chunk, n_points = chunk[kept], n_points[kept]
+        if pdu["reason"].any():
+            reasons, counts = np.unique(pdu["reason"][pdu["reason"] != REASON_NONE], return_counts=True)
+            for r, c in zip(reasons.tolist(), counts.tolist()):  # as _pdu_row counts them
+                out.count_error(PROTO_IEC104, r, c)
+        point = self._points(p_at, pdu, p_owner)
+        point["address"] = p_address
         columns, owner = rows(cols, chunk, PROTO_IEC104, base, pdu, n_points, point)
         if kept is not None:
             columns["pdu_id"] = base + kept[owner]
-            columns = self._with_slow(columns, a, np.flatnonzero(slow), direction, total, ns, nr, too_large, base)
+            slow = np.flatnonzero(slow)
+            columns = self._with_slow(columns, a, slow, direction[slow], total[slow], base)
         out.next_pdu_id = base + m
         row_tags = None
         if cols.tags is not None:
             row_tags = cols.tags[self.chunk[a:b][columns["pdu_id"] - base]]
         out.add_columns(columns, row_tags)
 
-    def _points(self, pos, sq, size, type_id, pdu, n_points) -> dict:
-        """The point rows of the I frames read here: addresses (-101 §7.2.2.1: SQ=1, one IOA for
-        consecutive objects; SQ=0, an IOA per object), values and qualities by type."""
+    def _points(self, p_at, pdu, p_owner) -> dict:
+        """Point row columns: values and qualities decoded type by type with the parser's table."""
         buf = self.cols.buf
-        owner = np.repeat(np.arange(n_points.shape[0]), n_points)
-        i = point_offsets(n_points)
-        p_sq = sq[owner] == 1
-        p_size = size[owner]
-        body = pos[owner] + _I_HEADER
-        ioa_at = np.where(p_sq, body, body + i * (3 + p_size))
-        element_at = np.where(p_sq, body + 3 + i * p_size, ioa_at + 3)
-        address = _u24(buf, ioa_at) + np.where(p_sq, i, 0)
-        p_type = type_id[owner]
-        values = np.empty(owner.shape[0], np.float64)
-        qualities = np.empty(owner.shape[0], np.int64)
-        for t in np.unique(p_type).tolist():
+        p_type = pdu["object"][p_owner]
+        values = np.empty(p_at.shape[0], np.float64)
+        qualities = np.empty(p_at.shape[0], np.int64)
+        types = np.flatnonzero(np.bincount(p_type, minlength=1)).tolist() if p_at.shape[0] else []
+        for t in types:
             element = ELEMENTS[t]
-            sel = np.flatnonzero(p_type == t)
+            sel = slice(None) if len(types) == 1 else np.flatnonzero(p_type == t)
             records = None
             if element.size:
-                octets = buf[element_at[sel][:, None] + np.arange(element.size)]
+                octets = buf[p_at[sel][:, None] + np.arange(element.size)]
                 records = octets.view(_run_dtype(element, False)).reshape(-1)
-            v, q = decode_run(element, records)
-            values[sel] = v
-            qualities[sel] = q
-        return {"address": address, "value": values, "quality": qualities, "cause": pdu["cause"][owner],
-                "object": p_type, "variation": sq[owner], "is_write": pdu["is_write"][owner],
-                "is_control": pdu["is_control"][owner]}
+            values[sel], qualities[sel] = decode_run(element, records)
+        return {"value": values, "quality": qualities, "cause": pdu["cause"][p_owner], "object": p_type,
+                "variation": pdu["variation"][p_owner], "is_write": pdu["is_write"][p_owner],
+                "is_control": pdu["is_control"][p_owner]}
 
-    def _with_slow(self, columns, a, slow, direction, total, ns, nr, too_large, base) -> dict:
+    def _with_slow(self, columns, a, slow, direction, total, base) -> dict:
         """``columns`` with the rows of the ``slow`` I frames (indices in a..) written by the parser's
         per-ASDU code, each PDU's rows in its place (by pdu_id)."""
         cols, raw = self.cols, self.cols.raw
         slow_out = EventBuilder()
         asdu = self.parser._asdu
-        for j, p, d, t, s, r, big, why in zip(slow.tolist(), self.pos[a + slow].tolist(), direction[slow].tolist(),
-                                              total[slow].tolist(), ns[slow].tolist(), nr[slow].tolist(),
-                                              too_large[slow].tolist(), self.seq_reason[a + slow].tolist()):
+        for j, d, t, why in zip(slow.tolist(), direction.tolist(), total.tolist(), self.seq_reason[a + slow].tolist()):
+            p = int(self.pos[a + j])
+            ns = (raw[p + 2] | (raw[p + 3] << 8)) >> 1  # -104 §5.1, figure 4
+            nr = (raw[p + 4] | (raw[p + 5] << 8)) >> 1
             slow_out.next_pdu_id = base + j
-            asdu(raw, p + APCI_LEN, p + t, s, r, why, big, cols.chunks[int(self.chunk[a + j])], d, t, slow_out)
+            asdu(raw, p + APCI_LEN, p + t, ns, nr, why, t - 2 > MAX_L, cols.chunks[int(self.chunk[a + j])], d, t,
+                 slow_out)
         for key, count in slow_out.errors.items():
             self.out.count_error(*key, count)
         written = slow_out.build()
