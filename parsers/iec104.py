@@ -174,10 +174,15 @@ class _Fields:
 
 
 def decode_run(element, records: np.ndarray):
-    """(values, qualities) of a run of elements of one type (records of ``_run_dtype(element, ...)``,
-    or None for an element without octets): _DECODE on whole columns."""
+    """(values, qualities) of a run of elements of one type (records of ``_run_dtype(element, False)``,
+    or None for an element without octets): _DECODE on whole columns, or element by element for the
+    kinds that only read one at a time."""
+    decode = _DECODE[element.kind]
+    if element.kind not in VECTOR_KINDS:
+        pairs = [decode(f) for f in element.struct.iter_unpack(records.tobytes())]
+        return (np.array([v for v, _ in pairs], np.float64), np.array([q for _, q in pairs], np.int64))
     with np.errstate(invalid="ignore"):  # a float NaN (even signalling) is a value to report, not an error
-        return _DECODE[element.kind](None if records is None else _Fields(records))
+        return decode(None if records is None else _Fields(records))
 
 
 def _pdu_row(out: EventBuilder, ctx, direction, function, sub, cause, unit, peer, seq, ack, address, count, obj,

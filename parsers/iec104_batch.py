@@ -23,7 +23,6 @@ ones ``feed`` uses, written back before any call into ``feed``, so both paths ca
 
 from __future__ import annotations
 
-from operator import attrgetter
 
 import numpy as np
 
@@ -34,7 +33,7 @@ from .events import (
     STATUS_MALFORMED, STATUS_OK, EventBuilder,
 )
 from .iec104 import (
-    APCI_LEN, ASDU_HEADER_LEN, MAX_L, MIN_L, SEQ_MOD, START, VECTOR_KINDS, _run_dtype, _Stream, control_fields,
+    APCI_LEN, ASDU_HEADER_LEN, MAX_L, MIN_L, SEQ_MOD, START, _run_dtype, _Stream, control_fields,
     decode_run, plausible_apci, sender_controls, seq_reason,
 )
 from .iec104_types import CONTROL_TYPES, ELEMENTS, FUNC_S, WRITE_TYPES
@@ -47,8 +46,7 @@ _control_fields = compiled(control_fields)
 # Per type id: the element size where this path decodes the type (-1 elsewhere), the flags.
 _ELEMENT_SIZE = np.full(256, -1, np.int64)
 for _t, _e in ELEMENTS.items():
-    if _e.kind in VECTOR_KINDS:
-        _ELEMENT_SIZE[_t] = _e.size
+    _ELEMENT_SIZE[_t] = _e.size
 _IS_CONTROL = np.isin(np.arange(256), sorted(CONTROL_TYPES))
 _IS_WRITE = np.isin(np.arange(256), sorted(WRITE_TYPES))
 _I_HEADER = APCI_LEN + ASDU_HEADER_LEN  # first octet of the information objects
@@ -269,8 +267,10 @@ def feed_batch(parser, chunks: list, out, tags=None) -> None:
     n = len(chunks)
     cols = ChunkColumns(chunks, tags, held={key: st.pending for key, st in streams.items() if st.pending})
     lay = cols.layout
-    gap = np.fromiter(map(attrgetter("gap"), chunks), dtype=bool, count=n)
-    datagram = np.fromiter(map(attrgetter("datagram"), chunks), dtype=bool, count=n)
+    gap = np.zeros(n, bool)
+    datagram = np.zeros(n, bool)
+    for c in [c for c, chunk in enumerate(chunks) if chunk.gap or chunk.datagram]:  # rare: look only at those
+        gap[c], datagram[c] = chunks[c].gap, chunks[c].datagram
     first_k = np.flatnonzero(cols.stream_first)
     sync0 = np.ones(n, bool)
     ns0 = np.full(n, -1, np.int64)
@@ -293,10 +293,15 @@ def feed_batch(parser, chunks: list, out, tags=None) -> None:
         n_dropped = int(np.count_nonzero((dropped_k == flag) & clean_k))
         if n_dropped:
             out.count_error(PROTO_IEC104, reason, n_dropped)
-    # APDUs in chunk order (stable: a chunk's APDUs stay in stream order)
-    apdu_chunk = lay[apdu_k]
-    order = np.argsort(apdu_chunk, kind="stable")
-    run = _Run(parser, out, cols, apdu_chunk[order], apdu_pos[order], apdu_seq[order])
+    # APDUs in chunk order (a chunk's APDUs are consecutive in the walk and stay in stream order)
+    per_k = np.bincount(apdu_k, minlength=n)
+    per_chunk = np.empty(n, np.int64)
+    per_chunk[lay] = per_k
+    order = np.empty(apdu_k.shape[0], np.int64)
+    order[(np.cumsum(per_chunk) - per_chunk)[lay[apdu_k]] + np.arange(apdu_k.shape[0])
+          - (np.cumsum(per_k) - per_k)[apdu_k]] = np.arange(apdu_k.shape[0])
+    stream_flows = np.unique(cols.flow[lay[first_k]])
+    run = _Run(parser, out, cols, lay[apdu_k][order], apdu_pos[order], apdu_seq[order], stream_flows)
     # Streams that stay clean keep their state (partial APDU, N(S), sync) for the next batch; a
     # stream that breaks goes to feed from the chunk where it broke, as it stood there.
     last_k = np.r_[first_k[1:] - 1, n - 1]
@@ -334,10 +339,10 @@ class _Run:
     """The APDUs of the clean chunks of one batch, in chunk order; ``emit(a, b)`` writes APDUs
     a..b-1 (after any ``feed`` call the chunks before them needed)."""
 
-    def __init__(self, parser, out, cols: ChunkColumns, apdu_chunk, apdu_pos, apdu_seq):
+    def __init__(self, parser, out, cols: ChunkColumns, apdu_chunk, apdu_pos, apdu_seq, flows):
         self.parser, self.out, self.cols = parser, out, cols
         self.chunk, self.pos, self.seq_reason = apdu_chunk, apdu_pos, apdu_seq
-        flows, self.flow_index = np.unique(cols.flow[apdu_chunk], return_inverse=True)
+        self.flow_index = np.searchsorted(flows, cols.flow[apdu_chunk])  # flows: the batch's, sorted
         self.flows = flows.tolist()
         self.tcp_direction = cols.direction[apdu_chunk].astype(np.int64)
 
