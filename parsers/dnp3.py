@@ -216,25 +216,31 @@ class Dnp3Parser:
                 continue
             if n - pos < LINK_HEADER_SIZE:
                 break
-            _, length, ctrl, dst, src, _crc = LINK_HEADER.unpack_from(data, pos)
-            if not _header_crc_ok(data, pos):
-                self._link_error(chunk, out, ctrl, dst, src, LINK_HEADER_SIZE, REASON_BAD_CRC, known=False)
-                pos += 2
-                continue
-            if length < MIN_LENGTH:
-                self._link_error(chunk, out, ctrl, dst, src, LINK_HEADER_SIZE, REASON_BAD_LENGTH)
-                pos += LINK_HEADER_SIZE
-                continue
-            total = frame_size(length)
-            if n - pos < total:
+            used = self._frame(data, pos, n, chunk, st, out)
+            if not used:
                 break
-            user = self._user_data(data, pos + LINK_HEADER_SIZE, length - MIN_LENGTH)
-            if user is None:
-                self._link_error(chunk, out, ctrl, dst, src, total, REASON_BAD_CRC)
-            else:
-                self._link_frame(ctrl, dst, src, user, total, chunk, st, out)
-            pos += total
+            pos += used
         return pos
+
+    def _frame(self, data, pos: int, n: int, chunk, st: _Stream, out: EventBuilder) -> int:
+        """Read the link frame whose header (``05 64`` and 8 more octets) is at ``pos``; return the
+        octets it takes, or 0 when ``data[:n]`` does not hold all of it yet."""
+        _, length, ctrl, dst, src, _crc = LINK_HEADER.unpack_from(data, pos)
+        if not _header_crc_ok(data, pos):
+            self._link_error(chunk, out, ctrl, dst, src, LINK_HEADER_SIZE, REASON_BAD_CRC, known=False)
+            return 2
+        if length < MIN_LENGTH:
+            self._link_error(chunk, out, ctrl, dst, src, LINK_HEADER_SIZE, REASON_BAD_LENGTH)
+            return LINK_HEADER_SIZE
+        total = frame_size(length)
+        if n - pos < total:
+            return 0
+        user = self._user_data(data, pos + LINK_HEADER_SIZE, length - MIN_LENGTH)
+        if user is None:
+            self._link_error(chunk, out, ctrl, dst, src, total, REASON_BAD_CRC)
+        else:
+            self._link_frame(ctrl, dst, src, user, total, chunk, st, out)
+        return total
 
     @staticmethod
     def _user_data(data, pos: int, n: int):

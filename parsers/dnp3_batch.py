@@ -38,8 +38,8 @@ from .dnp3_objects import (
     PREFIXES, RANGE_FIELDS, RESPONSE_FUNCTIONS, V_BIT7, V_DBIT, V_TIME48, WRITE_FUNCTIONS,
 )
 from .events import (
-    COLUMNS, DIR_REQUEST, DIR_RESPONSE, KIND_PDU, PROTO_DNP3, REASON_BAD_CRC, REASON_BAD_LENGTH, REASON_GAP, REASON_NONE,
-    REASON_RESYNC, REASON_TRUNCATED, REASON_UNKNOWN_FUNCTION, STATUS_OK, STATUS_UNKNOWN, EventBuilder,
+    COLUMNS, DIR_REQUEST, DIR_RESPONSE, KIND_PDU, PROTO_DNP3, REASON_GAP, REASON_NONE, REASON_RESYNC,
+    REASON_TRUNCATED, REASON_UNKNOWN_FUNCTION, STATUS_OK, STATUS_UNKNOWN, EventBuilder,
 )
 
 _CRC_TABLE = np.array(TABLE8, dtype=np.int64)
@@ -47,61 +47,59 @@ _CRC_TABLE = np.array(TABLE8, dtype=np.int64)
 # Frame kinds found by walk_links (what Dnp3Parser._scan does with each).
 FRAME_OK, FRAME_BAD_HEADER_CRC, FRAME_BAD_LENGTH, FRAME_BAD_DATA_CRC = 0, 1, 2, 3
 
-# --- Tables the compiled object walk indexes (built from parsers.dnp3_objects) ----------------
-# Object prefix (table 4-5): octets, kind 0 none / 1 index / 2 size; -1 reserved.
+# --- Tables the compiled walks index (built from parsers.dnp3_objects) ------------------------
+# Qualifier (clause 4.2.2.7.3): rows of QUALIFIERS, indexed by the prefix code (table 4-5: octets,
+# kind) and by the range specifier code (table 4-6: octets of the whole range field, kind).
+_Q_PREFIX_OCTETS, _Q_PREFIX_KIND, _Q_RANGE_OCTETS, _Q_RANGE_KIND = range(4)
 _PREFIX_NONE, _PREFIX_INDEX, _PREFIX_SIZE = 0, 1, 2
-PREFIX_OCTETS = np.zeros(8, np.int64)
-PREFIX_KIND = np.full(8, -1, np.int64)
-for _code, (_octets, _kind) in PREFIXES.items():
-    PREFIX_OCTETS[_code] = _octets
-    PREFIX_KIND[_code] = {None: _PREFIX_NONE, "index": _PREFIX_INDEX, "size": _PREFIX_SIZE}[_kind]
-# Range specifier (table 4-6): octets of the whole range field, kind 0 start-stop / 1 count /
-# 2 none (all objects); -1 reserved.
 _RANGE_STARTSTOP, _RANGE_COUNT, _RANGE_NONE = 0, 1, 2
-RANGE_OCTETS = np.zeros(16, np.int64)
-RANGE_KIND = np.full(16, -1, np.int64)
+QUALIFIERS = np.full((4, 16), -1, np.int64)  # kind -1: reserved code
+for _code, (_octets, _kind) in PREFIXES.items():
+    QUALIFIERS[_Q_PREFIX_OCTETS, _code] = _octets
+    QUALIFIERS[_Q_PREFIX_KIND, _code] = {None: _PREFIX_NONE, "index": _PREFIX_INDEX, "size": _PREFIX_SIZE}[_kind]
 for _code, (_struct, _kind) in RANGE_FIELDS.items():
-    RANGE_OCTETS[_code] = 0 if _struct is None else _struct.size
-    RANGE_KIND[_code] = {"startstop": _RANGE_STARTSTOP, "count": _RANGE_COUNT, "none": _RANGE_NONE}[_kind]
-# Application function codes (clause 4.2.2.5): bit flags per code.
+    QUALIFIERS[_Q_RANGE_OCTETS, _code] = 0 if _struct is None else _struct.size
+    QUALIFIERS[_Q_RANGE_KIND, _code] = {"startstop": _RANGE_STARTSTOP, "count": _RANGE_COUNT, "none": _RANGE_NONE}[_kind]
+# Function codes: row 0 application FC flags (clause 4.2.2.5), rows 1-2 is_write / is_control,
+# rows 3-4 the link functions named with PRM=0 / PRM=1 (tables 9-1, 9-2).
+_F_FLAGS, _F_WRITE, _F_CONTROL, _F_LINK_SECONDARY, _F_LINK_PRIMARY = range(5)
 _FC_KNOWN, _FC_RESPONSE, _FC_HEADER_ONLY = 1, 2, 4
-FUNCTION_FLAGS = np.zeros(256, np.int64)
+FUNCTIONS = np.zeros((5, 256), np.int64)
 for _fc in range(256):
-    FUNCTION_FLAGS[_fc] = ((_fc in FUNCTION_NAMES) * _FC_KNOWN | (_fc in RESPONSE_FUNCTIONS) * _FC_RESPONSE
-                           | (_fc in HEADER_ONLY_FUNCTIONS) * _FC_HEADER_ONLY)
-IS_WRITE = np.isin(np.arange(256), list(WRITE_FUNCTIONS))
-IS_CONTROL = np.isin(np.arange(256), list(CONTROL_FUNCTIONS))
+    FUNCTIONS[_F_FLAGS, _fc] = ((_fc in FUNCTION_NAMES) * _FC_KNOWN | (_fc in RESPONSE_FUNCTIONS) * _FC_RESPONSE
+                                | (_fc in HEADER_ONLY_FUNCTIONS) * _FC_HEADER_ONLY)
+FUNCTIONS[_F_WRITE, list(WRITE_FUNCTIONS)] = 1
+FUNCTIONS[_F_CONTROL, list(CONTROL_FUNCTIONS)] = 1
+FUNCTIONS[_F_LINK_SECONDARY, list(LINK_SECONDARY_NAMES)] = 1
+FUNCTIONS[_F_LINK_PRIMARY, list(LINK_PRIMARY_NAMES)] = 1
 # Groups: no object data (A.29 class data), or variation = object length (A.34-A.37).
 _GROUP_NO_DATA, _GROUP_LENGTH_IS_VARIATION = 1, 2
-GROUP_FLAGS = np.zeros(256, np.int64)
-GROUP_FLAGS[list(NO_DATA_GROUPS)] |= _GROUP_NO_DATA
-GROUP_FLAGS[list(LENGTH_IS_VARIATION)] |= _GROUP_LENGTH_IS_VARIATION
-# Objects by group * 256 + variation (Annex A): kind 0 unknown / 1 fixed size / 2 packed bits;
-# octets per object (fixed) or bits per point (packed); where the value and the flags octet sit
+GROUPS = np.zeros(256, np.int64)
+GROUPS[list(NO_DATA_GROUPS)] |= _GROUP_NO_DATA
+GROUPS[list(LENGTH_IS_VARIATION)] |= _GROUP_LENGTH_IS_VARIATION
+# Objects, column group * 256 + variation (Annex A): kind (unknown / fixed size / packed bits),
+# octets per object (fixed) or bits per point (packed), where the value and the flags octet sit
 # in the object (-1: no flags) and how the value is read.
+_O_KIND, _O_SIZE, _O_VALUE_AT, _O_VALUE_TYPE, _O_FLAGS_AT = range(5)
 _OBJ_UNKNOWN, _OBJ_FIXED, _OBJ_PACKED = 0, 1, 2
-# value types: the struct codes of Annex A layouts, plus the three conversions of ObjectLayout
+#: value types: the struct codes of the Annex A layouts, then the conversions of ObjectLayout
 VALUE_TYPES = {"B": 1, "H": 2, "I": 3, "Q": 4, "b": 5, "h": 6, "i": 7, "f": 8, "d": 9}
 _VALUE_TIME48, _VALUE_BIT7, _VALUE_DBIT = 10, 11, 12
 _CODE_OCTETS = {"B": 1, "H": 2, "I": 4, "Q": 8, "b": 1, "h": 2, "i": 4, "f": 4, "d": 8}
-OBJ_KIND = np.zeros(65536, np.int64)
-OBJ_SIZE = np.zeros(65536, np.int64)
-OBJ_VALUE_AT = np.zeros(65536, np.int64)
-OBJ_VALUE_TYPE = np.zeros(65536, np.int64)
-OBJ_FLAGS_AT = np.full(65536, -1, np.int64)
+OBJECT_TABLE = np.zeros((5, 65536), np.int64)
+OBJECT_TABLE[_O_FLAGS_AT] = -1
 for (_g, _v), _layout in OBJECTS.items():
-    _key = _g * 256 + _v
     _codes = _layout.struct.format[1:]
     _offsets = np.cumsum([0] + [_CODE_OCTETS[c] for c in _codes]).tolist()
-    OBJ_KIND[_key], OBJ_SIZE[_key] = _OBJ_FIXED, _layout.size
-    OBJ_VALUE_AT[_key] = _offsets[_layout.value_at]
-    OBJ_VALUE_TYPE[_key] = {V_TIME48: _VALUE_TIME48, V_BIT7: _VALUE_BIT7, V_DBIT: _VALUE_DBIT}.get(
+    _column = OBJECT_TABLE[:, _g * 256 + _v]
+    _column[_O_KIND], _column[_O_SIZE], _column[_O_VALUE_AT] = _OBJ_FIXED, _layout.size, _offsets[_layout.value_at]
+    _column[_O_VALUE_TYPE] = {V_TIME48: _VALUE_TIME48, V_BIT7: _VALUE_BIT7, V_DBIT: _VALUE_DBIT}.get(
         _layout.convert, VALUE_TYPES[_codes[_layout.value_at]])
     if _layout.flags_at >= 0:
         assert _codes[_layout.flags_at] == "B"  # flags / status are one octet in every layout
-        OBJ_FLAGS_AT[_key] = _offsets[_layout.flags_at]
+        _column[_O_FLAGS_AT] = _offsets[_layout.flags_at]
 for (_g, _v), _bits in PACKED_BITS.items():
-    OBJ_KIND[_g * 256 + _v], OBJ_SIZE[_g * 256 + _v] = _OBJ_PACKED, _bits
+    OBJECT_TABLE[_O_KIND, _g * 256 + _v], OBJECT_TABLE[_O_SIZE, _g * 256 + _v] = _OBJ_PACKED, _bits
 
 
 # --- Data link layer (clause 9.2), compiled ----------------------------------------------------
@@ -245,151 +243,195 @@ def _object_value(data, at, value_type, flags):
 object_value = compiled(_object_value)
 
 
-def _walk_objects(data, app_at, app_len, function_flags, group_flags, prefix_octets, prefix_kind, range_octets,
-                  range_kind, obj_kind, obj_size, obj_value_at, obj_value_type, obj_flags_at):
-    """Walk the object headers of each application fragment ``data[app_at:app_at + app_len]`` as
-    ``Dnp3Parser._objects`` does (clause 4.2.2.7) and decode the points of the common groups.
+def _walk_objects(data, pos, end, header_only, groups, objects, qualifiers, point, value, count, is_write,
+                  is_control):
+    """Walk the object headers of one application fragment, ``data[pos:end]`` after its AC, FC
+    (and IIN), as ``Dnp3Parser._objects`` does (clause 4.2.2.7), decoding the points of the common
+    groups into ``point`` (rows: group, variation, index, flags, is_write, is_control) and ``value``
+    from column ``count`` on.
 
-    Returns per fragment: ``ok`` (False where the fragment is not one this path reads: too short,
-    an unknown function, any header or object ``_objects`` would report, device attributes,
-    size-prefixed objects -- the per-PDU code reads those), the first header's group, variation
-    and index, the objects counted, the points decoded; and per point: group, variation, index,
-    value, flags (-1: none).
+    Returns (ok, first header's group, variation and index, objects counted, the new point count).
+    ``ok`` is False where the fragment is not one this path reads: any header or object that
+    ``_objects`` would report, device attributes (group 0), size-prefixed objects.
     """
-    m = app_at.shape[0]
-    cap = 0
-    for f in range(m):
-        cap += 8 * app_len[f]  # a packed object holds at most 8 points per octet, others >= 1 octet
-    ok = np.ones(m, np.bool_)
-    first_group = np.full(m, -1, np.int64)
-    first_variation = np.full(m, -1, np.int64)
-    first_index = np.full(m, -1, np.int64)
-    total = np.zeros(m, np.int64)
-    n_points = np.zeros(m, np.int64)
-    p_group = np.empty(cap, np.int64)
-    p_variation = np.empty(cap, np.int64)
-    p_index = np.empty(cap, np.int64)
-    p_value = np.empty(cap, np.float64)
-    p_flags = np.empty(cap, np.int64)
-    count = 0
-    for f in range(m):
-        pos = app_at[f]
-        end = pos + app_len[f]
-        if app_len[f] < 2:
-            ok[f] = False
-            continue
-        fc_flags = function_flags[data[pos + 1]]
-        if not fc_flags & _FC_KNOWN:
-            ok[f] = False
-            continue
-        if fc_flags & _FC_RESPONSE:
-            if app_len[f] < 4:
-                ok[f] = False
-                continue
-            pos += 4  # AC, FC, IIN1, IIN2
-        else:
-            pos += 2
-        header_only = fc_flags & _FC_HEADER_ONLY
-        mark = count
-        good = True
-        g0, v0, i0, objects = -1, -1, -1, 0
-        while pos < end:
-            if end - pos < 3:
-                good = False
-                break
-            group, variation, qualifier = np.int64(data[pos]), np.int64(data[pos + 1]), np.int64(data[pos + 2])
-            pos += 3
-            pkind = prefix_kind[(qualifier >> 4) & 0x07]
-            rkind = range_kind[qualifier & 0x0F]
-            if qualifier & 0x80 or pkind < 0 or rkind < 0:
-                good = False
-                break
-            psize = prefix_octets[(qualifier >> 4) & 0x07]
-            if rkind == _RANGE_NONE:  # qualifier x6: all objects, nothing follows
-                if g0 < 0:
-                    g0, v0, i0 = group, variation, -1
-                continue
-            rsize = range_octets[qualifier & 0x0F]
-            if end - pos < rsize:
-                good = False
-                break
-            first = 0
-            if rkind == _RANGE_STARTSTOP:
-                first = unsigned(data, pos, rsize >> 1)
-                last = unsigned(data, pos + (rsize >> 1), rsize >> 1)
-                if last < first:
-                    good = False
-                    break
-                n = last - first + 1
-            else:
-                n = unsigned(data, pos, rsize)
-            pos += rsize
-            objects += n
+    g0, v0, i0, objects_counted = -1, -1, -1, 0
+    while pos < end:
+        if end - pos < 3:
+            return False, g0, v0, i0, objects_counted, count
+        group, variation, qualifier = np.int64(data[pos]), np.int64(data[pos + 1]), np.int64(data[pos + 2])
+        pos += 3
+        prefix_code, range_code = (qualifier >> 4) & 0x07, qualifier & 0x0F
+        pkind, rkind = qualifiers[_Q_PREFIX_KIND, prefix_code], qualifiers[_Q_RANGE_KIND, range_code]
+        if qualifier & 0x80 or pkind < 0 or rkind < 0:
+            return False, g0, v0, i0, objects_counted, count
+        psize = qualifiers[_Q_PREFIX_OCTETS, prefix_code]
+        if rkind == _RANGE_NONE:  # qualifier x6: all objects, nothing follows
             if g0 < 0:
-                g0, v0, i0 = group, variation, first if pkind != _PREFIX_INDEX and n else -1
-                if pkind == _PREFIX_INDEX and n and end - pos >= psize:
-                    i0 = unsigned(data, pos, psize)
-            if (header_only or variation == 0 or group_flags[group] & _GROUP_NO_DATA) and pkind != _PREFIX_SIZE:
-                skip = n * psize if pkind == _PREFIX_INDEX else 0
-                if end - pos < skip:
-                    good = False
-                    break
-                pos += skip
-                continue
-            key = group * 256 + variation
-            kind = obj_kind[key]
-            if pkind == _PREFIX_SIZE or group == 0:
-                good = False  # size-prefixed objects, device attributes: the per-PDU code
-                break
-            if kind == _OBJ_PACKED:
-                bits = obj_size[key]
-                nbytes = (n * bits + 7) >> 3
-                if pkind == _PREFIX_INDEX or end - pos < nbytes:
-                    good = False
-                    break
-                mask = (1 << bits) - 1
-                for i in range(n):
-                    bit = i * bits
-                    p_group[count], p_variation[count], p_index[count] = group, variation, first + i
-                    p_value[count] = float((np.int64(data[pos + (bit >> 3)]) >> (bit & 7)) & mask)
-                    p_flags[count] = -1
-                    count += 1
-                pos += nbytes
-            elif group_flags[group] & _GROUP_LENGTH_IS_VARIATION:
-                need = n * (psize + variation)
-                if end - pos < need:
-                    good = False
-                    break
-                pos += need
-            elif kind == _OBJ_FIXED:
-                size = psize + obj_size[key]
-                if (end - pos) // size < n:
-                    good = False
-                    break
-                value_at, value_type, flags_at = obj_value_at[key], obj_value_type[key], obj_flags_at[key]
-                for i in range(n):
-                    at = pos + psize
-                    flags = np.int64(data[at + flags_at]) if flags_at >= 0 else -1
-                    p_group[count], p_variation[count] = group, variation
-                    p_index[count] = unsigned(data, pos, psize) if psize else first + i
-                    p_value[count] = object_value(data, at + value_at, value_type, flags)
-                    p_flags[count] = flags
-                    count += 1
-                    pos += size
-            else:
-                good = False
-                break
-        if not good:
-            ok[f] = False
-            count = mark
+                g0, v0, i0 = group, variation, -1
             continue
-        first_group[f], first_variation[f], first_index[f], total[f] = g0, v0, i0, objects
-        n_points[f] = count - mark
-    return (ok, first_group, first_variation, first_index, total, n_points, p_group[:count], p_variation[:count],
-            p_index[:count], p_value[:count], p_flags[:count])
+        rsize = qualifiers[_Q_RANGE_OCTETS, range_code]
+        if end - pos < rsize:
+            return False, g0, v0, i0, objects_counted, count
+        first = 0
+        if rkind == _RANGE_STARTSTOP:
+            first = unsigned(data, pos, rsize >> 1)
+            last = unsigned(data, pos + (rsize >> 1), rsize >> 1)
+            if last < first:
+                return False, g0, v0, i0, objects_counted, count
+            n = last - first + 1
+        else:
+            n = unsigned(data, pos, rsize)
+        pos += rsize
+        objects_counted += n
+        if g0 < 0:
+            g0, v0, i0 = group, variation, first if pkind != _PREFIX_INDEX and n else -1
+            if pkind == _PREFIX_INDEX and n and end - pos >= psize:
+                i0 = unsigned(data, pos, psize)
+        if (header_only or variation == 0 or groups[group] & _GROUP_NO_DATA) and pkind != _PREFIX_SIZE:
+            skip = n * psize if pkind == _PREFIX_INDEX else 0  # only indices follow
+            if end - pos < skip:
+                return False, g0, v0, i0, objects_counted, count
+            pos += skip
+            continue
+        key = group * 256 + variation
+        kind = objects[_O_KIND, key]
+        if pkind == _PREFIX_SIZE or group == 0:
+            return False, g0, v0, i0, objects_counted, count
+        if kind == _OBJ_PACKED:
+            bits = objects[_O_SIZE, key]
+            nbytes = (n * bits + 7) >> 3
+            if pkind == _PREFIX_INDEX or end - pos < nbytes:
+                return False, g0, v0, i0, objects_counted, count
+            mask = (1 << bits) - 1
+            for i in range(n):
+                bit = i * bits
+                point[0, count], point[1, count], point[2, count], point[3, count] = group, variation, first + i, -1
+                point[4, count], point[5, count] = is_write, is_control
+                value[count] = float((np.int64(data[pos + (bit >> 3)]) >> (bit & 7)) & mask)
+                count += 1
+            pos += nbytes
+        elif groups[group] & _GROUP_LENGTH_IS_VARIATION:
+            need = n * (psize + variation)
+            if end - pos < need:
+                return False, g0, v0, i0, objects_counted, count
+            pos += need
+        elif kind == _OBJ_FIXED:
+            size = psize + objects[_O_SIZE, key]
+            if (end - pos) // size < n:
+                return False, g0, v0, i0, objects_counted, count
+            value_at, value_type, flags_at = objects[_O_VALUE_AT, key], objects[_O_VALUE_TYPE, key], objects[_O_FLAGS_AT, key]
+            for i in range(n):
+                at = pos + psize
+                flags = np.int64(data[at + flags_at]) if flags_at >= 0 else -1
+                point[0, count], point[1, count] = group, variation
+                point[2, count] = unsigned(data, pos, psize) if psize else first + i
+                point[3, count], point[4, count], point[5, count] = flags, is_write, is_control
+                value[count] = object_value(data, at + value_at, value_type, flags)
+                count += 1
+                pos += size
+        else:  # unknown object size: nothing tells where the next header starts
+            return False, g0, v0, i0, objects_counted, count
+    return True, g0, v0, i0, objects_counted, count
 
 
 walk_objects = compiled(_walk_objects)
+
+# Columns of the PDU rows walk_frames writes (rows of its ``fields`` output).
+(F_FRAME, F_DIRECTION, F_FUNCTION, F_SUB, F_UNIT, F_PEER, F_SEQ, F_ADDRESS, F_COUNT, F_OBJECT, F_VARIATION,
+ F_QUALITY, F_LENGTH, F_WRITE, F_CONTROL, F_STATUS, F_REASON, F_POINTS) = range(18)
+#: event columns filled from those rows
+PDU_FIELDS = {"direction": F_DIRECTION, "function": F_FUNCTION, "subfunction": F_SUB, "unit": F_UNIT,
+              "peer_unit": F_PEER, "seq": F_SEQ, "address": F_ADDRESS, "count": F_COUNT, "object": F_OBJECT,
+              "variation": F_VARIATION, "quality": F_QUALITY, "length": F_LENGTH, "is_write": F_WRITE,
+              "is_control": F_CONTROL, "status": F_STATUS, "reason": F_REASON}
+POINT_FIELDS = {"object": 0, "variation": 1, "address": 2, "quality": 3, "is_write": 4, "is_control": 5}
+
+
+def _walk_frames(buf, user, frame_pos, frame_kind, user_at, frame_stream, reassembling, functions, groups, objects,
+                 qualifiers, int32_max):
+    """Read the frames found by walk_links (in chunk order) as ``Dnp3Parser._link_frame`` would,
+    where that needs no state: link-only frames (clause 9.2.4.1.3) and one-segment fragments
+    (transport FIR and FIN, clause 8.2.1) of a stream not reassembling a fragment, whose
+    application header and objects (clause 4.2.2) are all well formed.  ``reassembling[s]`` says
+    whether stream ``s`` has a fragment open (it is updated as segments go by).
+
+    Returns the PDU rows of those frames (``fields``, one column per row, row F_FRAME is the frame),
+    how many, the other frames (for the per-frame code), how many, the points (``point`` rows as in
+    walk_objects, ``value``), how many, and the link-only frames with an unknown function.
+    """
+    n = frame_pos.shape[0]
+    cap = 0
+    for i in range(n):
+        cap += 8 * buf[frame_pos[i] + 2]  # a packed object holds 8 points an octet, others >= 1 octet
+    fields = np.empty((18, n), np.int64)
+    slow = np.empty(n, np.int64)
+    point = np.empty((6, cap), np.int64)
+    value = np.empty(cap, np.float64)
+    n_fast = n_slow = count = unknown = 0
+    for i in range(n):
+        pos = frame_pos[i]
+        if frame_kind[i] != FRAME_OK:
+            slow[n_slow] = i
+            n_slow += 1
+            continue
+        length, ctrl = np.int64(buf[pos + 2]), np.int64(buf[pos + 3])
+        dst = np.int64(buf[pos + 4]) | (np.int64(buf[pos + 5]) << 8)
+        src = np.int64(buf[pos + 6]) | (np.int64(buf[pos + 7]) << 8)
+        n_user = length - 5
+        prm, func = (ctrl >> 6) & 1, ctrl & 0x0F
+        row = fields[:, n_fast]
+        if not (prm and (func == 3 or func == 4) and n_user > 0):
+            # link-only frame: one row, function 1000 + code (PRM=1) or 1100 + code (PRM=0)
+            known = functions[_F_LINK_SECONDARY + prm, func]
+            unknown += 1 - known
+            to_outstation = ctrl & 0x80
+            row[F_FRAME], row[F_FUNCTION], row[F_SUB] = i, (LINK_PRIMARY_BASE if prm else LINK_SECONDARY_BASE) + func, ctrl
+            row[F_DIRECTION] = DIR_REQUEST if to_outstation else DIR_RESPONSE
+            row[F_UNIT], row[F_PEER] = (dst, src) if to_outstation else (src, dst)
+            row[F_SEQ] = row[F_ADDRESS] = row[F_OBJECT] = row[F_VARIATION] = row[F_QUALITY] = -1
+            row[F_COUNT] = row[F_WRITE] = row[F_CONTROL] = row[F_POINTS] = 0
+            row[F_LENGTH] = 10 + n_user + 2 * ((n_user + 15) >> 4)
+            row[F_STATUS] = STATUS_OK if known else STATUS_UNKNOWN
+            row[F_REASON] = REASON_NONE if known else REASON_UNKNOWN_FUNCTION
+            n_fast += 1
+            continue
+        stream = frame_stream[i]
+        th = user[user_at[i]]
+        if reassembling[stream] or th & 0xC0 != 0xC0:
+            reassembling[stream] = True  # segments: the transport code, from here on
+            slow[n_slow] = i
+            n_slow += 1
+            continue
+        app, app_len = user_at[i] + 1, n_user - 1
+        fc = np.int64(user[app + 1]) if app_len >= 2 else 0
+        flags = functions[_F_FLAGS, fc]
+        response = flags & _FC_RESPONSE
+        if app_len < 2 or not flags & _FC_KNOWN or (response and app_len < 4):
+            slow[n_slow] = i
+            n_slow += 1
+            continue
+        is_write, is_control = functions[_F_WRITE, fc], functions[_F_CONTROL, fc]
+        ok, g0, v0, i0, objects_counted, new_count = walk_objects(
+            user, app + (4 if response else 2), app + app_len, flags & _FC_HEADER_ONLY, groups, objects, qualifiers,
+            point, value, count, is_write, is_control)
+        if not ok:
+            slow[n_slow] = i
+            n_slow += 1
+            continue
+        ac = np.int64(user[app])
+        row[F_FRAME], row[F_FUNCTION], row[F_SUB], row[F_SEQ] = i, fc, ac >> 4, ac & 0x0F
+        row[F_DIRECTION] = DIR_RESPONSE if response else DIR_REQUEST
+        row[F_UNIT], row[F_PEER] = (src, dst) if response else (dst, src)
+        row[F_ADDRESS], row[F_COUNT], row[F_OBJECT], row[F_VARIATION] = i0, min(objects_counted, int32_max), g0, v0
+        row[F_QUALITY] = (np.int64(user[app + 2]) << 8) | user[app + 3] if response else -1
+        row[F_LENGTH], row[F_WRITE], row[F_CONTROL] = app_len, is_write, is_control
+        row[F_STATUS], row[F_REASON], row[F_POINTS] = STATUS_OK, REASON_NONE, new_count - count
+        count = new_count
+        n_fast += 1
+    return fields, n_fast, slow, n_slow, point, value, count, unknown
+
+
+walk_frames = compiled(_walk_frames)
 
 
 class _HeldBytes:
@@ -432,208 +474,91 @@ def feed_batch(parser, chunks: list, out: EventBuilder, tags=None) -> None:
     n_resync = int(resyncs.sum())
     if n_resync:
         out.count_error(PROTO_DNP3, REASON_RESYNC, n_resync)
-    # Streams: index per layout position, their state objects (created as feed creates them),
-    # and the partial frame each keeps for the next batch.
+    # Streams (in layout order): their state (created as feed creates it), whether a fragment is
+    # being reassembled, and the partial frame each keeps for the next batch.
     stream_of_k = np.cumsum(cols.stream_first) - 1
+    last_k = np.r_[np.flatnonzero(cols.stream_first)[1:] - 1, n_chunks - 1].tolist()
     stream_state = []
-    last_k = np.r_[np.flatnonzero(cols.stream_first)[1:] - 1, n_chunks - 1]
-    for k in last_k.tolist():
+    reassembling = np.zeros(len(last_k), bool)
+    tails = stop_k[last_k] < cols.end[lay[last_k]]
+    for s, k in enumerate(last_k):
         chunk = chunks[lay[k]]
         key = (chunk.flow, chunk.direction)
         st = streams.get(key)
         if st is None:
             st = streams[key] = _Stream()
         stream_state.append(st)
-        if stop_k[k] < cols.end[lay[k]]:
+        reassembling[s] = bool(st.fragments)
+        if tails[s]:
             st.buf = cols.raw[stop_k[k]: cols.end[lay[k]]]
     # Frames in chunk order (stable: a chunk's frames stay in stream order).
     frame_chunk = lay[frame_k]
     order = np.argsort(frame_chunk, kind="stable")
     frame_chunk, frame_pos, frame_kind, user_at = frame_chunk[order], frame_pos[order], frame_kind[order], user_at[order]
-    frame_stream = stream_of_k[frame_k[order]]
-    _Frames(parser, out, cols, chunks, stream_state, gap, stream_of_k, frame_chunk, frame_pos, frame_kind, frame_stream,
-            user_at, user, INT32_MAX).emit()
+    fields, n_fast, slow, n_slow, point, value, n_points, unknown = walk_frames(
+        cols.buf, user, frame_pos, frame_kind, user_at, stream_of_k[frame_k[order]], reassembling, FUNCTIONS, GROUPS,
+        OBJECT_TABLE, QUALIFIERS, INT32_MAX)
+    if unknown:
+        out.count_error(PROTO_DNP3, REASON_UNKNOWN_FUNCTION, unknown)
+    # Rows of the frames read here, then of the others (per-frame code), merged in frame order.
+    fast = fields[F_FRAME, :n_fast]
+    chunk = frame_chunk[fast]
+    columns, row_owner = rows(cols, chunk, PROTO_DNP3, out.next_pdu_id,
+                              {name: fields[f, :n_fast] for name, f in PDU_FIELDS.items()}, fields[F_POINTS, :n_fast],
+                              {"value": value[:n_points], **{name: point[f, :n_points] for name, f in POINT_FIELDS.items()}})
+    row_chunk = chunk[row_owner]
+    gaps = np.flatnonzero(gap)
+    if n_slow or gaps.size:
+        side = _SideRows(parser, cols, chunks, frame_chunk, frame_pos, user_at, user, stream_state,
+                         stream_of_k, gaps, slow[:n_slow])
+        if side.columns is not None:
+            key = np.concatenate([2 * fast[row_owner] + 1, side.key])
+            order = np.argsort(key, kind="stable")
+            columns = {name: np.concatenate([columns[name], side.columns[name]])[order] for name in COLUMNS}
+            row_chunk = np.concatenate([row_chunk, side.chunk])[order]
+            columns["pdu_id"] = out.next_pdu_id + np.cumsum(columns["kind"] == KIND_PDU) - 1  # points follow their PDU
+        for (protocol, reason), n in side.errors.items():
+            out.count_error(protocol, reason, n)
+    if not row_chunk.size:
+        return
+    out.next_pdu_id += int(np.count_nonzero(columns["kind"] == KIND_PDU))
+    out.add_columns(columns, None if cols.tags is None else cols.tags[row_chunk])
 
 
-class _Frames:
-    """The link frames of one batch, in chunk order, as columns; ``emit()`` writes their rows."""
+class _SideRows:
+    """The rows of the frames walk_frames left (and the gaps of chunks), through the parser's
+    per-frame code in order into a side builder: ``columns``, each row's order ``key`` (frame i:
+    2i + 1) and ``chunk``, ``errors`` counted."""
 
-    def __init__(self, parser, out, cols, chunks, stream_state, gap, stream_of_k, chunk, pos, kind, stream, user_at,
-                 user, int32_max):
-        self.parser, self.out, self.cols, self.chunks = parser, out, cols, chunks
-        self.stream_state, self.gap, self.stream_of_k = stream_state, gap, stream_of_k
-        self.chunk, self.pos, self.kind, self.stream, self.user_at, self.user = chunk, pos, kind, stream, user_at, user
-        self.int32_max = int32_max
-        buf = cols.buf
-        self.length = buf[pos + 2].astype(np.int64)
-        self.ctrl = buf[pos + 3].astype(np.int64)
-        self.dst = buf[pos + 4] | (buf[pos + 5].astype(np.int64) << 8)
-        self.src = buf[pos + 6] | (buf[pos + 7].astype(np.int64) << 8)
-        n_user = np.maximum(self.length - 5, 0)
-        self.n_user = n_user
-        self.total = 10 + n_user + 2 * ((n_user + 15) >> 4)
-        func = self.ctrl & 0x0F
-        good = kind == FRAME_OK
-        # user data for the transport layer: PRM=1, CONFIRMED/UNCONFIRMED_USER_DATA, not empty (9.2.4.1.3)
-        self.user_frame = good & ((self.ctrl & 0x40) != 0) & ((func == 3) | (func == 4)) & (n_user > 0)
-        self.link_only = good & ~self.user_frame
-        th = user[np.where(self.user_frame, user_at, 0)]
-        whole = self.user_frame & ((th & 0xC0) == 0xC0)  # FIR and FIN: a one-segment fragment
-        # A stream reassembling a fragment (at the start of the batch, or from its first segment
-        # that is not FIR+FIN on) has all its later user-data frames read by the per-frame code.
-        segment = np.flatnonzero(self.user_frame & ~whole)
-        first_segment = np.full(len(stream_state), pos.shape[0], np.int64)
-        np.minimum.at(first_segment, stream[segment], segment)
-        for s, st in enumerate(stream_state):
-            if st.fragments:
-                first_segment[s] = 0
-        candidates = np.flatnonzero(whole & (np.arange(pos.shape[0]) < first_segment[stream]))
-        app_ok = walk_objects(user, user_at[candidates] + 1, n_user[candidates] - 1, FUNCTION_FLAGS, GROUP_FLAGS,
-                              PREFIX_OCTETS, PREFIX_KIND, RANGE_OCTETS, RANGE_KIND, OBJ_KIND, OBJ_SIZE, OBJ_VALUE_AT,
-                              OBJ_VALUE_TYPE, OBJ_FLAGS_AT)
-        ok = app_ok[0]
-        self.app = candidates[ok]
-        self.app_walk = [a[ok] for a in app_ok[1:6]] + list(app_ok[6:])
-        self.fast = self.link_only.copy()
-        self.fast[self.app] = True
-
-    def emit(self) -> None:
-        fast_cols, fast_key, fast_chunk = self._fast_rows()
-        side_cols, side_key, side_chunk = self._slow_rows()
-        out, cols = self.out, self.cols
-        if side_cols is None:
-            if fast_cols is None:
-                return
-            columns, chunk_of_row = fast_cols, fast_chunk
-        else:
-            if fast_cols is None:
-                columns, key, chunk_of_row = side_cols, side_key, side_chunk
-            else:
-                key = np.concatenate([fast_key, side_key])
-                order = np.argsort(key, kind="stable")
-                columns = {name: np.concatenate([fast_cols[name], side_cols[name]])[order] for name in fast_cols}
-                chunk_of_row = np.concatenate([fast_chunk, side_chunk])[order]
-            is_pdu = columns["kind"] == KIND_PDU
-            columns["pdu_id"] = out.next_pdu_id + np.cumsum(is_pdu) - 1  # points follow their PDU
-        n_pdus = int(np.count_nonzero(columns["kind"] == KIND_PDU))
-        out.next_pdu_id += n_pdus
-        out.add_columns(columns, None if cols.tags is None else cols.tags[chunk_of_row])
-
-    def _fast_rows(self):
-        """PDU and point rows of the frames read as arrays; each row's order key and chunk."""
-        fast = np.flatnonzero(self.fast)
-        if not fast.size:
-            return None, None, None
-        out = self.out
-        ctrl, dst, src = self.ctrl[fast], self.dst[fast], self.src[fast]
-        link_only = self.link_only[fast]
-        # Link-only frames (tables 9-1, 9-2): DIR=1 from the master; function 1000/1100 + code.
-        to_outstation = (ctrl & 0x80) != 0
-        prm = (ctrl & 0x40) != 0
-        func = ctrl & 0x0F
-        known = np.where(prm, np.isin(func, list(LINK_PRIMARY_NAMES)), np.isin(func, list(LINK_SECONDARY_NAMES)))
-        unknown = link_only & ~known
-        n_unknown = int(np.count_nonzero(unknown))
-        if n_unknown:
-            out.count_error(PROTO_DNP3, REASON_UNKNOWN_FUNCTION, n_unknown)
-        function = np.where(prm, LINK_PRIMARY_BASE, LINK_SECONDARY_BASE) + func
-        direction = np.where(to_outstation, DIR_REQUEST, DIR_RESPONSE)
-        unit = np.where(to_outstation, dst, src)
-        peer = np.where(to_outstation, src, dst)
-        sub = ctrl.copy()
-        seq = np.full(fast.size, -1, np.int64)
-        address = np.full(fast.size, -1, np.int64)
-        count = np.zeros(fast.size, np.int64)
-        group = np.full(fast.size, -1, np.int64)
-        variation = np.full(fast.size, -1, np.int64)
-        quality = np.full(fast.size, -1, np.int64)
-        length = self.total[fast].copy()
-        n_points = np.zeros(fast.size, np.int64)
-        # Application fragments (clause 4.2.2): AC (FIR FIN CON UNS SEQ), FC, IIN on responses.
-        at = np.searchsorted(fast, self.app)
-        first_group, first_variation, first_index, total, app_points = self.app_walk[:5]
-        p_group, p_variation, p_index, p_value, p_flags = self.app_walk[5:]
-        user, frag = self.user, self.user_at[self.app] + 1
-        ac, fc = user[frag].astype(np.int64), user[frag + 1].astype(np.int64)
-        response = (FUNCTION_FLAGS[fc] & _FC_RESPONSE) != 0
-        function[at] = fc
-        sub[at] = ac >> 4
-        seq[at] = ac & 0x0F
-        direction[at] = np.where(response, DIR_RESPONSE, DIR_REQUEST)
-        unit[at] = np.where(response, src[at], dst[at])
-        peer[at] = np.where(response, dst[at], src[at])
-        address[at], count[at] = first_index, np.minimum(total, self.int32_max)
-        group[at], variation[at] = first_group, first_variation
-        quality[at] = np.where(response, (user[frag + 2].astype(np.int64) << 8) | user[frag + 3], -1)
-        length[at] = self.n_user[self.app] - 1
-        n_points[at] = app_points
-        is_write = np.zeros(fast.size, bool)
-        is_control = np.zeros(fast.size, bool)
-        is_write[at], is_control[at] = IS_WRITE[fc], IS_CONTROL[fc]
-        owner = np.repeat(np.arange(fast.size), n_points)
-        chunk = self.chunk[fast]
-        columns, row_owner = rows(
-            self.cols, chunk, PROTO_DNP3, out.next_pdu_id,
-            {"direction": direction, "function": function, "subfunction": sub, "unit": unit, "peer_unit": peer,
-             "seq": seq, "address": address, "count": count, "object": group, "variation": variation,
-             "quality": quality, "length": length, "is_write": is_write, "is_control": is_control,
-             "status": np.where(unknown, STATUS_UNKNOWN, STATUS_OK),
-             "reason": np.where(unknown, REASON_UNKNOWN_FUNCTION, REASON_NONE)},
-            n_points,
-            {"object": p_group, "variation": p_variation, "address": p_index, "value": p_value, "quality": p_flags,
-             "is_write": is_write[owner], "is_control": is_control[owner]})
-        return columns, 2 * fast[row_owner] + 1, chunk[row_owner]
-
-    def _slow_rows(self):
-        """Rows of every other frame (and the gap of a chunk), through the parser's per-frame code
-        in order into a side builder; each row's order key and chunk."""
-        slow = np.flatnonzero(~self.fast)
-        gaps = np.flatnonzero(self.gap)
-        if not slow.size and not gaps.size:
-            return None, None, None
-        parser, chunks, cols = self.parser, self.chunks, self.cols
+    def __init__(self, parser, cols, chunks, frame_chunk, frame_pos, user_at, user, stream_state, stream_of_k, gaps,
+                 slow):
         side = EventBuilder()
-        # order key: frame i -> 2i + 1; the gap of chunk c -> before its first frame
-        first_frame = np.searchsorted(self.chunk, gaps)
-        items = sorted([(2 * int(i) + 1, int(i), -1) for i in slow]
-                       + [(2 * int(f), -1, int(c)) for f, c in zip(first_frame, gaps)])
-        keys, row_chunks, n_rows = [], [], []
-        user = self.user
         position = np.empty(len(chunks), np.int64)  # layout position of each chunk
         position[cols.layout] = np.arange(len(chunks))
-        stream_state, stream_of_k = self.stream_state, self.stream_of_k
+        # a gap is read before the first frame of its chunk
+        items = sorted([(2 * i + 1, i, -1) for i in slow.tolist()]
+                       + [(2 * f, -1, c) for f, c in zip(np.searchsorted(frame_chunk, gaps).tolist(), gaps.tolist())])
+        keys, row_chunks, n_rows = [], [], []
+        raw = cols.raw
         for key, i, c in items:
-            before = len(side)
-            if i < 0:  # a gap: the fragments being reassembled are dropped (feed does this first)
+            if i < 0:  # feed drops the fragments being reassembled when bytes are missing
                 st = stream_state[stream_of_k[position[c]]]
                 if st.fragments:
                     side.count_error(PROTO_DNP3, REASON_GAP, len(st.fragments))
                     st.fragments.clear()
                 continue
-            c = int(self.chunk[i])
-            chunk = chunks[c]
-            kind = self.kind[i]
-            ctrl, dst, src = int(self.ctrl[i]), int(self.dst[i]), int(self.src[i])
-            if kind == FRAME_BAD_HEADER_CRC:
-                parser._link_error(chunk, side, ctrl, dst, src, 10, REASON_BAD_CRC, known=False)
-            elif kind == FRAME_BAD_LENGTH:
-                parser._link_error(chunk, side, ctrl, dst, src, 10, REASON_BAD_LENGTH)
-            elif kind == FRAME_BAD_DATA_CRC:
-                parser._link_error(chunk, side, ctrl, dst, src, int(self.total[i]), REASON_BAD_CRC)
-            else:
-                a = int(self.user_at[i])
-                parser._link_frame(ctrl, dst, src, user[a:a + int(self.n_user[i])].tobytes(), int(self.total[i]),
-                                   chunk, stream_state[int(self.stream[i])], side)
-            added = len(side) - before
-            if added:
+            before = len(side)
+            c = int(frame_chunk[i])
+            parser._frame(raw, int(frame_pos[i]), len(raw), chunks[c], stream_state[stream_of_k[position[c]]], side)
+            if len(side) > before:
                 keys.append(key)
                 row_chunks.append(c)
-                n_rows.append(added)
-        for (protocol, reason), n in side.errors.items():
-            self.out.count_error(protocol, reason, n)
-        if not keys:
-            return None, None, None
-        batch = side.build()
-        columns = {name: batch[name] for name in COLUMNS}
-        n_rows = np.array(n_rows, np.int64)
-        return columns, np.repeat(np.array(keys, np.int64), n_rows), np.repeat(np.array(row_chunks, np.int64), n_rows)
+                n_rows.append(len(side) - before)
+        self.errors = side.errors
+        self.columns = self.key = self.chunk = None
+        if keys:
+            batch = side.build()
+            self.columns = {name: batch[name] for name in COLUMNS}
+            n_rows = np.array(n_rows, np.int64)
+            self.key = np.repeat(np.array(keys, np.int64), n_rows)
+            self.chunk = np.repeat(np.array(row_chunks, np.int64), n_rows)
