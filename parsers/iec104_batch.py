@@ -289,7 +289,7 @@ def feed_batch(parser, chunks: list, out, tags=None) -> None:
                              datagram[lay], sync0, ns0)
     clean = np.empty_like(clean_k)
     clean[lay] = clean_k
-    for flag, reason in ((1, REASON_GAP), (2, REASON_TRUNCATED)):
+    for flag, reason in ((1, REASON_GAP), (2, REASON_TRUNCATED)) if dropped_k.any() else ():
         n_dropped = int(np.count_nonzero((dropped_k == flag) & clean_k))
         if n_dropped:
             out.count_error(PROTO_IEC104, reason, n_dropped)
@@ -390,17 +390,25 @@ class _Run:
         """Point row columns: values and qualities decoded type by type with the parser's table."""
         buf = self.cols.buf
         p_type = pdu["object"][p_owner]
-        values = np.empty(p_at.shape[0], np.float64)
-        qualities = np.empty(p_at.shape[0], np.int64)
-        types = np.flatnonzero(np.bincount(p_type, minlength=1)).tolist() if p_at.shape[0] else []
-        for t in types:
+        n = p_at.shape[0]
+        values = np.empty(n, np.float64)
+        qualities = np.empty(n, np.int64)
+        per_type = np.bincount(p_type, minlength=1) if n else np.zeros(1, np.int64)
+        types = np.flatnonzero(per_type)
+        by_type = None
+        if types.shape[0] > 1:  # points sorted by type: each type's a slice
+            by_type = np.argsort(p_type, kind="stable")
+            p_at = p_at[by_type]
+        ends = np.cumsum(per_type[types]).tolist()
+        for t, lo, hi in zip(types.tolist(), [0] + ends[:-1], ends):
             element = ELEMENTS[t]
-            sel = slice(None) if len(types) == 1 else np.flatnonzero(p_type == t)
             records = None
             if element.size:
-                octets = buf[p_at[sel][:, None] + np.arange(element.size)]
+                octets = buf[p_at[lo:hi, None] + np.arange(element.size)]
                 records = octets.view(_run_dtype(element, False)).reshape(-1)
-            values[sel], qualities[sel] = decode_run(element, records)
+            values[lo:hi], qualities[lo:hi] = decode_run(element, records)
+        if by_type is not None:
+            values[by_type], qualities[by_type] = values.copy(), qualities.copy()
         return {"value": values, "quality": qualities, "cause": pdu["cause"][p_owner], "object": p_type,
                 "variation": pdu["variation"][p_owner], "is_write": pdu["is_write"][p_owner],
                 "is_control": pdu["is_control"][p_owner]}
