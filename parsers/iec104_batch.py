@@ -148,6 +148,28 @@ def _walk_apcis(buf, head, start, end, stream_first, gap, datagram, sync0, ns0):
 walk_apcis = compiled(_walk_apcis)
 
 
+def _chunk_order(apdu_k, layout):
+    """The walk's APDUs (layout order, chunk ``layout[apdu_k[i]]``) put in chunk order: (the walk
+    index of each, its chunk).  A chunk's APDUs are consecutive in the walk and keep their order."""
+    n = layout.shape[0]
+    first = np.zeros(n + 1, np.int64)  # per chunk: where its APDUs begin in chunk order
+    for i in range(apdu_k.shape[0]):
+        first[layout[apdu_k[i]] + 1] += 1
+    for c in range(n):
+        first[c + 1] += first[c]
+    order = np.empty(apdu_k.shape[0], np.int64)
+    chunk = np.empty(apdu_k.shape[0], np.int64)
+    for i in range(apdu_k.shape[0]):
+        c = layout[apdu_k[i]]
+        order[first[c]] = i
+        chunk[first[c]] = c
+        first[c] += 1
+    return order, chunk
+
+
+chunk_order = compiled(_chunk_order)
+
+
 def _read_apdus(buf, pos, seq, tcp_direction, flow_index, side):
     """The PDU row fields of the APDUs at ``pos`` (in order; ``seq`` their N(S) reasons from the
     walk), and the point row fields of the I frames read here.
@@ -293,15 +315,9 @@ def feed_batch(parser, chunks: list, out, tags=None) -> None:
         n_dropped = int(np.count_nonzero((dropped_k == flag) & clean_k))
         if n_dropped:
             out.count_error(PROTO_IEC104, reason, n_dropped)
-    # APDUs in chunk order (a chunk's APDUs are consecutive in the walk and stay in stream order)
-    per_k = np.bincount(apdu_k, minlength=n)
-    per_chunk = np.empty(n, np.int64)
-    per_chunk[lay] = per_k
-    order = np.empty(apdu_k.shape[0], np.int64)
-    order[(np.cumsum(per_chunk) - per_chunk)[lay[apdu_k]] + np.arange(apdu_k.shape[0])
-          - (np.cumsum(per_k) - per_k)[apdu_k]] = np.arange(apdu_k.shape[0])
+    order, apdu_chunk = chunk_order(apdu_k, lay)
     stream_flows = np.unique(cols.flow[lay[first_k]])
-    run = _Run(parser, out, cols, lay[apdu_k][order], apdu_pos[order], apdu_seq[order], stream_flows)
+    run = _Run(parser, out, cols, apdu_chunk, apdu_pos[order], apdu_seq[order], stream_flows)
     # Streams that stay clean keep their state (partial APDU, N(S), sync) for the next batch; a
     # stream that breaks goes to feed from the chunk where it broke, as it stood there.
     last_k = np.r_[first_k[1:] - 1, n - 1]
