@@ -107,7 +107,7 @@ def _crc_ok(buf, pos, n, table):
     """CRC-16/DNP of ``buf[pos:pos + n]`` equals the two octets after them (clause 9.2.4.1.2)."""
     crc = 0
     for i in range(pos, pos + n):
-        crc = (crc >> 8) ^ table[(crc ^ buf[i]) & 0xFF]
+        crc = (crc >> 8) ^ table[(crc ^ np.int64(buf[i])) & 0xFF]
     return crc ^ 0xFFFF == buf[pos + n] | (np.int64(buf[pos + n + 1]) << 8)
 
 
@@ -362,7 +362,7 @@ def _walk_frames(buf, user, frame_pos, frame_kind, user_at, frame_stream, reasse
     n = frame_pos.shape[0]
     cap = 0
     for i in range(n):
-        cap += 8 * buf[frame_pos[i] + 2]  # a packed object holds 8 points an octet, others >= 1 octet
+        cap += 8 * np.int64(buf[frame_pos[i] + 2])  # packed objects: 8 points an octet, others >= 1 octet
     fields = np.empty((18, n), np.int64)
     slow = np.empty(n, np.int64)
     point = np.empty((6, cap), np.int64)
