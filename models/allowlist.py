@@ -45,10 +45,9 @@ from .findings import Finding, function_text, ip_text, protocol_text
 TABLES = ("talker", "function", "write", "read")
 ROLE_TABLES = tuple(f"{t}_role" for t in TABLES)
 CODE_NEW_PEER = 8  # classify(): a known client talks to a server of its protocol it never talked to
-# Review items (provisional entries, a known client's new peer) roll up into one low-severity incident per
-# client host, held open this long without a new one: one alert for an operator to review, listing the
-# items, rather than one per item each time the 60 s cool-down lapses between a periodic job's runs.
-REVIEW_HOLD_S = 1800.0
+# Review items (provisional entries, a known client's new peer) are reported once each, the first time they
+# are used in monitoring, in one low-severity incident per client host (all protocols): an operator reviews
+# them (`otwatch baseline show/approve/revoke`) rather than seeing a periodic job re-alert at every run.
 SEVERITY_NEW = {"peer": "low", "talker": "high", "function": "high", "write": "high", "read": "medium"}
 # Modbus FC 8 sub-functions and DNP3/IEC-104 functions that restart, stop or silence a device.
 RESTART_FUNCTIONS = {
@@ -150,6 +149,7 @@ class AllowList:
         self.min_span_s = float(min_span_s)
         self.capacity = int(capacity)
         self.tables = {t: Table() for t in TABLES + ROLE_TABLES}
+        self.reported: set = set()  # review items already reported in monitoring
 
     # -- learning ------------------------------------------------------------------------------
     def learn(self, ev: EventBatch) -> None:
@@ -228,6 +228,21 @@ class AllowList:
             return []
         client, server = channel_of(ev)
         keys = row_keys(ev)
+        # a review item (provisional entry, new peer) is reported the first time it is used in
+        # monitoring; later uses wait in `baseline show` for the operator's decision
+        review = (cls[hit] >= 4) | (cls[hit] == CODE_NEW_PEER)
+        if review.any():
+            tk = np.empty(hit.shape[0], np.int64)
+            for ci in np.unique(cls[hit][review]).tolist():
+                m = cls[hit] == ci
+                tk[m] = hash_columns(ci, keys["talker" if ci == CODE_NEW_PEER else TABLES[ci % 4]][0][hit[m]])
+            seen = review & np.isin(tk, np.fromiter(self.reported, np.int64, len(self.reported)))
+            if len(self.reported) > self.capacity:  # bounded (a known client sweeping new peers)
+                self.reported.clear()
+            self.reported.update(tk[review & ~seen].tolist())
+            hit = hit[~seen]
+            if hit.shape[0] == 0:
+                return []
         out = []
         # group: the talker rule by client host (one alert per new host and protocol), the others by key
         gk = np.empty(hit.shape[0], np.int64)
@@ -262,7 +277,7 @@ class AllowList:
         technique = _technique(ev, rows, table)
         servers = sorted({ip_text(x) for x in server[rows].tolist()})
         if table == "peer":
-            entity = f"{c}/new_peer"  # one review incident per client (REVIEW_HOLD_S)
+            entity = f"{c}/new_peer"  # one review incident per client
             what = f"{c} talked {ptxt} to {s}"
             never = f"{c} talks {ptxt} to other devices but never to this one during the baseline"
         elif table == "talker":
@@ -285,7 +300,7 @@ class AllowList:
             never = "this range was never read by this host during the baseline"
         if provisional:
             never = "seen only rarely or in one burst during the baseline (provisional, not yet approved)"
-            entity = f"{c}/provisional"  # one review incident per client (REVIEW_HOLD_S)
+            entity = f"{c}/provisional"  # one review incident per client
         review = provisional or table == "peer"
         if review:
             fields["items"] = [what]
@@ -298,7 +313,7 @@ class AllowList:
             src=int(client[r]), dst=int(server[r]) if len(servers) == 1 else 0,
             protocol=proto, entity=entity, message=f"{what}; {never}", technique=technique,
             count=int(rows.shape[0]), fields=fields, provisional=provisional,
-            sport=int(ev.sport[r]), dport=int(ev.dport[r]), hold_s=REVIEW_HOLD_S if review else 0.0)
+            sport=int(ev.sport[r]), dport=int(ev.dport[r]))
 
     # -- review --------------------------------------------------------------------------------
     def entries(self) -> list[dict]:
