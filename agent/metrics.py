@@ -74,7 +74,7 @@ KNOWN_RULES = (
     *(f"allowlist.{p}{t}" for p in ("new_", "provisional_") for t in ("talker", "peer", "function", "write",
                                                                      "read")),
     "cycle.latency", "cycle.period", "cycle.burst", "cycle.inactive",
-    "process.out_of_range", "process.fast_change", "process.stuck", "process.new_point",
+    "process.out_of_range", "process.fast_change", "process.stuck", "process.new_point", "process.inconsistent",
     "parser.errors", "ml.river", "ml.pyod", "inventory.new_asset",
 )
 #: Alert rule names are code-defined ("allowlist.new_talker", ...), but a label must stay bounded

@@ -15,7 +15,9 @@ Monitoring, per point row:
   margin);
 - ``process.stuck``: a value that used to change at least every other sample repeats more than
   ``max(2 * longest learned run, longest run + 3)`` times (a frozen measurement);
-- ``process.new_point``: a point never seen, on a device and in a role never seen.
+- ``process.new_point``: a point never seen, on a device and in a role never seen;
+- ``process.inconsistent``: measurements of one device that obeyed a relation while learning (power =
+  voltage x current) no longer do (:mod:`models.relations`: a frozen or spoofed value).
 
 Rows are sorted by point once per batch; runs and changes come from ``np.diff`` within groups.
 
@@ -40,6 +42,7 @@ from parsers.events import DIR_REQUEST, KIND_POINT, PROTO_DNP3, PROTO_IEC104, Ev
 
 from .features import NS, KeyTable, hash_columns
 from .findings import Finding, ip_text, protocol_text
+from .relations import Relations
 
 STATS = ("count", "min", "max", "max_rate", "max_run", "changes", "decreases", "max_still_s", "span0", "min_step",
          "sum_step")
@@ -170,6 +173,7 @@ class ProcessModel:
         self.stuck_alpha = stuck_alpha
         self.learning = True
         self.info: dict[int, dict] = {}
+        self.relations = Relations()  # measurements that agree with each other (models/relations.py)
 
     def _prepare(self, ev: EventBatch):
         ev = ev.select((ev.kind == KIND_POINT) & ~np.isnan(ev.value))
@@ -187,6 +191,7 @@ class ProcessModel:
         self.points.update(key, ev.ts, ev.value, learn=True)
         ro = np.lexsort((ev.ts, role))
         self.roles.update(role[ro], ev.ts[ro], ev.value[ro], learn=True)
+        self.relations.learn(ev)
 
     def finish_learning(self, budget: float | None = None) -> None:
         """Freeze the range tolerances (``span0``); ``budget`` is the false-alarm probability per
@@ -196,6 +201,7 @@ class ProcessModel:
             s["span0"] = np.where(s["count"] > 0, s["max"] - s["min"], 0.0)
         if budget is not None:
             self.stuck_alpha = float(min(max(budget, 1e-9), 0.01))
+        self.relations.finish_learning(self.stuck_alpha)
         self.learning = False
 
     def _limits(self, tbl: PointTable, slot):
@@ -299,6 +305,7 @@ class ProcessModel:
                 # incident stays open for two sampling intervals of the point, however slow its poll
                 f.hold_s = 2.0 * float(np.max(dt[rr]))
                 out.append(f)
+        out += self.relations.findings(ev)
         return out
 
     def _finding(self, rule, sev, tech, ev, server, rows, r, use, stuck_limit, margin, rate, run, still) -> Finding:
@@ -351,8 +358,10 @@ class ProcessModel:
             arrays[f"process.{name}.keys"] = t.table.slot_key[used]
             for k in STATS:
                 arrays[f"process.{name}.{k}"] = t.s[k][used]
+        ra, rm = self.relations.to_state()
+        arrays.update(ra)
         return arrays, {"capacity": self.points.table.capacity, "min_count": self.min_count,
-                        "stuck_alpha": self.stuck_alpha}
+                        "stuck_alpha": self.stuck_alpha, "relations": rm}
 
     @classmethod
     def from_state(cls, arrays, meta) -> "ProcessModel":
@@ -366,5 +375,6 @@ class ProcessModel:
                     if got is None and k == "span0":  # a state saved before span0 existed
                         got = np.asarray(arrays[f"process.{name}.max"]) - np.asarray(arrays[f"process.{name}.min"])
                     t.s[k][slots] = got
+        m.relations = Relations.from_state(arrays, meta.get("relations"))
         m.learning = False
         return m

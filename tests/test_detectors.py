@@ -140,3 +140,34 @@ def test_iforest_compiled_descent_equals_numpy_descent():
     assert d.model.detector_.n_features_in_ == 5
     Y = np.vstack([rng.normal(0, 1, (500, 5)), np.full((3, 5), 9.0), np.full((2, 5), np.nan)])
     assert np.allclose(d.forest.decision_function(Y), d.forest.decision_function_numpy(Y), rtol=0, atol=1e-12)
+
+
+def test_relations_catch_the_frozen_dnp3_voltage_and_nothing_else():
+    """Each outstation's power = voltage x current is found while learning (g30 points 0, 1, 2, the only
+    relation); the voltage frozen for 61 s breaks it at the next integrity poll, and no benign poll does."""
+    from agent.eval import evaluate
+    from models.scoring import read_labels
+    labels = read_labels(PROJECT_PCAPS / "dnp3.labels.csv")
+    spoof = next(x for x in labels if x.scenario == "measurement_spoofing")
+    r, engine = evaluate(PROJECT_PCAPS / "dnp3.pcap", PROJECT_PCAPS / "dnp3.labels.csv")
+    rel = engine.process_model.relations
+    assert sorted(map(tuple, rel.addr.tolist())) == [(0, 1, 2)] * 3
+    inc = [a for a in engine.alerts if a.rule == "process.inconsistent"]
+    assert inc and all(spoof.start_ts <= a.first_ts / 1e9 <= spoof.end_ts and a.src == spoof.src for a in inc)
+    assert next(s for s in r["scenarios"] if s["scenario"] == "measurement_spoofing")["detected"]
+
+
+def test_relations_state_round_trip():
+    from models.process import ProcessModel
+    ev = parse_file(PROJECT_PCAPS / "dnp3.pcap")
+    pm = ProcessModel()
+    pm.learn(ev.select(ev.ts < int(ev.ts.min()) + 990 * 10**9))
+    arrays, meta = pm.to_state()  # still learning: the collected samples travel with the state
+    again = ProcessModel.from_state(arrays, meta)
+    pm.finish_learning(1e-4)
+    again.finish_learning(1e-4)
+    assert len(pm.relations) == 3 and np.array_equal(pm.relations.addr, again.relations.addr)
+    assert np.allclose(pm.relations.thr, again.relations.thr)
+    a2, m2 = pm.to_state()
+    done = ProcessModel.from_state(a2, m2)
+    assert np.array_equal(done.relations.dev, pm.relations.dev) and np.allclose(done.relations.mean, pm.relations.mean)

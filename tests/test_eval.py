@@ -11,9 +11,11 @@ from models.scoring import Label, score_alerts
 from tests.conftest import PROJECT_PCAPS
 
 NAMES = ("modbus", "dnp3", "iec104", "mixed")
-# DNP3 reports the frozen voltage only in 60 s integrity polls and 10 s event polls that stay empty:
-# one or two identical samples in a 61 s attack, no more than a quiet spell (docs/detection.md)
-KNOWN_MISSES = {"dnp3": {"measurement_spoofing"}}
+# Every bundled scenario is detected.  DNP3 reports the frozen voltage only in 60 s integrity polls; it is
+# caught when power and current have moved on from it (models/relations.py), which needs the true voltage to
+# drift beyond the registers' rounding during the freeze: on a held-out seed it may not (dnp3_555 moved 3 V).
+KNOWN_MISSES: dict = {}
+HELD_OUT_MAY_MISS = {"dnp3": {"measurement_spoofing"}}
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +61,7 @@ def test_bundled_false_alerts_are_low_severity_baseline_items(results, name):
 def test_held_out_seed_meets_the_targets(held_out, proto):
     r = held_out[proto]
     missed = {s["scenario"] for s in r["scenarios"] if not s["detected"]}
-    assert missed <= KNOWN_MISSES.get(proto, set())
+    assert missed <= HELD_OUT_MAY_MISS.get(proto, set())
     assert r["median_time_to_detect_s"] <= 1.0
     assert r["benign_hours"] > 1.0 and r["false_alerts_per_hour"] <= 1.0
 
