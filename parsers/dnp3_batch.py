@@ -347,6 +347,18 @@ PDU_FIELDS = {"direction": F_DIRECTION, "function": F_FUNCTION, "subfunction": F
 POINT_FIELDS = {"object": 0, "variation": 1, "address": 2, "quality": 3, "is_write": 4, "is_control": 5}
 
 
+def _grown(point, value, cap, used):
+    """The point arrays with room for ``cap`` points, the first ``used`` kept."""
+    more_point = np.empty((point.shape[0], cap), point.dtype)
+    more_point[:, :used] = point[:, :used]
+    more_value = np.empty(cap, value.dtype)
+    more_value[:used] = value[:used]
+    return more_point, more_value
+
+
+grown = compiled(_grown)
+
+
 def _walk_frames(buf, user, frame_pos, frame_kind, user_at, frame_stream, reassembling, functions, groups, objects,
                  qualifiers, int32_max):
     """Read the frames found by walk_links (in chunk order) as ``Dnp3Parser._link_frame`` would,
@@ -360,11 +372,9 @@ def _walk_frames(buf, user, frame_pos, frame_kind, user_at, frame_stream, reasse
     walk_objects, ``value``), how many, and the link-only frames with an unknown function.
     """
     n = frame_pos.shape[0]
-    cap = 0
-    for i in range(n):
-        cap += 8 * np.int64(buf[frame_pos[i] + 2])  # packed objects: 8 points an octet, others >= 1 octet
     fields = np.empty((18, n), np.int64)
     slow = np.empty(n, np.int64)
+    cap = 2 * n + 64  # grown as needed: at most 8 points an octet (packed objects), others >= 1 octet
     point = np.empty((6, cap), np.int64)
     value = np.empty(cap, np.float64)
     n_fast = n_slow = count = unknown = 0
@@ -411,6 +421,9 @@ def _walk_frames(buf, user, frame_pos, frame_kind, user_at, frame_stream, reasse
             n_slow += 1
             continue
         is_write, is_control = functions[_F_WRITE, fc], functions[_F_CONTROL, fc]
+        if count + 8 * app_len > cap:
+            cap = max(2 * cap, count + 8 * app_len)
+            point, value = grown(point, value, cap, count)
         ok, g0, v0, i0, objects_counted, new_count = walk_objects(
             user, app + (4 if response else 2), app + app_len, flags & _FC_HEADER_ONLY, groups, objects, qualifiers,
             point, value, count, is_write, is_control)
