@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from parsers.base import FROM_CLIENT, FROM_SERVER, Chunk
 from parsers.crc import crc16_dnp
 from parsers.dnp3 import MAX_FRAGMENTS_PER_STREAM, MAX_LINK_FRAME, Dnp3Parser
+from parsers.dnp3_objects import OBJECTS, PACKED_BITS
 from parsers.events import PROTO_DNP3, EventBuilder
 from tests.batchcheck import check_same
 
@@ -43,6 +44,69 @@ app_fragment = st.builds(
     + b"".join(bytes(h[:3]) + h[3] for h in headers) + tail,
     st.integers(0, 255), st.sampled_from(list(range(34)) + [129, 130, 131, 77]), st.binary(min_size=2, max_size=2),
     st.lists(object_header, max_size=4), st.binary(max_size=64))
+
+
+@st.composite
+def well_formed_objects(draw) -> bytes:
+    """Object headers that are right for their objects (Annex A sizes; prefixes and ranges of table
+    4-5/4-6) over random object bytes: what the batch path decodes itself."""
+    out = b""
+    for _ in range(draw(st.integers(0, 3))):
+        group, variation = draw(st.sampled_from(sorted(OBJECTS) + sorted(PACKED_BITS) + [(60, 1), (110, 3)]))
+        n = draw(st.integers(0, 40))
+        prefix = draw(st.sampled_from([0, 1, 2])) if (group, variation) not in PACKED_BITS else 0
+        start = draw(st.integers(0, 200))
+        ranges = {0x00: bytes([start, start + n - 1]) if n else None,
+                  0x01: start.to_bytes(2, "little") + (start + n - 1).to_bytes(2, "little") if n else None,
+                  0x07: bytes([n]), 0x08: n.to_bytes(2, "little")}
+        code = draw(st.sampled_from([c for c, r in ranges.items() if r is not None and (prefix == 0 or c >= 7)]))
+        if (group, variation) in PACKED_BITS:
+            size = (n * PACKED_BITS[(group, variation)] + 7) // 8
+        else:
+            size = n * ((prefix and 1 << (prefix - 1)) + (OBJECTS[(group, variation)].size
+                                                          if (group, variation) in OBJECTS else variation))
+            if group == 60:
+                size = 0
+        out += bytes([group, variation, prefix << 4 | code]) + ranges[code] + draw(st.binary(min_size=size,
+                                                                                              max_size=size))
+    return out
+
+
+@st.composite
+def streams_of_segments(draw) -> list[Chunk]:
+    """Chunks of two flows, both directions: fragments cut into segments of any size (some lost),
+    their frames cut over chunks, now and then a gap."""
+    chunks = []
+    for _ in range(draw(st.integers(1, 12))):
+        flow, direction = draw(st.sampled_from([1, 2])), draw(st.sampled_from([FROM_CLIENT, FROM_SERVER]))
+        fc = draw(st.sampled_from([0, 1, 2, 5, 20, 129, 130]))
+        app = bytes([draw(st.integers(0, 255)), fc]) + (b"\x00\x00" if fc >= 129 else b"") + draw(well_formed_objects())
+        size = draw(st.integers(1, 249))
+        parts = [app[i:i + size] for i in range(0, len(app), size)]
+        tseq = draw(st.integers(0, 63))
+        ctrl = draw(st.sampled_from([0xC4, 0x44, 0xC0, 0xC9, 0x0B]))
+        src, dst = draw(st.sampled_from([(1, 10), (2, 10), (10, 1)]))
+        for k, part in enumerate(parts):
+            if draw(st.integers(0, 14)) == 0:
+                continue  # lost segment
+            th = (0x40 if k == 0 else 0) | (0x80 if k == len(parts) - 1 else 0) | ((tseq + k) & 63)
+            data = link_frame(ctrl, dst, src, bytes([th]) + part)
+            cut = draw(st.integers(0, len(data)))
+            for piece in (data[:cut], data[cut:]):
+                if piece:
+                    chunks.append(Chunk(piece, frame=len(chunks) + 1, flow=flow, direction=direction,
+                                        gap=draw(st.integers(0, 19)) == 0))
+    return chunks
+
+
+def _segments_in_batches(chunks, sizes):
+    groups, i = [], 0
+    for size in sizes or [len(chunks)]:
+        groups.append(chunks[i:i + size])
+        i += size
+    if i < len(chunks):
+        groups.append(chunks[i:])
+    check_same(Dnp3Parser, groups, {len(groups) - 1: [1, 2]})
 
 
 def segments(app: bytes, tseq: int) -> list[bytes]:
@@ -157,6 +221,31 @@ def test_random_bytes_long(data, cuts, gaps, datagram):
 @given(*mutated_args)
 def test_mutated_valid_pdus_long(data, cuts, gaps, datagram):
     _mutated(data, cuts, gaps, datagram)
+
+
+segment_args = (streams_of_segments(), st.lists(st.integers(1, 30), max_size=4))
+
+
+@FAST
+@given(*segment_args)
+def test_segments_of_two_flows_in_batches(chunks, sizes):
+    _segments_in_batches(chunks, sizes)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="set OTWATCH_FUZZ_EXAMPLES for the long run")
+@SLOW
+@given(*segment_args)
+def test_segments_of_two_flows_in_batches_long(chunks, sizes):
+    _segments_in_batches(chunks, sizes)
+
+
+def test_batch_reads_packed_points_past_its_first_reserve():
+    # one frame with ~1,900 packed binary inputs (g1v1): more points than frames can reserve
+    data = link_frame(0x44, 1, 10, bytes([0xC0, 0xC0, 129, 0, 0, 1, 1, 0x08]) + (1900).to_bytes(2, "little")
+                      + bytes(range(238)))
+    chunks = make_chunks(data, [], set(), False)
+    assert check_same(Dnp3Parser, [chunks]) == 1901
 
 
 def test_huge_counts_do_not_allocate():
