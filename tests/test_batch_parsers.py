@@ -69,7 +69,7 @@ def check_capture(path, name) -> int:
 def test_bundled_captures(name):
     rows = check_capture(PROJECT_PCAPS / f"{name}.pcap", name)
     rows += check_capture(PROJECT_PCAPS / "mixed.pcap", name)
-    assert rows > 10000  # the captures are not empty for this protocol
+    assert rows > 3000  # the captures are not empty for this protocol (30 min of each)
 
 
 @needs_shared
