@@ -13,6 +13,10 @@ Three layers, each in its own method of :class:`Dnp3Parser`:
 * application (clause 4.2): control (FIR/FIN/CON/UNS/SEQ), function code, IIN on responses,
   object headers; values of the common object groups become point rows.
 
+``feed_batch`` reads a whole list of chunks at once with compiled walks (``parsers.dnp3_batch``)
+and writes the same rows as ``feed`` on each chunk in turn; frames it does not read itself go
+through ``_frame``, the per-frame step ``_scan`` uses.
+
 Rows (see ``docs/parser-dnp3.md``): ``function`` application FC, ``subfunction`` application
 control flags (FIR FIN CON UNS as bits 3..0; link-only rows: the link control octet), ``seq``
 application SEQ, ``unit`` outstation address, ``peer_unit`` master address, ``quality`` IIN

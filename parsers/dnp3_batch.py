@@ -22,6 +22,19 @@ NumPy instead of Python per frame:
 
 The partial-frame tails (``_Stream.buf``) and the transport fragments are the same objects ``feed``
 uses, so both paths can be mixed freely.
+
+>>> from parsers.base import Chunk
+>>> from parsers.crc import crc16_dnp
+>>> from parsers.dnp3 import Dnp3Parser
+>>> def frame(user):
+...     h = bytes([0x05, 0x64, 5 + len(user), 0xC4, 10, 0, 1, 0])
+...     return h + crc16_dnp(h).to_bytes(2, "little") + user + crc16_dnp(user).to_bytes(2, "little")
+>>> read = frame(bytes([0xC0, 0xC1, 0x01, 0x3C, 0x02, 0x06]))  # READ g60v2 (class 1), one segment
+>>> out = EventBuilder()
+>>> Dnp3Parser().feed_batch([Chunk(read[:9], frame=1), Chunk(read[9:], frame=2)], out)
+>>> b = out.build()
+>>> b.function.tolist(), b.object.tolist(), b.variation.tolist(), b.frame.tolist()
+([1], [60], [2], [2])
 """
 
 from __future__ import annotations
@@ -104,7 +117,14 @@ for (_g, _v), _bits in PACKED_BITS.items():
 
 # --- Data link layer (clause 9.2), compiled ----------------------------------------------------
 def _crc_ok(buf, pos, n, table):
-    """CRC-16/DNP of ``buf[pos:pos + n]`` equals the two octets after them (clause 9.2.4.1.2)."""
+    """CRC-16/DNP of ``buf[pos:pos + n]`` equals the two octets after them (clause 9.2.4.1.2).
+
+    >>> from parsers.crc import crc16_dnp
+    >>> header = bytes.fromhex("056405c001000a00")
+    >>> framed = np.frombuffer(header + crc16_dnp(header).to_bytes(2, "little"), np.uint8)
+    >>> bool(crc_ok(framed, 0, 8, _CRC_TABLE)), bool(crc_ok(framed, 0, 7, _CRC_TABLE))
+    (True, False)
+    """
     crc = 0
     for i in range(pos, pos + n):
         crc = (crc >> 8) ^ table[(crc ^ np.int64(buf[i])) & 0xFF]
