@@ -60,11 +60,12 @@ class ChunkColumns:
         # stream, not once per chunk.
         keys = self.flow.astype(np.int64) * 2 + self.direction
         _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        for name, dtype in (("src", np.uint32), ("dst", np.uint32), ("sport", np.uint16), ("dport", np.uint16),
-                            ("transport", np.uint8)):
-            per_stream = np.fromiter(map(attrgetter(name), [chunks[i] for i in first.tolist()]), dtype=dtype,
-                                     count=first.shape[0])
-            setattr(self, name, per_stream[inverse.reshape(-1)])
+        inverse = inverse.reshape(-1)
+        per_stream = np.array([(c.src, c.dst, c.sport, c.dport, c.transport)
+                               for c in [chunks[i] for i in first.tolist()]], dtype=np.int64).reshape(-1, 5)
+        for j, (name, dtype) in enumerate((("src", np.uint32), ("dst", np.uint32), ("sport", np.uint16),
+                                           ("dport", np.uint16), ("transport", np.uint8))):
+            setattr(self, name, per_stream[:, j].astype(dtype)[inverse])
         datas = [c.data for c in chunks]
         lens = np.fromiter(map(len, datas), dtype=np.int64, count=n)
         if held is None:
@@ -132,8 +133,8 @@ def rows(cols: ChunkColumns, chunk: np.ndarray, protocol: int, first_pdu_id: int
     ``first_pdu_id``.  Returns (columns, index of the PDU each row belongs to).
     """
     n = chunk.shape[0]
-    if n_points is None:
-        n_points = np.zeros(n, np.int64)
+    if n_points is None or not n_points.any():
+        return _pdu_rows(cols, chunk, protocol, first_pdu_id, pdu), np.arange(n)
     point = point or {}
     per_pdu = n_points + 1
     owner = np.repeat(np.arange(n), per_pdu)
@@ -164,6 +165,20 @@ def rows(cols: ChunkColumns, chunk: np.ndarray, protocol: int, first_pdu_id: int
         col[point_row] = qv
         out[name] = col
     return out, owner
+
+
+def _pdu_rows(cols: ChunkColumns, chunk: np.ndarray, protocol: int, first_pdu_id: int, pdu: dict) -> dict:
+    """``rows`` without point rows: every column straight from ``pdu`` or the defaults."""
+    n = chunk.shape[0]
+    out = {name: getattr(cols, name)[chunk] for name in _CONTEXT}
+    out["protocol"] = np.full(n, protocol, np.uint8)
+    out["kind"] = np.full(n, KIND_PDU, np.uint8)
+    out["pdu_id"] = np.arange(first_pdu_id, first_pdu_id + n)
+    for name, dtype in _COLUMN_TYPES:
+        if name not in out:
+            v = pdu[name] if name in pdu else _PDU_DEFAULTS[name]
+            out[name] = np.ascontiguousarray(v, dtype=dtype) if np.ndim(v) else np.full(n, v, dtype)
+    return out
 
 
 def point_offsets(n_points: np.ndarray) -> np.ndarray:
