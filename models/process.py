@@ -62,10 +62,15 @@ def point_space(ev: EventBatch) -> np.ndarray:
     """The point space a row's address lives in: Modbus table; DNP3 group family; IEC-104: one space
     per common address (an IOA names one point whatever type reports it, IEC 60870-5-101 §7.2.5),
     except commands (type ids 45-69), whose IOAs are their own."""
-    obj = ev.object.astype(np.int64)
+    return space_of(ev.object, ev.protocol)
+
+
+def space_of(obj: np.ndarray, protocol: np.ndarray) -> np.ndarray:
+    """:func:`point_space` from the object and protocol columns."""
+    obj = obj.astype(np.int64)
     dnp = _DNP3_LUT[np.clip(obj, 0, 255)]
     iec = np.where((obj >= 45) & (obj <= 69), obj, 0)
-    return np.where(ev.protocol == PROTO_DNP3, dnp, np.where(ev.protocol == PROTO_IEC104, iec, obj))
+    return np.where(protocol == PROTO_DNP3, dnp, np.where(protocol == PROTO_IEC104, iec, obj))
 
 
 def point_keys(ev: EventBatch):

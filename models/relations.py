@@ -44,6 +44,7 @@ move the mean slowly (weight ``follow``), as a power factor drifts with the load
 from __future__ import annotations
 
 import itertools
+import warnings
 from statistics import NormalDist
 
 import numpy as np
@@ -57,16 +58,15 @@ MAX_COLUMNS = 12  # points per device tried for relations (the first addresses s
 MAX_SAMPLES = 2048  # PDUs kept per device while learning (the latest)
 
 
-def _device_rows(ev: EventBatch):
-    """Reported (response) point rows with a finite value: (rows, device key, server, space)."""
-    from .process import point_space
+def _device_rows(ev: EventBatch, rows: np.ndarray | None = None):
+    """Reported (response) point rows with a finite value (of ``rows`` when given): (rows, device key,
+    server).  A device is (server, protocol, unit, point space)."""
+    from .process import space_of
     m = (ev.kind == KIND_POINT) & (ev.direction == DIR_RESPONSE) & np.isfinite(ev.value)
-    rows = np.flatnonzero(m)
-    space = point_space(ev.select(rows)) if rows.shape[0] else np.empty(0, np.int64)
+    rows = np.flatnonzero(m) if rows is None else rows[m[rows]]
     server = ev.src[rows]
-    dev = hash_columns(31, server, ev.protocol[rows], ev.unit[rows], space) if rows.shape[0] else \
-        np.empty(0, np.int64)
-    return rows, dev, server, space
+    dev = hash_columns(31, server, ev.protocol[rows], ev.unit[rows], space_of(ev.object[rows], ev.protocol[rows]))
+    return rows, dev, server
 
 
 class Relations:
@@ -74,8 +74,14 @@ class Relations:
                  budget: float = 1e-4):
         self.max_ratio, self.min_samples, self.follow = float(max_ratio), int(min_samples), float(follow)
         self.budget = float(budget)
-        self.columns: dict[int, dict[int, int]] = {}  # device -> address -> column (learning)
-        self.samples: dict[int, list] = {}  # device -> [array (n, MAX_COLUMNS)] (learning)
+        # learning: per device the column of each address (the first MAX_COLUMNS seen), its server, and
+        # the samples (one row per PDU: the device's values in their columns), tagged with the device
+        self.columns: dict[int, dict[int, int]] = {}
+        self.servers: dict[int, int] = {}
+        self._pair_key = np.empty(0, np.int64)  # sorted hash(device, address) -> its column
+        self._pair_col = np.empty(0, np.int64)
+        self._chunks: list = []  # [(device per row, samples (n, MAX_COLUMNS))]
+        self._n = 0
         # the relations, one row each: device, the three addresses (-1: unused), signs, mean, threshold
         self.dev = np.empty(0, np.int64)
         self.addr = np.empty((0, 3), np.int64)
@@ -83,41 +89,78 @@ class Relations:
         self.mean = np.empty(0)
         self.thr = np.empty(0)
         self.spread = np.empty(0)
+        self.server = np.empty(0, np.int64)  # the device's address (a cheap first filter in monitoring)
 
     def __len__(self) -> int:
         return int(self.dev.shape[0])
 
     # -- learning ------------------------------------------------------------------------------
     def learn(self, ev: EventBatch) -> None:
-        rows, dev, _, _ = _device_rows(ev)
+        rows, dev, server = _device_rows(ev)
         if rows.shape[0] == 0:
             return
         addr, value, pdu = ev.address[rows].astype(np.int64), ev.value[rows], ev.pdu_id[rows].astype(np.int64)
-        for d in np.unique(dev).tolist():  # devices in the batch: a few
-            m = dev == d
+        pk = hash_columns(dev, addr)
+        upk, first, pinv = np.unique(pk, return_index=True, return_inverse=True)
+        col = self._cols(upk)
+        added = np.flatnonzero(col == -2)
+        added = added[np.argsort(addr[first[added]], kind="stable")]  # columns in address order
+        for j in added.tolist():  # (device, address) pairs never seen: the first batches
+            d, a = int(dev[first[j]]), int(addr[first[j]])
+            self.servers.setdefault(d, int(server[first[j]]))
             cols = self.columns.setdefault(d, {})
-            for a in np.unique(addr[m]).tolist():
-                if a not in cols and len(cols) < MAX_COLUMNS:
-                    cols[a] = len(cols)
-            col = np.array([cols.get(a, -1) for a in addr[m].tolist()], np.int64)
-            up, pidx = np.unique(pdu[m], return_inverse=True)
-            M = np.full((up.shape[0], MAX_COLUMNS), np.nan)
-            ok = col >= 0
-            M[pidx[ok], col[ok]] = value[m][ok]
-            kept = self.samples.setdefault(d, [])
-            kept.append(M)
-            if sum(x.shape[0] for x in kept) > 2 * MAX_SAMPLES:
-                self.samples[d] = [np.concatenate(kept)[-MAX_SAMPLES:]]
+            if len(cols) < MAX_COLUMNS:
+                cols[a] = len(cols)
+            col[j] = cols.get(a, -1)
+            self._pair_key = np.r_[self._pair_key, upk[j]]
+            self._pair_col = np.r_[self._pair_col, col[j]]
+        if added.shape[0]:
+            o = np.argsort(self._pair_key, kind="stable")
+            self._pair_key, self._pair_col = self._pair_key[o], self._pair_col[o]
+        col = col[pinv]
+        sk = hash_columns(dev, pdu)
+        us, sfirst, sinv = np.unique(sk, return_index=True, return_inverse=True)
+        M = np.full((us.shape[0], MAX_COLUMNS), np.nan)
+        ok = col >= 0
+        M[sinv[ok], col[ok]] = value[ok]
+        self._chunks.append((dev[sfirst], M))
+        self._n += us.shape[0]
+        if self._n > 2 * MAX_SAMPLES * max(len(self.columns), 1):
+            self._compact()
+
+    def _cols(self, keys: np.ndarray) -> np.ndarray:
+        """Column of each hash(device, address); -2 when never seen."""
+        if self._pair_key.shape[0] == 0:
+            return np.full(keys.shape[0], -2, np.int64)
+        i = np.minimum(np.searchsorted(self._pair_key, keys), self._pair_key.shape[0] - 1)
+        return np.where(self._pair_key[i] == keys, self._pair_col[i], -2)
+
+    def _compact(self):
+        """One chunk holding the latest MAX_SAMPLES samples of each device, in order."""
+        if not self._chunks:
+            return np.empty(0, np.int64), np.empty((0, MAX_COLUMNS))
+        D = np.concatenate([c[0] for c in self._chunks])
+        M = np.concatenate([c[1] for c in self._chunks])
+        o = np.argsort(D, kind="stable")
+        D, M = D[o], M[o]
+        end = np.r_[np.flatnonzero(D[1:] != D[:-1]) + 1, D.shape[0]]
+        from_end = np.repeat(end, np.diff(np.r_[0, end])) - np.arange(D.shape[0])
+        keep = from_end <= MAX_SAMPLES
+        D, M = D[keep], M[keep]
+        self._chunks, self._n = [(D, M)], int(D.shape[0])
+        return D, M
 
     def finish_learning(self, budget: float | None = None) -> None:
         if budget is not None:
             self.budget = float(min(max(budget, 1e-9), 0.01))
         z = NormalDist().inv_cdf(1.0 - self.budget / 2)
         found = []
-        for d, parts in self.samples.items():
-            M = np.concatenate(parts)[-MAX_SAMPLES:]
+        D, S = self._compact()
+        bounds = np.r_[0, np.flatnonzero(D[1:] != D[:-1]) + 1, D.shape[0]]
+        for a0, a1 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):  # per device
+            d = int(D[a0])
             addrs = {c: a for a, c in self.columns[d].items()}
-            found.extend(self._search(d, M, addrs, z))
+            found.extend(self._search(d, S[a0:a1], addrs, z))
         if found:
             self.dev = np.array([f[0] for f in found], np.int64)
             self.addr = np.array([f[1] for f in found], np.int64)
@@ -125,7 +168,9 @@ class Relations:
             self.mean = np.array([f[3] for f in found])
             self.thr = np.array([f[4] for f in found])
             self.spread = np.array([f[5] for f in found])
-        self.samples, self.columns = {}, {}
+            self.server = np.array([self.servers.get(f[0], 0) for f in found], np.int64)
+        self.columns, self.servers, self._chunks, self._n = {}, {}, [], 0
+        self._pair_key, self._pair_col = np.empty(0, np.int64), np.empty(0, np.int64)
 
     def _search(self, d: int, M: np.ndarray, addrs: dict, z: float) -> list:
         k = len(addrs)
@@ -143,46 +188,48 @@ class Relations:
             # what rounding to the register's unit can do to log x (integers: half a unit; floats: nothing)
             res.append(0.5 / float(np.median(x)) if x.shape[0] and np.all(x == np.round(x)) else 0.0)
         cand = [j for j in range(k) if analog[j]]
-        out, seen = [], set()
-        for size in (3,):
-            for terms in itertools.combinations(cand, size):
-                for signs in itertools.product((1.0, -1.0), repeat=size - 1):
-                    s = (1.0,) + signs
-                    key = (terms, s)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    c = sum(si * L[:, j] for si, j in zip(s, terms))
-                    ok = ~np.isnan(c)
-                    n = int(np.count_nonzero(ok))
-                    if n < self.min_samples:
-                        continue
-                    spreads = [float(np.std(L[ok, j])) for j in terms]
-                    if min(spreads) <= 0:
-                        continue
-                    sd = float(np.std(c[ok]))
-                    if sd > self.max_ratio * min(spreads):
-                        continue
-                    mean = float(np.mean(c[ok]))
-                    bound = sum(res[j] for j in terms)
-                    thr = max(z * sd, 2.0 * float(np.max(np.abs(c[ok] - mean))), 1.5 * bound)
-                    a = [addrs[j] for j in terms] + [-1] * (3 - size)
-                    out.append((d, a, list(s) + [0.0] * (3 - size), mean, thr, sd / min(spreads)))
+        combos = [(t, (1.0,) + sg) for t in itertools.combinations(cand, 3)
+                  for sg in itertools.product((1.0, -1.0), repeat=2)]
+        if not combos:
+            return []
+        idx = np.array([c[0] for c in combos], np.int64)  # (combos, 3) columns
+        sg = np.array([c[1] for c in combos])  # (combos, 3) signs
+        # every combination at once: rows x combinations (at most MAX_SAMPLES x 880)
+        T = L[:, idx]  # (n, combos, 3)
+        C = (T * sg).sum(axis=2)
+        ok = ~np.isnan(C)
+        n = ok.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # combinations with no complete sample
+            Tm = np.where(ok[:, :, None], T, np.nan)
+            spreads = np.nanstd(Tm, axis=0).min(axis=1) if n.max() > 0 else np.zeros(len(combos))
+            sd = np.nanstd(np.where(ok, C, np.nan), axis=0)
+            keep = (n >= self.min_samples) & (spreads > 0) & (sd <= self.max_ratio * spreads)
+        out = []
+        for ci in np.flatnonzero(keep).tolist():  # the relations found: one or two per device
+            c = C[ok[:, ci], ci]
+            mean = float(np.mean(c))
+            bound = sum(res[j] for j in idx[ci].tolist())
+            thr = max(z * float(sd[ci]), 2.0 * float(np.max(np.abs(c - mean))), 1.5 * bound)
+            out.append((d, [addrs[j] for j in idx[ci].tolist()], sg[ci].tolist(), mean, thr,
+                        float(sd[ci] / spreads[ci])))
         return out
 
     # -- monitoring ----------------------------------------------------------------------------
     def findings(self, ev: EventBatch) -> list:
         if len(self) == 0 or len(ev) == 0:
             return []
-        rows, dev, server, space = _device_rows(ev)
-        if rows.shape[0] == 0:
+        # first the cheap filter (the relations' servers and addresses), then device keys for what is left
+        cand = np.flatnonzero(np.isin(ev.address, self.addr[self.addr >= 0]) & np.isin(ev.src, self.server))
+        if cand.shape[0] == 0:
             return []
+        rows, dev, _ = _device_rows(ev, cand)
         order = np.argsort(self.dev, kind="stable")
         rdev = self.dev[order]
         has = np.isin(dev, rdev)
         if not has.any():
             return []
-        rows, dev, server, space = rows[has], dev[has], server[has], space[has]
+        rows, dev = rows[has], dev[has]
         pdu = ev.pdu_id[rows].astype(np.int64)
         # value of (device, pdu, address), the last row wins
         vkey = hash_columns(dev, pdu, ev.address[rows])
@@ -253,15 +300,13 @@ class Relations:
     # -- state ---------------------------------------------------------------------------------
     def to_state(self) -> tuple[dict, dict]:
         arrays = {"process.rel.dev": self.dev, "process.rel.addr": self.addr, "process.rel.sign": self.sign,
-                  "process.rel.mean": self.mean, "process.rel.thr": self.thr, "process.rel.spread": self.spread}
-        # learning in progress: the samples collected so far, per device (rows tagged with the device)
-        devs = [d for d in self.samples]
-        mats = [np.concatenate(self.samples[d]) for d in devs]
-        arrays["process.rel.sample_dev"] = np.concatenate([np.full(m.shape[0], d, np.int64) for d, m in
-                                                           zip(devs, mats)]) if mats else np.empty(0, np.int64)
-        arrays["process.rel.samples"] = np.concatenate(mats) if mats else np.empty((0, MAX_COLUMNS))
+                  "process.rel.mean": self.mean, "process.rel.thr": self.thr, "process.rel.spread": self.spread,
+                  "process.rel.server": self.server}
+        # learning in progress: the samples collected so far, tagged with their device
+        D, S = self._compact()
+        arrays["process.rel.sample_dev"], arrays["process.rel.samples"] = D, S
         meta = {"max_ratio": self.max_ratio, "min_samples": self.min_samples, "follow": self.follow,
-                "budget": self.budget,
+                "budget": self.budget, "servers": {str(d): a for d, a in self.servers.items()},
                 "columns": {str(d): {str(a): c for a, c in cols.items()} for d, cols in self.columns.items()}}
         return arrays, meta
 
@@ -276,9 +321,16 @@ class Relations:
         r.mean = np.asarray(arrays["process.rel.mean"], np.float64).copy()
         r.thr = np.asarray(arrays["process.rel.thr"], np.float64)
         r.spread = np.asarray(arrays["process.rel.spread"], np.float64)
+        r.server = np.asarray(arrays["process.rel.server"], np.int64)
+        r.servers = {int(d): int(a) for d, a in meta.get("servers", {}).items()}
         r.columns = {int(d): {int(a): int(c) for a, c in cols.items()} for d, cols in meta["columns"].items()}
         sd = np.asarray(arrays["process.rel.sample_dev"], np.int64)
         S = np.asarray(arrays["process.rel.samples"], np.float64).reshape(-1, MAX_COLUMNS)
-        for d in np.unique(sd).tolist():
-            r.samples[int(d)] = [S[sd == d]]
+        if sd.shape[0]:
+            r._chunks, r._n = [(sd, S)], int(sd.shape[0])
+        pairs = [(d, a, c) for d, cols in r.columns.items() for a, c in cols.items()]
+        if pairs:
+            keys = hash_columns(np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.int64))
+            o = np.argsort(keys, kind="stable")
+            r._pair_key, r._pair_col = keys[o], np.array([p[2] for p in pairs], np.int64)[o]
         return r
