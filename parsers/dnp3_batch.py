@@ -379,13 +379,60 @@ def _grown(point, value, cap, used):
 grown = compiled(_grown)
 
 
-def _walk_frames(buf, user, frame_pos, frame_kind, user_at, frame_stream, reassembling, functions, groups, objects,
-                 qualifiers, int32_max):
+# What walk_frames knows of a stream's transport state (rows of ``transport``, one column a stream):
+# the (source, destination) of its one open fragment (-1: none), the SEQ expected next, the octets
+# so far, and whether the state is beyond this tracking (more than one fragment open, one refused
+# as too large): then every user-data frame of the stream goes to the per-frame code.
+T_OPEN, T_SEQ, T_SIZE, T_UNTRACKED = range(4)
+
+
+def _one_segment(th, key, n_data, transport, s, max_fragment):
+    """Whether a transport segment (header ``th``, ``n_data`` octets after it, link (source,
+    destination) ``key``) of stream ``s`` is a whole fragment that ``Dnp3Parser._transport`` would
+    hand to the application layer without touching its state (clause 8.2.1: FIR and FIN, no
+    fragment of ``key`` open).  Otherwise follow what ``_transport`` does to the stream's fragments
+    and return False: the per-frame code reads that segment.
+    """
+    if transport[T_UNTRACKED, s]:
+        return False
+    open_key = transport[T_OPEN, s]
+    seq = th & 0x3F
+    if th & 0x40:  # FIR: a fragment of the same addresses still open is abandoned
+        if th & 0x80:
+            if open_key != key:
+                return True
+            transport[T_OPEN, s] = -1
+        elif open_key >= 0 and open_key != key:
+            transport[T_UNTRACKED, s] = 1  # a second fragment open at once
+        else:
+            transport[T_OPEN, s], transport[T_SEQ, s], transport[T_SIZE, s] = key, (seq + 1) & 0x3F, n_data
+        return False
+    if open_key != key:
+        return False  # no FIR seen: counted, nothing kept
+    expected = transport[T_SEQ, s]
+    if seq != expected:
+        if seq != (expected - 1) & 0x3F:  # a repeat is ignored, a gap drops the fragment
+            transport[T_OPEN, s] = -1
+    elif transport[T_SIZE, s] + n_data > max_fragment:
+        transport[T_UNTRACKED, s] = 1  # refused: its later segments are counted by _transport
+    elif th & 0x80:
+        transport[T_OPEN, s] = -1
+    else:
+        transport[T_SEQ, s], transport[T_SIZE, s] = (seq + 1) & 0x3F, transport[T_SIZE, s] + n_data
+    return False
+
+
+one_segment = compiled(_one_segment)
+
+
+def _walk_frames(buf, user, frame_pos, frame_kind, user_at, frame_stream, frame_gaps, transport, stream_gaps,
+                 max_fragment, functions, groups, objects, qualifiers, int32_max):
     """Read the frames found by walk_links (in chunk order) as ``Dnp3Parser._link_frame`` would,
     where that needs no state: link-only frames (clause 9.2.4.1.3) and one-segment fragments
-    (transport FIR and FIN, clause 8.2.1) of a stream not reassembling a fragment, whose
-    application header and objects (clause 4.2.2) are all well formed.  ``reassembling[s]`` says
-    whether stream ``s`` has a fragment open (it is updated as segments go by).
+    (transport FIR and FIN, clause 8.2.1, see one_segment) whose application header and objects
+    (clause 4.2.2) are all well formed.  ``transport`` is what is known of each stream's transport
+    state (T_* rows), followed frame by frame; ``frame_gaps`` counts the gaps of the frame's
+    stream up to its chunk, ``stream_gaps`` those seen so far (a gap drops all fragments).
 
     Returns the PDU rows of those frames (``fields``, one column per row, row F_FRAME is the frame),
     how many, the other frames (for the per-frame code), how many, the points (``point`` rows as in
@@ -426,9 +473,11 @@ def _walk_frames(buf, user, frame_pos, frame_kind, user_at, frame_stream, reasse
             n_fast += 1
             continue
         stream = frame_stream[i]
-        th = user[user_at[i]]
-        if reassembling[stream] or th & 0xC0 != 0xC0:
-            reassembling[stream] = True  # segments: the transport code, from here on
+        if frame_gaps[i] != stream_gaps[stream]:  # feed drops the fragments at a gap
+            stream_gaps[stream] = frame_gaps[i]
+            transport[T_OPEN, stream], transport[T_UNTRACKED, stream] = -1, 0
+        if not one_segment(np.int64(user[user_at[i]]), (src << 16) | dst, n_user - 1, transport, stream,
+                           max_fragment):
             slow[n_slow] = i
             n_slow += 1
             continue
@@ -507,12 +556,14 @@ def feed_batch(parser, chunks: list, out: EventBuilder, tags=None) -> None:
     n_resync = int(resyncs.sum())
     if n_resync:
         out.count_error(PROTO_DNP3, REASON_RESYNC, n_resync)
-    # Streams (in layout order): their state (created as feed creates it), whether a fragment is
-    # being reassembled, and the partial frame each keeps for the next batch.
+    # Streams (in layout order): their state (created as feed creates it), its transport part as
+    # walk_frames follows it, and the partial frame each keeps for the next batch.
     stream_of_k = np.cumsum(cols.stream_first) - 1
-    last_k = np.r_[np.flatnonzero(cols.stream_first)[1:] - 1, n_chunks - 1].tolist()
+    first_k = np.flatnonzero(cols.stream_first)
+    last_k = np.r_[first_k[1:] - 1, n_chunks - 1].tolist()
     stream_state = []
-    reassembling = np.zeros(len(last_k), bool)
+    transport = np.zeros((4, len(last_k)), np.int64)
+    transport[T_OPEN] = -1
     tails = stop_k[last_k] < cols.end[lay[last_k]]
     for s, k in enumerate(last_k):
         chunk = chunks[lay[k]]
@@ -521,16 +572,23 @@ def feed_batch(parser, chunks: list, out: EventBuilder, tags=None) -> None:
         if st is None:
             st = streams[key] = _Stream()
         stream_state.append(st)
-        reassembling[s] = bool(st.fragments)
+        if st.fragments:
+            (src, dst), (held, seq) = next(iter(st.fragments.items()))
+            if len(st.fragments) > 1 or held is None:
+                transport[T_UNTRACKED, s] = 1
+            else:
+                transport[T_OPEN, s], transport[T_SEQ, s], transport[T_SIZE, s] = (src << 16) | dst, seq, len(held)
         if tails[s]:
             st.buf = cols.raw[stop_k[k]: cols.end[lay[k]]]
+    gaps_in_layout = np.cumsum(gap[lay])  # gaps of each stream so far: streams are contiguous in layout
     # Frames in chunk order (stable: a chunk's frames stay in stream order).
     frame_chunk = lay[frame_k]
     order = np.argsort(frame_chunk, kind="stable")
     frame_chunk, frame_pos, frame_kind, user_at = frame_chunk[order], frame_pos[order], frame_kind[order], user_at[order]
     fields, n_fast, slow, n_slow, point, value, n_points, unknown = walk_frames(
-        cols.buf, user, frame_pos, frame_kind, user_at, stream_of_k[frame_k[order]], reassembling, FUNCTIONS, GROUPS,
-        OBJECT_TABLE, QUALIFIERS, INT32_MAX)
+        cols.buf, user, frame_pos, frame_kind, user_at, stream_of_k[frame_k[order]], gaps_in_layout[frame_k[order]],
+        transport, gaps_in_layout[first_k] - gap[lay][first_k], parser.max_fragment, FUNCTIONS, GROUPS, OBJECT_TABLE,
+        QUALIFIERS, INT32_MAX)
     if unknown:
         out.count_error(PROTO_DNP3, REASON_UNKNOWN_FUNCTION, unknown)
     # Rows of the frames read here, then of the others (per-frame code), merged in frame order.

@@ -106,7 +106,8 @@ def _segments_in_batches(chunks, sizes):
         i += size
     if i < len(chunks):
         groups.append(chunks[i:])
-    check_same(Dnp3Parser, groups, {len(groups) - 1: [1, 2]})
+    for max_fragment in (2048, 200):  # 200: fragments refused as too large, mid-way
+        check_same(lambda: Dnp3Parser(max_fragment=max_fragment), groups, {len(groups) - 1: [1, 2]})
 
 
 def segments(app: bytes, tseq: int) -> list[bytes]:
