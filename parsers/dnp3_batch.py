@@ -8,17 +8,20 @@ NumPy instead of Python per frame:
    ``Dnp3Parser._scan`` does -- resynchronisation on ``05 64`` (clause 9.2.6), the header CRC, LEN,
    the CRC of every 16-octet data block (clause 9.2.4.2) -- and copies the user data of each frame,
    CRCs removed, into one array.  A frame split over chunks belongs to the chunk that completes it.
-2. The frames that make up nearly all traffic are read as arrays: link-only frames (table 9-1/9-2)
-   and single-segment application fragments (transport FIR and FIN, clause 8.2.1) in a stream with
-   no fragment being reassembled.  ``walk_objects`` walks the object headers of those fragments
-   (clause 4.2.2.7) and decodes their points; the PDU and point rows are written with
-   ``parsers.batch.rows``.
-3. Every other frame -- a bad CRC or LEN, a segment of a multi-frame fragment (and every later
-   user-data frame of that stream in the batch), a fragment whose objects are malformed, device
-   attributes (group 0), size-prefixed objects -- goes through the parser's own per-frame code
-   (``_link_error`` / ``_link_frame``), in order, into a side builder.  The frames read as arrays
-   change no state, so the per-frame code sees exactly the state ``feed`` would; the two sets of
-   rows are then merged back into frame order and the PDU ids renumbered.
+2. The frames that make up nearly all traffic are read as arrays (``walk_frames``): link-only
+   frames (table 9-1/9-2) and one-segment application fragments (transport FIR and FIN, clause
+   8.2.1) whose addresses have no fragment open.  The walk follows each stream's transport state
+   (one open fragment, its SEQ and size, as ``_transport`` keeps them) through the segments the
+   per-frame code reads, so a multi-frame fragment does not hold up the frames after it.
+   ``walk_objects`` walks the object headers of those fragments (clause 4.2.2.7) and decodes their
+   points; the PDU and point rows are written with ``parsers.batch.rows``.
+3. Every other frame -- a bad CRC or LEN, a segment of a multi-frame fragment, a fragment whose
+   objects are malformed, device attributes (group 0), size-prefixed objects; every user-data frame
+   of a stream whose transport state is beyond the walk's tracking (two fragments open at once, one
+   refused as too large) until a gap clears it -- goes through the parser's own per-frame step
+   (``Dnp3Parser._frame``), in order, into a side builder.  The frames read as arrays change no
+   state, so the per-frame code sees exactly the state ``feed`` would; the two sets of rows are then
+   merged back into frame order and the PDU ids renumbered.
 
 The partial-frame tails (``_Stream.buf``) and the transport fragments are the same objects ``feed``
 uses, so both paths can be mixed freely.
