@@ -603,7 +603,7 @@ def feed_batch(parser, chunks: list, out: EventBuilder, tags=None) -> None:
     row_chunk = chunk[row_owner]
     gaps = np.flatnonzero(gap)
     if n_slow or gaps.size:
-        side = _SideRows(parser, cols, chunks, frame_chunk, frame_pos, user_at, user, stream_state,
+        side = _SideRows(parser, cols, chunks, frame_chunk, frame_pos, frame_kind, user_at, user, stream_state,
                          stream_of_k, gaps, slow[:n_slow])
         if side.columns is not None:
             key = np.concatenate([2 * fast[row_owner] + 1, side.key])
@@ -624,8 +624,10 @@ class _SideRows:
     per-frame code in order into a side builder: ``columns``, each row's order ``key`` (frame i:
     2i + 1) and ``chunk``, ``errors`` counted."""
 
-    def __init__(self, parser, cols, chunks, frame_chunk, frame_pos, user_at, user, stream_state, stream_of_k, gaps,
-                 slow):
+    def __init__(self, parser, cols, chunks, frame_chunk, frame_pos, frame_kind, user_at, user, stream_state,
+                 stream_of_k, gaps, slow):
+        from .dnp3 import LINK_HEADER, frame_size
+
         side = EventBuilder()
         position = np.empty(len(chunks), np.int64)  # layout position of each chunk
         position[cols.layout] = np.arange(len(chunks))
@@ -643,7 +645,15 @@ class _SideRows:
                 continue
             before = len(side)
             c = int(frame_chunk[i])
-            parser._frame(raw, int(frame_pos[i]), len(raw), chunks[c], stream_state[stream_of_k[position[c]]], side)
+            st = stream_state[stream_of_k[position[c]]]
+            pos = int(frame_pos[i])
+            if frame_kind[i] == FRAME_OK:  # CRCs checked and user data taken out by walk_links
+                _, length, ctrl, dst, src, _ = LINK_HEADER.unpack_from(raw, pos)
+                at = int(user_at[i])
+                parser._link_frame(ctrl, dst, src, user[at:at + length - 5].tobytes(), frame_size(length), chunks[c],
+                                   st, side)
+            else:
+                parser._frame(raw, pos, len(raw), chunks[c], st, side)
             if len(side) > before:
                 keys.append(key)
                 row_chunks.append(c)
