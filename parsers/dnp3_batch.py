@@ -18,8 +18,9 @@ NumPy instead of Python per frame:
 3. Every other frame -- a bad CRC or LEN, a segment of a multi-frame fragment, a fragment whose
    objects are malformed, device attributes (group 0), size-prefixed objects; every user-data frame
    of a stream whose transport state is beyond the walk's tracking (two fragments open at once, one
-   refused as too large) until a gap clears it -- goes through the parser's own per-frame step
-   (``Dnp3Parser._frame``), in order, into a side builder.  The frames read as arrays change no
+   refused as too large) until a gap clears it -- goes through the parser's own per-frame code, in
+   order, into a side builder: ``Dnp3Parser._link_frame`` with the user data walk_links checked,
+   ``Dnp3Parser._frame`` (the step ``_scan`` takes per frame) for a bad CRC or LEN.  The frames read as arrays change no
    state, so the per-frame code sees exactly the state ``feed`` would; the two sets of rows are then
    merged back into frame order and the PDU ids renumbered.
 
@@ -144,7 +145,8 @@ def _walk_links(buf, head, start, end, stream_first, gap, datagram, table):
     Returns per frame: first octet, layout index of its chunk, kind (FRAME_*), where its user data
     (CRCs removed) begins in ``user``; ``user``; per chunk: ``stop`` (where the stream stood after
     it), ``resyncs`` (garbage runs skipped), ``dropped`` (1: a gap dropped held bytes, 2: a datagram
-    had bytes left over).
+    had bytes left over).  A datagram is read on its own, as ``feed`` reads it; a stream is taken to
+    be all datagrams (UDP) or none (TCP), so no held bytes ever precede one.
     """
     n = start.shape[0]
     cap = 0
