@@ -158,6 +158,8 @@ class Relations:
         D, S = self._compact()
         bounds = np.r_[0, np.flatnonzero(D[1:] != D[:-1]) + 1, D.shape[0]]
         for a0, a1 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):  # per device
+            if a1 <= a0:  # nothing learned
+                continue
             d = int(D[a0])
             addrs = {c: a for a, c in self.columns[d].items()}
             found.extend(self._search(d, S[a0:a1], addrs, z))

@@ -157,6 +157,13 @@ def test_relations_catch_the_frozen_dnp3_voltage_and_nothing_else():
     assert next(s for s in r["scenarios"] if s["scenario"] == "measurement_spoofing")["detected"]
 
 
+def test_relations_with_nothing_learned_find_nothing():
+    from models.relations import Relations
+    r = Relations()
+    r.finish_learning(1e-4)
+    assert len(r) == 0 and r.findings(parse_file(PROJECT_PCAPS / "dnp3.pcap")) == []
+
+
 def test_relations_state_round_trip():
     from models.process import ProcessModel
     ev = parse_file(PROJECT_PCAPS / "dnp3.pcap")
