@@ -65,6 +65,8 @@ def _device_rows(ev: EventBatch, rows: np.ndarray | None = None):
     m = (ev.kind == KIND_POINT) & (ev.direction == DIR_RESPONSE) & np.isfinite(ev.value)
     rows = np.flatnonzero(m) if rows is None else rows[m[rows]]
     server = ev.src[rows]
+    if rows.shape[0] == 0:
+        return rows, np.empty(0, np.int64), server
     dev = hash_columns(31, server, ev.protocol[rows], ev.unit[rows], space_of(ev.object[rows], ev.protocol[rows]))
     return rows, dev, server
 

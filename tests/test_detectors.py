@@ -164,6 +164,20 @@ def test_relations_with_nothing_learned_find_nothing():
     assert len(r) == 0 and r.findings(parse_file(PROJECT_PCAPS / "dnp3.pcap")) == []
 
 
+def test_relations_take_batches_without_reported_values():
+    """Written values only (requests), then relations learned, then again written values only."""
+    from models.relations import Relations
+    from parsers.events import DIR_REQUEST
+    ev = parse_file(PROJECT_PCAPS / "dnp3.pcap")
+    writes = ev.select((ev.kind == 1) & (ev.direction == DIR_REQUEST))
+    assert len(writes) > 0
+    r = Relations()
+    r.learn(writes)
+    r.learn(ev.select(ev.ts < int(ev.ts.min()) + 990 * 10**9))
+    r.finish_learning(1e-4)
+    assert len(r) == 3 and r.findings(writes) == []
+
+
 def test_relations_state_round_trip():
     from models.process import ProcessModel
     ev = parse_file(PROJECT_PCAPS / "dnp3.pcap")
