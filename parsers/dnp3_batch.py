@@ -565,7 +565,7 @@ def feed_batch(parser, chunks: list, out: EventBuilder, tags=None) -> None:
     # walk_frames follows it, and the partial frame each keeps for the next batch.
     stream_of_k = np.cumsum(cols.stream_first) - 1
     first_k = np.flatnonzero(cols.stream_first)
-    last_k = np.r_[first_k[1:] - 1, n_chunks - 1].tolist()
+    last_k = np.append(first_k[1:] - 1, n_chunks - 1).tolist()
     stream_state = []
     transport = np.zeros((4, len(last_k)), np.int64)
     transport[T_OPEN] = -1
