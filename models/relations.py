@@ -196,27 +196,27 @@ class Relations:
                   for sg in itertools.product((1.0, -1.0), repeat=2)]
         if not combos:
             return []
-        idx = np.array([c[0] for c in combos], np.int64)  # (combos, 3) columns
-        sg = np.array([c[1] for c in combos])  # (combos, 3) signs
-        # every combination at once: rows x combinations (at most MAX_SAMPLES x 880)
-        T = L[:, idx]  # (n, combos, 3)
-        C = (T * sg).sum(axis=2)
-        ok = ~np.isnan(C)
-        n = ok.sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # combinations with no complete sample
-            Tm = np.where(ok[:, :, None], T, np.nan)
-            spreads = np.nanstd(Tm, axis=0).min(axis=1) if n.max() > 0 else np.zeros(len(combos))
-            sd = np.nanstd(np.where(ok, C, np.nan), axis=0)
-            keep = (n >= self.min_samples) & (spreads > 0) & (sd <= self.max_ratio * spreads)
+        idx_all = np.array([c[0] for c in combos], np.int64)  # (combos, 3) columns
+        sg_all = np.array([c[1] for c in combos])  # (combos, 3) signs
         out = []
-        for ci in np.flatnonzero(keep).tolist():  # the relations found: one or two per device
-            c = C[ok[:, ci], ci]
-            mean = float(np.mean(c))
-            bound = sum(res[j] for j in idx[ci].tolist())
-            thr = max(z * float(sd[ci]), 2.0 * float(np.max(np.abs(c - mean))), 1.5 * bound)
-            out.append((d, [addrs[j] for j in idx[ci].tolist()], sg[ci].tolist(), mean, thr,
-                        float(sd[ci] / spreads[ci])))
+        for c0 in range(0, len(combos), 64):  # 64 combinations at a time: a few MB whatever the device
+            idx, sg = idx_all[c0:c0 + 64], sg_all[c0:c0 + 64]
+            T = L[:, idx]  # (n, combos, 3)
+            C = (T * sg).sum(axis=2)
+            ok = ~np.isnan(C)
+            n = ok.sum(axis=0)
+            with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # combinations with no complete sample
+                spreads = np.nanstd(np.where(ok[:, :, None], T, np.nan), axis=0).min(axis=1)
+                sd = np.nanstd(np.where(ok, C, np.nan), axis=0)
+                keep = (n >= self.min_samples) & (spreads > 0) & (sd <= self.max_ratio * spreads)
+            for ci in np.flatnonzero(keep).tolist():  # the relations found: one or two per device
+                c = C[ok[:, ci], ci]
+                mean = float(np.mean(c))
+                bound = sum(res[j] for j in idx[ci].tolist())
+                thr = max(z * float(sd[ci]), 2.0 * float(np.max(np.abs(c - mean))), 1.5 * bound)
+                out.append((d, [addrs[j] for j in idx[ci].tolist()], sg[ci].tolist(), mean, thr,
+                            float(sd[ci] / spreads[ci])))
         return out
 
     # -- monitoring ----------------------------------------------------------------------------
