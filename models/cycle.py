@@ -178,7 +178,7 @@ class CycleModel:
             # bursts: PDUs per channel-second against the learned maximum
             wk, c = self._per_second_max(keys, ev.ts)
             mi = self._find(mkeys, wk)
-            mx = np.where(mi >= 0, mvals[np.maximum(mi, 0)], 0)
+            mx = np.where(mi >= 0, mvals[np.maximum(mi, 0)], 0) if mvals.shape[0] else np.zeros(mi.shape[0], np.int64)
             limit = np.maximum(2 * mx, mx + 3)
             for q in np.flatnonzero((mi >= 0) & (c > limit)).tolist():  # a channel never learned: allow-list
                 key, cnt, mxq = int(wk[q]), int(c[q]), int(mx[q])

@@ -192,3 +192,13 @@ def test_relations_state_round_trip():
     a2, m2 = pm.to_state()
     done = ProcessModel.from_state(a2, m2)
     assert np.array_equal(done.relations.dev, pm.relations.dev) and np.allclose(done.relations.mean, pm.relations.mean)
+
+
+def test_cycle_model_with_nothing_learned_monitors_without_failing():
+    """A learning window without a single PDU (a public capture's first half), then traffic."""
+    from models.features import WindowFeatures
+    ev = parse_file(PROJECT_PCAPS / "dnp3.pcap")
+    cm = CycleModel()
+    cm.finish_learning()
+    fb = WindowFeatures().push(ev)
+    assert cm.findings(ev, fb, int(ev.ts.max())) == []
