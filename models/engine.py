@@ -178,7 +178,10 @@ class DetectionEngine:
             self.river = RiverDetector()
             self.river.learn(Xl)
             s = self.river.score(Xl)
-            self.thresholds["river"] = calibrate(s, budget, floor=1.0)
+            # HalfSpaceTrees scores 0 until it has a reference window (window_size rows): calibrated on those
+            # zeros, every later window would alert; with fewer learning windows River stays silent
+            ready = self.river.learned >= self.river.hst.window_size
+            self.thresholds["river"] = calibrate(s, budget, floor=1.0) if ready else np.inf
             self.monitors["river"].set_reference(s, self.thresholds["river"])
         if "pyod" in self.detectors:
             from .pyod_detector import PyODDetector

@@ -202,3 +202,16 @@ def test_cycle_model_with_nothing_learned_monitors_without_failing():
     cm.finish_learning()
     fb = WindowFeatures().push(ev)
     assert cm.findings(ev, fb, int(ev.ts.max())) == []
+
+
+def test_river_stays_silent_when_learning_is_shorter_than_its_window():
+    """Fewer learning windows than HalfSpaceTrees' window: it scores 0 on all of them, so no threshold can be
+    calibrated; it must not alert on everything once it starts scoring (public captures of seconds)."""
+    from models.engine import DetectionEngine
+    ev = parse_file(PROJECT_PCAPS / "dnp3.pcap")
+    t0 = int(ev.ts.min())
+    e = DetectionEngine(learn_seconds=None, learn_until_ns=t0 + 60 * 10**9, detectors=("river",))
+    e.process(ev)
+    e.finish()
+    assert e.river is not None and e.river.learned >= e.river.hst.window_size  # it did learn on in monitoring
+    assert e.thresholds["river"] == np.inf and not [a for a in e.alerts if a.rule == "ml.river"]
