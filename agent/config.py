@@ -62,6 +62,9 @@ class Capture:
     block_timeout: float = _opt(0.1, "duration", "longest a part-filled ring block waits before it is "
                                 "handed over", min=0.001, max=10)
     promiscuous: bool = _opt(True, "bool", "put the interface in promiscuous mode (a SPAN port needs it)")
+    compiled_parsers: bool = _opt(False, "bool", "parse through the Numba-compiled batch paths: 3-10x the parser "
+                                  "throughput, for ~160 MB more resident memory and ~20 s of compiling at the "
+                                  "first start (cached)")
 
 
 @dataclass

@@ -349,6 +349,22 @@ def _modbus_frames(n: int = 40) -> tuple[list[bytes], list[int]]:
     return frames, ts
 
 
+def _compile_parsers() -> None:
+    """Parse a minute of simulated Modbus, DNP3 and IEC-104 traffic, so the parsers' compiled walks
+    (Numba) are compiled -- or loaded from the cache -- now, not when the first DNP3 batch arrives
+    (compiling takes seconds, during which the capture ring would overflow)."""
+    import tempfile
+
+    from .pipeline import Pipeline, parse_file
+    from .simulator.common import PROTOCOLS
+    from .simulator.substation import simulate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pcap = Path(tmp) / "warm-up.pcap"
+        simulate(pcap, Path(tmp) / "warm-up.csv", PROTOCOLS, 60.0, 1, (), 1_700_000_000.0)
+        parse_file(pcap, Pipeline())
+
+
 def warm_up(cfg: config_mod.Config) -> None:
     """Run a little synthetic traffic through a throwaway pipeline, engine and checkpoint, so every
     module the agent imports lazily is loaded now: when learning ends (the ML libraries take seconds
@@ -370,8 +386,10 @@ def warm_up(cfg: config_mod.Config) -> None:
         log.warning("detector library missing: %s", exc)
     from models.engine import DetectionEngine
 
+    if cfg.capture.compiled_parsers:
+        _compile_parsers()
     frames, ts = _modbus_frames()
-    pipeline = Pipeline()
+    pipeline = Pipeline(compiled=cfg.capture.compiled_parsers)
     # the throwaway engine's own log lines ("learned 2 windows ...") would only confuse an operator
     quiet = logging.getLogger("models")
     level, quiet.level = quiet.level, logging.WARNING
@@ -762,7 +780,8 @@ class Agent:
         self.open()
         lim = self.cfg.limits
         self.pipeline = Pipeline(limits=ReassemblyLimits(max_flows=lim.max_flows,
-                                                         idle_timeout_s=lim.flow_idle_timeout))
+                                                         idle_timeout_s=lim.flow_idle_timeout),
+                                 compiled=self.cfg.capture.compiled_parsers)
         self.engine = self.load_state()
         self.inventory = self.load_inventory()
         if self.endpoint is not None:
@@ -822,7 +841,7 @@ class Agent:
 # Keys read once at start; SIGHUP reports a change but it takes a restart.
 RESTART_KEYS = [("capture", "interface"), ("capture", "ports"), ("capture", "snaplen"),
                 ("capture", "ring_block_size"), ("capture", "ring_blocks"), ("capture", "block_timeout"),
-                ("capture", "promiscuous"), ("state", "directory"), ("state", "key_file"),
+                ("capture", "promiscuous"), ("capture", "compiled_parsers"), ("state", "directory"), ("state", "key_file"),
                 ("metrics", "listen"), ("metrics", "tls_cert"), ("metrics", "tls_key"),
                 ("metrics", "auth_file"), ("limits", "max_flows"), ("limits", "flow_idle_timeout"),
                 ("limits", "capture_queue"), ("limits", "alert_queue"), ("daemon", "user"),

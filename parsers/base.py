@@ -63,10 +63,11 @@ class StreamParser(Protocol):
         unfinished (a partial PDU, an unanswered request) into ``out``."""
 
 
-def feed_chunks(parser, chunks: list, out: EventBuilder, tags=None) -> None:
+def feed_chunks(parser, chunks: list, out: EventBuilder, tags=None, batch_path: bool = True) -> None:
     """Hand ``chunks`` (in order) to ``parser``: all at once where it has a batch path
-    (``feed_batch``), else one by one.  ``tags`` (or None) are the chunks' order tags in ``out``."""
-    batch = getattr(parser, "feed_batch", None)
+    (``feed_batch``) and ``batch_path`` is on, else one by one.  ``tags`` (or None) are the chunks'
+    order tags in ``out``."""
+    batch = getattr(parser, "feed_batch", None) if batch_path else None
     if batch is not None:
         batch(chunks, out, tags)
         return

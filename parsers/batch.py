@@ -26,8 +26,14 @@ try:  # Numba is installed with PyOD; every compiled walk keeps its plain-Python
     import numba
 
     def compiled(fn):
-        """``fn`` compiled by Numba (cached on disk, so start-up stays quick)."""
-        return numba.njit(cache=True, nogil=True)(fn)
+        """``fn`` compiled by Numba, cached on disk so only the first run pays the compilation (the
+        cache lives in ``__pycache__`` beside the source, or in ``$NUMBA_CACHE_DIR``; the agent's
+        service sets that to its cache directory).  Where no cache directory is writable it is
+        compiled in every process instead."""
+        try:
+            return numba.njit(cache=True, nogil=True)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(nogil=True)(fn)
 except Exception:  # pragma: no cover - exercised only where numba is missing
     def compiled(fn):
         return fn

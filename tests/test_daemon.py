@@ -183,7 +183,8 @@ def reference_alerts(cfg, files) -> list:
     from parsers.reassembly import ReassemblyLimits
 
     pipeline = Pipeline(limits=ReassemblyLimits(max_flows=cfg.limits.max_flows,
-                                                idle_timeout_s=cfg.limits.flow_idle_timeout))
+                                                idle_timeout_s=cfg.limits.flow_idle_timeout),
+                    compiled=cfg.capture.compiled_parsers)
     engine = new_engine(cfg)
     alerts = []
     for f in files:
@@ -359,3 +360,40 @@ def test_run_missing_interface_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(conf)], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "does not exist" in r.stderr.splitlines()[-1]
+
+
+def test_edge_default_never_loads_numba():
+    """compiled_parsers = false (the edge default) feeds chunks one by one: Numba and LLVM, ~150 MB of
+    resident memory, are never loaded; true loads them and gives the same events."""
+    code = (
+        "import sys, json\n"
+        "from agent.config import parse_text\n"
+        "from agent.daemon import warm_up\n"
+        "from agent.pipeline import Pipeline\n"
+        "on = sys.argv[1] == 'true'\n"
+        "cfg = parse_text('[capture]\\ncompiled_parsers = %s\\n' % sys.argv[1])\n"
+        "warm_up(cfg)\n"
+        # read the capture with struct: the live agent has no file reader (and its Numba record walk)
+        "import struct\n"
+        "from parsers.events import EventBatch\n"
+        "from parsers.frames import FrameBatch\n"
+        "data = open('pcaps/mixed.pcap', 'rb').read(); frames, ts, pos = [], [], 24\n"
+        "while pos + 16 <= len(data):\n"
+        "    sec, usec, incl, _ = struct.unpack_from('<IIII', data, pos)\n"
+        "    frames.append(data[pos + 16: pos + 16 + incl]); ts.append(sec * 10**9 + usec * 1000); pos += 16 + incl\n"
+        "p = Pipeline(compiled=cfg.capture.compiled_parsers)\n"
+        "ev = EventBatch.concat([p.process(FrameBatch.from_frames(frames[i:i + 1000], ts=ts[i:i + 1000]))\n"
+        "                        for i in range(0, len(frames), 1000)] + [p.finish()])\n"
+        "print(json.dumps({'numba': 'numba' in sys.modules, 'rows': len(ev), 'pdus': int((ev.kind == 0).sum()),"
+        " 'value_sum': float(ev.value[ev.kind == 1].sum())}))\n"
+    )
+    out = {}
+    for flag in ("false", "true"):
+        r = subprocess.run([sys.executable, "-c", code, flag], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[flag] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["false"]["numba"] is False
+    assert out["true"]["numba"] is True
+    assert {k: v for k, v in out["false"].items() if k != "numba"} == {k: v for k, v in out["true"].items()
+                                                                     if k != "numba"}
+    assert out["false"]["pdus"] > 10000

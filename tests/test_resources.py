@@ -58,7 +58,8 @@ def _agent(learn_s: float):
 
     cfg = parse_text(f'[detection]\nlearning_clock = "capture"\nlearning_period = {learn_s}\n')
     return cfg, Pipeline(limits=ReassemblyLimits(max_flows=cfg.limits.max_flows,
-                                                 idle_timeout_s=cfg.limits.flow_idle_timeout)), new_engine(cfg)
+                                                 idle_timeout_s=cfg.limits.flow_idle_timeout),
+                    compiled=cfg.capture.compiled_parsers), new_engine(cfg)
 
 
 def workload_flows(n: int) -> dict:
