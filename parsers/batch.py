@@ -47,7 +47,8 @@ class ChunkColumns:
     (each chunk's bytes in ``buf``) and the stream context of each chunk.
 
     With ``held`` (a parser's bytes held per ``(flow, direction)`` from earlier chunks: a partial
-    PDU), the bytes are laid out stream by stream instead: for each stream the held bytes (taken
+    PDU; anything with ``pop(key, None)``, such as the parser's own dict), the bytes are laid out
+    stream by stream instead: for each stream the held bytes (taken
     out of ``held``), then its chunks in order, so a PDU split over chunks is contiguous in ``buf``.
     ``layout`` lists the chunks in that order, ``head[c]`` is where chunk ``c``'s stream bytes begin
     (before ``start[c]`` when held bytes precede it) and ``stream_first[k]`` says whether
