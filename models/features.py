@@ -39,12 +39,16 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser (Steele et al., 2014) over a uint64 array; wraps modulo 2**64."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _M2
-    return x ^ (x >> np.uint64(31))
+    """splitmix64 finaliser (Steele et al., 2014) over a uint64 array; wraps modulo 2**64.
+
+    Works in place on ``x`` (callers pass a temporary): ``x ^= x >> 30; x *= M1; x ^= x >> 27;
+    x *= M2; x ^= x >> 31``."""
+    x ^= x >> np.uint64(30)
+    x *= _M1
+    x ^= x >> np.uint64(27)
+    x *= _M2
+    x ^= x >> np.uint64(31)
+    return x
 
 
 def hash_columns(*cols) -> np.ndarray:
@@ -58,8 +62,13 @@ def hash_columns(*cols) -> np.ndarray:
     h = np.full(n, 0x2545F4914F6CDD1D, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for a in arrays:
-            v = np.broadcast_to(a.astype(np.int64).view(np.uint64), (n,))
-            h = _mix64(h ^ (v + _GOLDEN))
+            v = a.astype(np.int64, copy=False).view(np.uint64)
+            t = v + _GOLDEN  # a new array
+            if t.shape[0] == n:
+                t ^= h
+            else:  # a scalar column
+                t = h ^ t
+            h = _mix64(t)
     return h.view(np.int64)
 
 

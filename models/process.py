@@ -73,11 +73,14 @@ def space_of(obj: np.ndarray, protocol: np.ndarray) -> np.ndarray:
     return np.where(protocol == PROTO_DNP3, dnp, np.where(protocol == PROTO_IEC104, iec, obj))
 
 
-def point_keys(ev: EventBatch):
-    server = np.where(ev.direction == DIR_REQUEST, ev.dst, ev.src)
-    space = point_space(ev)
-    key = hash_columns(21, server, ev.protocol, ev.unit, space, ev.address)
-    role = hash_columns(22, ev.protocol, space, ev.address)
+def point_keys(ev: EventBatch, rows: np.ndarray | None = None):
+    """(server, point key, role key) of every row, or of ``rows`` (indices) without copying the batch."""
+    col = (lambda c: ev[c]) if rows is None else (lambda c: ev[c][rows])  # noqa: E731
+    protocol, address = col("protocol"), col("address")
+    server = np.where(col("direction") == DIR_REQUEST, col("dst"), col("src"))
+    space = space_of(col("object"), protocol)
+    key = hash_columns(21, server, protocol, col("unit"), space, address)
+    role = hash_columns(22, protocol, space, address)
     return server, key, role
 
 
@@ -181,12 +184,12 @@ class ProcessModel:
         self.relations = Relations()  # measurements that agree with each other (models/relations.py)
 
     def _prepare(self, ev: EventBatch):
-        ev = ev.select((ev.kind == KIND_POINT) & ~np.isnan(ev.value))
-        if len(ev) == 0:
+        rows = np.flatnonzero((ev.kind == KIND_POINT) & ~np.isnan(ev.value))
+        if rows.shape[0] == 0:
             return None
-        server, key, role = point_keys(ev)
-        order = np.lexsort((ev.ts, key))
-        return ev.select(order), server[order], key[order], role[order]
+        server, key, role = point_keys(ev, rows)
+        order = np.lexsort((ev.ts[rows], key))
+        return ev.select(rows[order]), server[order], key[order], role[order]
 
     def learn(self, ev: EventBatch) -> None:
         p = self._prepare(ev)
