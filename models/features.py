@@ -406,8 +406,15 @@ class WindowFeatures:
         self._points_pending: list = []
 
     def push(self, events: EventBatch) -> FeatureBatch:
-        pdus = events.select(events.kind == KIND_PDU) if len(events) else events
-        npoints_rows = events.select(events.kind != KIND_PDU) if len(events) else events
+        is_pdu = events.kind == KIND_PDU
+        pdus = events.select(is_pdu) if len(events) else events
+        if len(events) and not is_pdu.all():
+            # point rows only count per window: keep their channel and time, not the rows
+            pr = np.flatnonzero(~is_pdu)
+            req = events.direction[pr] == DIR_REQUEST
+            pc = np.where(req, events.src[pr], events.dst[pr])
+            ps = np.where(req, events.dst[pr], events.src[pr])
+            self._points_pending.append((hash_columns(pc, ps, events.protocol[pr]), events.ts[pr]))
         lat = pair_latency(pdus, self.last_request) if len(pdus) else np.empty(0)
         if self.pending is not None and len(self.pending):
             pdus = EventBatch.concat([self.pending, pdus])
@@ -420,7 +427,6 @@ class WindowFeatures:
         done = sec < newest
         self.pending = pdus.select(~done)
         self.pending_latency = lat[~done]
-        self._points_pending.append(npoints_rows)
         return self._windows(pdus.select(done), lat[done], newest)
 
     def flush(self) -> FeatureBatch:
@@ -431,12 +437,13 @@ class WindowFeatures:
         return self._windows(p, lat, None)
 
     def _windows(self, ev: EventBatch, lat: np.ndarray, newest_sec) -> FeatureBatch:
-        points = [b for b in self._points_pending if len(b)]
-        pts = EventBatch.concat(points) if points else EventBatch.empty()
-        if newest_sec is not None and len(pts):
-            keep = pts.ts // NS >= newest_sec
-            self._points_pending = [pts.select(keep)]
-            pts = pts.select(~keep)
+        parts = [p for p in self._points_pending if p[0].shape[0]]
+        p_chan = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
+        p_ts = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
+        if newest_sec is not None and p_chan.shape[0]:
+            keep = p_ts // NS >= newest_sec
+            self._points_pending = [(p_chan[keep], p_ts[keep])]
+            p_chan, p_ts = p_chan[~keep], p_ts[~keep]
         else:
             self._points_pending = []
         if len(ev) == 0:
@@ -473,9 +480,8 @@ class WindowFeatures:
         uc, cinv = np.unique(csec, return_inverse=True)
         peers = np.bincount(cinv[pair_first], minlength=uc.shape[0])
         X[:, F["client_peers"]] = peers[cinv[first_idx]]
-        if len(pts):
-            pc, ps = channel_of(pts)
-            pkey = hash_columns(hash_columns(pc, ps, pts.protocol), pts.ts // NS)
+        if p_chan.shape[0]:
+            pkey = hash_columns(p_chan, p_ts // NS)
             pos = np.searchsorted(uw, pkey)
             pos = np.minimum(pos, nw - 1)
             hit = uw[pos] == pkey
