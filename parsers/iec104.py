@@ -235,6 +235,17 @@ def seq_reason(expected: int, ns: int) -> int:
     return REASON_SEQ_REPEAT if behind <= SEQ_HALF else REASON_SEQ_GAP
 
 
+def next_ns(expected: int, ns: int, reason: int) -> int:
+    """The N(S) expected after an I frame carrying ``ns``: the one after it -- unless it repeated an
+    earlier N(S) (a replayed or duplicated APDU), which leaves the count where it was, so the next
+    genuine frame is not reported as a gap too.
+
+    >>> next_ns(9, 9, seq_reason(9, 9)), next_ns(40, 38, seq_reason(40, 38)), next_ns(9, 12, seq_reason(9, 12))
+    (10, 40, 13)
+    """
+    return expected if reason == REASON_SEQ_REPEAT else (ns + 1) % SEQ_MOD
+
+
 # U format function bits (control octet 1 >> 2) -> event function code; FUNC_U_INVALID unless
 # exactly one of the six bits is set.
 U_CODES = tuple(U_FUNCTIONS.get(bits, FUNC_U_INVALID) for bits in range(64))
@@ -442,7 +453,7 @@ class Iec104Parser:
             # I format (§5.1, figure 4): N(S) in octets 1-2, N(R) in octets 3-4.
             ns = (c1 | (c2 << 8)) >> 1
             reason = seq_reason(st.next_ns, ns)
-            st.next_ns = (ns + 1) % SEQ_MOD
+            st.next_ns = next_ns(st.next_ns, ns, reason)
             self._asdu(data, pos + APCI_LEN, pos + total, ns, nr, reason, too_large, ctx, direction, total, out)
             return
         function, sub, status, reason = control_fields(c1, length)

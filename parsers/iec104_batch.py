@@ -34,12 +34,13 @@ from .events import (
 )
 from .iec104 import (
     APCI_LEN, ASDU_HEADER_LEN, MAX_L, MIN_L, SEQ_MOD, START, _run_dtype, _Stream, control_fields,
-    decode_run, plausible_apci, sender_controls, seq_reason,
+    decode_run, next_ns, plausible_apci, sender_controls, seq_reason,
 )
 from .iec104_types import CONTROL_TYPES, ELEMENTS, FUNC_S, WRITE_TYPES
 
 _plausible_apci = compiled(plausible_apci)
 _seq_reason = compiled(seq_reason)
+_next_ns = compiled(next_ns)
 _sender_controls = compiled(sender_controls)
 _control_fields = compiled(control_fields)
 
@@ -121,7 +122,7 @@ def _walk_apcis(buf, head, start, end, stream_first, gap, datagram, sync0, ns0):
                 if total >= APCI_LEN and buf[pos + 2] & 0x01 == 0:  # I format: N(S) in octets 1-2
                     ns = ((np.int64(buf[pos + 3]) << 8) | buf[pos + 2]) >> 1
                     reason = _seq_reason(next_ns, ns)
-                    next_ns = (ns + 1) % SEQ_MOD
+                    next_ns = _next_ns(next_ns, ns, reason)
                 apdu_pos[count] = pos
                 apdu_k[count] = k
                 apdu_seq[count] = reason

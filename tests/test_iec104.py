@@ -341,3 +341,26 @@ def test_roles_follow_the_traffic_not_the_tcp_connection():
     # Spontaneous data from the TCP client proves the client is the controlled station.
     ev = run((apci_i(0, 0, measured), FROM_CLIENT), (TESTFR_ACT, FROM_SERVER))
     assert ev.select(ev.kind == KIND_PDU).direction.tolist() == [DIR_RESPONSE, DIR_REQUEST]
+
+
+def test_replayed_apdu_is_a_repeat_and_the_next_frame_no_gap():
+    """A replayed I frame (an old N(S) again, as an adversary in the middle sends it) is reported as a
+    repeat; the station's next genuine frame continues the count and is not a gap (bundled captures:
+    the MITM scenario's replay used to raise a sequence gap minutes later)."""
+    def i_frame(ns):  # M_ME_NC_1, one IOA (the module's doctest APDU with N(S) = ns)
+        return bytes.fromhex("6812") + (ns << 1).to_bytes(2, "little") + bytes.fromhex(
+            "0400" "0d01" "0300" "0a00" "b80b00" "0000c841" "00")
+
+    order = [0, 1, 2, 1, 3, 4]
+    for batched in (False, True):
+        parser, out = Iec104Parser(), EventBuilder()
+        chunks = [Chunk(i_frame(ns), flow=1, direction=FROM_SERVER, frame=k + 1) for k, ns in enumerate(order)]
+        if batched:
+            parser.feed_batch(chunks, out)
+        else:
+            for c in chunks:
+                parser.feed(c, out)
+        ev = out.build()
+        pdu = ev.kind == 0
+        assert ev.seq[pdu].tolist() == order
+        assert ev.reason[pdu].tolist() == [REASON_NONE] * 3 + [REASON_SEQ_REPEAT] + [REASON_NONE] * 2
