@@ -20,7 +20,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from .events import EVENT_DTYPE, KIND_PDU, KIND_POINT, REASON_NONE, STATUS_OK
+from .events import EVENT_DTYPE, KIND_PDU, KIND_POINT, REASON_GAP, REASON_NONE, REASON_TRUNCATED, STATUS_OK
 
 try:  # Numba is installed with PyOD; every compiled walk keeps its plain-Python twin as fallback.
     import numba
@@ -44,7 +44,8 @@ PADDING = 64
 
 class ChunkColumns:
     """The chunks of one batch as columns: ``buf`` (all their bytes, joined), ``start``/``end``
-    (each chunk's bytes in ``buf``) and the stream context of each chunk.
+    (each chunk's bytes in ``buf``), the stream context of each chunk and its ``gap`` and
+    ``datagram`` flags.
 
     With ``held`` (a parser's bytes held per ``(flow, direction)`` from earlier chunks: a partial
     PDU; anything with ``pop(key, None)``, such as the parser's own dict), the bytes are laid out
@@ -56,12 +57,13 @@ class ChunkColumns:
     """
 
     __slots__ = ("chunks", "raw", "buf", "start", "end", "head", "layout", "stream_first", "ts", "frame", "src",
-                 "dst", "sport", "dport", "flow", "transport", "direction", "tags")
+                 "dst", "sport", "dport", "flow", "transport", "direction", "gap", "datagram", "tags")
 
     def __init__(self, chunks: list, tags=None, held: dict | None = None):
         self.chunks = chunks
         n = len(chunks)
-        for name, dtype in (("ts", np.int64), ("frame", np.int64), ("flow", np.uint32), ("direction", np.uint8)):
+        for name, dtype in (("ts", np.int64), ("frame", np.int64), ("flow", np.uint32), ("direction", np.uint8),
+                            ("gap", bool), ("datagram", bool)):
             setattr(self, name, np.fromiter(map(attrgetter(name), chunks), dtype=dtype, count=n))
         # Addresses, ports and transport are those of the flow and direction: read them once per
         # stream, not once per chunk.
@@ -186,6 +188,19 @@ def _pdu_rows(cols: ChunkColumns, chunk: np.ndarray, protocol: int, first_pdu_id
             v = pdu[name] if name in pdu else _PDU_DEFAULTS[name]
             out[name] = np.ascontiguousarray(v, dtype=dtype) if np.ndim(v) else np.full(n, v, dtype)
     return out
+
+
+def count_dropped(out, protocol: int, dropped: np.ndarray, counted: np.ndarray | None = None) -> None:
+    """Count what a stream walk dropped (``dropped`` per chunk: 1 a gap dropped held bytes, 2 a
+    datagram had bytes left over) as ``gap`` / ``truncated`` errors, for the chunks ``counted``
+    (all when None: chunks that go to ``feed`` instead count their own)."""
+    if not dropped.any():
+        return
+    for flag, reason in ((1, REASON_GAP), (2, REASON_TRUNCATED)):
+        hit = dropped == flag
+        n = int(np.count_nonzero(hit if counted is None else hit & counted))
+        if n:
+            out.count_error(protocol, reason, n)
 
 
 def point_offsets(n_points: np.ndarray) -> np.ndarray:

@@ -43,11 +43,9 @@ uses, so both paths can be mixed freely.
 
 from __future__ import annotations
 
-from operator import attrgetter
-
 import numpy as np
 
-from .batch import ChunkColumns, compiled, rows
+from .batch import ChunkColumns, compiled, count_dropped, rows
 from .crc import TABLE8
 from .dnp3_objects import (
     CONTROL_FUNCTIONS, FUNCTION_NAMES, HEADER_ONLY_FUNCTIONS, LENGTH_IS_VARIATION, LINK_PRIMARY_BASE,
@@ -56,7 +54,7 @@ from .dnp3_objects import (
 )
 from .events import (
     COLUMNS, DIR_REQUEST, DIR_RESPONSE, KIND_PDU, PROTO_DNP3, REASON_GAP, REASON_NONE, REASON_RESYNC,
-    REASON_TRUNCATED, REASON_UNKNOWN_FUNCTION, STATUS_OK, STATUS_UNKNOWN, EventBuilder,
+    REASON_UNKNOWN_FUNCTION, STATUS_OK, STATUS_UNKNOWN, EventBuilder,
 )
 
 _CRC_TABLE = np.array(TABLE8, dtype=np.int64)
@@ -549,15 +547,11 @@ def feed_batch(parser, chunks: list, out: EventBuilder, tags=None) -> None:
     cols = ChunkColumns(chunks, tags, held=_HeldBytes(streams))
     lay = cols.layout
     n_chunks = len(chunks)
-    gap = np.fromiter(map(attrgetter("gap"), chunks), dtype=bool, count=n_chunks)
-    datagram = np.fromiter(map(attrgetter("datagram"), chunks), dtype=bool, count=n_chunks)
+    gap, datagram = cols.gap, cols.datagram
     frame_pos, frame_k, frame_kind, user_at, user, stop_k, resyncs, dropped_k = walk_links(
         cols.buf, cols.head[lay], cols.start[lay], cols.end[lay], cols.stream_first, gap[lay], datagram[lay],
         _CRC_TABLE)
-    for flag, reason in ((1, REASON_GAP), (2, REASON_TRUNCATED)):
-        n_dropped = int(np.count_nonzero(dropped_k == flag))
-        if n_dropped:
-            out.count_error(PROTO_DNP3, reason, n_dropped)
+    count_dropped(out, PROTO_DNP3, dropped_k)
     n_resync = int(resyncs.sum())
     if n_resync:
         out.count_error(PROTO_DNP3, REASON_RESYNC, n_resync)

@@ -27,13 +27,13 @@ from __future__ import annotations
 import numpy as np
 
 from .base import FROM_CLIENT
-from .batch import ChunkColumns, compiled, rows
+from .batch import ChunkColumns, compiled, count_dropped, rows
 from .events import (
-    COLUMNS, DIR_REQUEST, DIR_RESPONSE, PROTO_IEC104, REASON_BAD_LENGTH, REASON_GAP, REASON_NONE, REASON_TRUNCATED,
-    STATUS_MALFORMED, STATUS_OK, EventBuilder,
+    COLUMNS, DIR_REQUEST, DIR_RESPONSE, PROTO_IEC104, REASON_BAD_LENGTH, REASON_NONE, STATUS_MALFORMED, STATUS_OK,
+    EventBuilder,
 )
 from .iec104 import (
-    APCI_LEN, ASDU_HEADER_LEN, MAX_L, MIN_L, SEQ_MOD, START, _run_dtype, _Stream, control_fields,
+    APCI_LEN, ASDU_HEADER_LEN, MAX_L, MIN_L, START, _run_dtype, _Stream, control_fields,
     decode_run, next_ns, plausible_apci, sender_controls, seq_reason,
 )
 from .iec104_types import CONTROL_TYPES, ELEMENTS, FUNC_S, WRITE_TYPES
@@ -290,10 +290,6 @@ def feed_batch(parser, chunks: list, out, tags=None) -> None:
     n = len(chunks)
     cols = ChunkColumns(chunks, tags, held={key: st.pending for key, st in streams.items() if st.pending})
     lay = cols.layout
-    gap = np.zeros(n, bool)
-    datagram = np.zeros(n, bool)
-    for c in [c for c, chunk in enumerate(chunks) if chunk.gap or chunk.datagram]:  # rare: look only at those
-        gap[c], datagram[c] = chunks[c].gap, chunks[c].datagram
     first_k = np.flatnonzero(cols.stream_first)
     sync0 = np.ones(n, bool)
     ns0 = np.full(n, -1, np.int64)
@@ -308,14 +304,11 @@ def feed_batch(parser, chunks: list, out, tags=None) -> None:
         sync0[k] = st.in_sync
         ns0[k] = st.next_ns
     (apdu_pos, apdu_k, apdu_seq, clean_k, entry_k, entry_ns, entry_sync, stop_k, stop_ns, stop_sync,
-     dropped_k) = walk_apcis(cols.buf, cols.head[lay], cols.start[lay], cols.end[lay], cols.stream_first, gap[lay],
-                             datagram[lay], sync0, ns0)
+     dropped_k) = walk_apcis(cols.buf, cols.head[lay], cols.start[lay], cols.end[lay], cols.stream_first,
+                             cols.gap[lay], cols.datagram[lay], sync0, ns0)
     clean = np.empty_like(clean_k)
     clean[lay] = clean_k
-    for flag, reason in ((1, REASON_GAP), (2, REASON_TRUNCATED)) if dropped_k.any() else ():
-        n_dropped = int(np.count_nonzero((dropped_k == flag) & clean_k))
-        if n_dropped:
-            out.count_error(PROTO_IEC104, reason, n_dropped)
+    count_dropped(out, PROTO_IEC104, dropped_k, clean_k)
     order, apdu_chunk = chunk_order(apdu_k, lay)
     stream_flows = np.unique(cols.flow[lay[first_k]])
     run = _Run(parser, out, cols, apdu_chunk, apdu_pos[order], apdu_seq[order], stream_flows)

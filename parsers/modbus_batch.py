@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from operator import attrgetter
-
-from .batch import ChunkColumns, compiled, point_offsets, rows
+from .batch import ChunkColumns, compiled, count_dropped, point_offsets, rows
 from .events import (
     DIR_REQUEST, DIR_RESPONSE, MB_COIL, MB_DISCRETE_INPUT, MB_HOLDING_REGISTER, MB_INPUT_REGISTER, PROTO_MODBUS,
-    REASON_GAP, REASON_TRUNCATED, REASON_UNPAIRED,
+    REASON_UNPAIRED,
 )
 
 # Point table per read function (MB-AP §4.3): FC 1 coils, 2 discrete inputs, 3 holding, 4 input.
@@ -110,17 +108,12 @@ def feed_batch(parser, chunks: list, out, tags=None) -> None:
     tails = parser._tails
     cols = ChunkColumns(chunks, tags, held=tails)
     lay = cols.layout
-    gap = np.fromiter(map(attrgetter("gap"), chunks), dtype=bool, count=len(chunks))
-    datagram = np.fromiter(map(attrgetter("datagram"), chunks), dtype=bool, count=len(chunks))
     adu_pos, adu_k, clean_k, entry_k, stop_k, dropped_k = walk_mbap(
-        cols.buf, cols.head[lay], cols.start[lay], cols.end[lay], cols.stream_first, gap[lay], datagram[lay],
+        cols.buf, cols.head[lay], cols.start[lay], cols.end[lay], cols.stream_first, cols.gap[lay], cols.datagram[lay],
         MIN_LENGTH, FRAMING_MAX_LENGTH)
     clean = np.empty_like(clean_k)
     clean[lay] = clean_k
-    for flag, reason in ((1, REASON_GAP), (2, REASON_TRUNCATED)):
-        n_dropped = int(np.count_nonzero((dropped_k == flag) & clean_k))
-        if n_dropped:
-            out.count_error(PROTO_MODBUS, reason, n_dropped)
+    count_dropped(out, PROTO_MODBUS, dropped_k, clean_k)
     # ADUs in chunk order (stable: a chunk's ADUs stay in stream order)
     adu_chunk = lay[adu_k]
     order = np.argsort(adu_chunk, kind="stable")
