@@ -40,11 +40,36 @@ def parse_duration(text: str) -> float:
     return value
 
 
+def parse_time(text: str) -> float:
+    """An absolute time: epoch seconds or ISO 8601 (no zone = UTC) -> epoch seconds.
+
+    >>> parse_time("1474613770.5"), parse_time("2016-09-23T06:56:10Z"), parse_time("2016-09-23 06:56:10")
+    (1474613770.5, 1474613770.0, 1474613770.0)
+    """
+    from datetime import datetime, timezone
+
+    t = str(text).strip()
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    try:
+        d = datetime.fromisoformat(t[:-1] + "+00:00" if t.endswith(("Z", "z")) else t)
+    except ValueError:
+        raise InputError(f"{text!r}: not a time (use epoch seconds or ISO 8601, e.g. 2024-05-01T12:00:00Z)") from None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=timezone.utc)
+    return d.timestamp()
+
+
 def add_arguments(p) -> None:
     p.add_argument("capture", metavar="CAPTURE", help="pcap or pcapng capture")
     p.add_argument("--labels", required=True, metavar="LABELS.csv", help="the simulator's labels CSV")
     p.add_argument("--learn", metavar="DURATION", default=None,
-                   help="learning window of capture time (e.g. 200s, 2h); default: up to the first attack")
+                   help="learn the first DURATION of capture time from its first frame (e.g. 200s, 2h); "
+                        "default: up to 1 s before the first labelled attack")
+    p.add_argument("--learn-until", metavar="TIME", default=None,
+                   help="learn up to this absolute time (epoch seconds or ISO 8601, UTC unless a zone is given)")
     p.add_argument("--detectors", default=",".join(DETECTORS),
                    help=f"comma-separated subset of {','.join(DETECTORS)} (ablation)")
     p.add_argument("--grace", type=float, default=GRACE_S,
@@ -55,18 +80,29 @@ def add_arguments(p) -> None:
                    help="run each detector alone and all together; print one row per run")
 
 
-def load_batches(capture) -> list:
-    """The capture's event batches as the pipeline emits them (parsed once, replayed into engines)."""
-    parts: list[EventBatch] = []
-    replay_files([Path(capture)], Pipeline(), None, on_events=lambda ev: parts.append(ev) if len(ev) else None)
+class Batches(list):
+    """A capture's event batches as the pipeline emits them (parsed once, replayed into engines), and
+    the time of the capture's first frame (``first_frame_ns``), where learning windows start."""
+
+    first_frame_ns: int | None = None
+
+
+def load_batches(capture) -> Batches:
+    parts = Batches()
+    pipeline = Pipeline()
+    replay_files([Path(capture)], pipeline, None, on_events=lambda ev: parts.append(ev) if len(ev) else None)
+    parts.first_frame_ns = pipeline.stats.first_ts
     return parts
 
 
 def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETECTORS, grace_s: float = GRACE_S,
-             engine_kwargs: dict | None = None, batches: list | None = None) -> tuple[dict, DetectionEngine]:
+             engine_kwargs: dict | None = None, batches: list | None = None,
+             learn_until_s: float | None = None) -> tuple[dict, DetectionEngine]:
     labels = read_labels(labels_path)
     kw = dict(engine_kwargs or {})
-    if learn_s is None and labels:
+    if learn_until_s is not None:
+        engine = DetectionEngine(learn_seconds=None, learn_until_ns=int(learn_until_s * 1e9), detectors=detectors, **kw)
+    elif learn_s is None and labels:
         engine = DetectionEngine(learn_seconds=None, learn_until_ns=int((labels[0].start_ts - 1.0) * 1e9),
                                  detectors=detectors, **kw)
     else:
@@ -74,6 +110,9 @@ def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETEC
     t0 = time.perf_counter()
     parts = load_batches(capture) if batches is None else batches
     t1 = time.perf_counter()
+    first_frame = getattr(parts, "first_frame_ns", None)
+    if first_frame is not None:
+        engine.start_clock(first_frame)
     for ev in parts:
         engine.process(ev)
     engine.finish()
@@ -95,10 +134,11 @@ ABLATION = tuple((d,) for d in DETECTORS) + (DETECTORS,)
 
 
 def ablation(capture, labels_path, learn_s: float | None = None, grace_s: float = GRACE_S,
-             configs=ABLATION) -> list[dict]:
+             configs=ABLATION, learn_until_s: float | None = None) -> list[dict]:
     """Each detector alone, then all together, on one parse of the capture."""
     batches = load_batches(capture)
-    return [evaluate(capture, labels_path, learn_s, d, grace_s, batches=batches)[0] for d in configs]
+    return [evaluate(capture, labels_path, learn_s, d, grace_s, batches=batches, learn_until_s=learn_until_s)[0]
+            for d in configs]
 
 
 def format_ablation(results: list[dict]) -> str:
@@ -158,15 +198,18 @@ def run(args) -> int:
     if not labels:
         raise InputError(f"{args.labels}: no labels")
     learn_s = parse_duration(args.learn) if args.learn else None
+    learn_until = parse_time(args.learn_until) if getattr(args, "learn_until", None) else None
+    if learn_s is not None and learn_until is not None:
+        raise InputError("--learn and --learn-until: give one of them")
     if getattr(args, "ablation", False):
-        rows = ablation(path, args.labels, learn_s, args.grace)
+        rows = ablation(path, args.labels, learn_s, args.grace, learn_until_s=learn_until)
         if args.json:
             print(json.dumps({"capture": str(path), "runs": rows}, default=str))
         else:
             print(format_ablation(rows))
         sys.stdout.flush()
         return 0
-    result, engine = evaluate(path, args.labels, learn_s, detectors, args.grace)
+    result, engine = evaluate(path, args.labels, learn_s, detectors, args.grace, learn_until_s=learn_until)
     if args.alerts:
         from .sinks import AlertLog
         with AlertLog(args.alerts, fsync=False) as log:
@@ -186,7 +229,10 @@ def add_detection_arguments(p) -> None:
     """The replay flags: ``--learn DURATION``, ``--alerts FILE``, ``--state DIR``."""
     g = p.add_argument_group("detection")
     g.add_argument("--learn", metavar="DURATION", default=None,
-                   help="learn for the first DURATION of capture time (200s, 2h), then monitor")
+                   help="learn for the first DURATION of capture time, counted from the first frame "
+                        "(200s, 2h), then monitor")
+    g.add_argument("--learn-until", metavar="TIME", default=None,
+                   help="learn up to this absolute time (epoch seconds or ISO 8601, UTC unless a zone is given)")
     g.add_argument("--alerts", metavar="FILE", default=None, help="write every alert as one JSON line (ECS)")
     g.add_argument("--state", metavar="DIR", default=None,
                    help="load what was learned from DIR if saved there, else learn and save it there")
@@ -197,7 +243,8 @@ class ReplayDetection:
     line, when it closes (after its cool-down, or at the end of input) with its final count and last
     seen: one record per alert, one ``event.id`` per record."""
 
-    def __init__(self, learn_s: float | None, alerts_path: str | None, state_dir: str | None):
+    def __init__(self, learn_s: float | None, alerts_path: str | None, state_dir: str | None,
+                 learn_until_s: float | None = None):
         from models import state as state_io
 
         self.state_dir = state_dir
@@ -207,6 +254,8 @@ class ReplayDetection:
                 self.engine = DetectionEngine.load(state_dir)
             except state_io.StateError as exc:
                 raise InputError(str(exc)) from None
+        elif learn_until_s is not None:
+            self.engine = DetectionEngine(learn_seconds=None, learn_until_ns=int(learn_until_s * 1e9))
         else:
             self.engine = DetectionEngine(learn_seconds=learn_s if learn_s is not None else 600.0)
         self.log = None
@@ -216,11 +265,17 @@ class ReplayDetection:
 
     @classmethod
     def from_args(cls, args):
-        if not (getattr(args, "learn", None) or getattr(args, "alerts", None) or getattr(args, "state", None)):
+        until = getattr(args, "learn_until", None)
+        if not (getattr(args, "learn", None) or until or getattr(args, "alerts", None) or getattr(args, "state", None)):
             return None
-        return cls(parse_duration(args.learn) if args.learn else None, args.alerts, args.state)
+        if args.learn and until:
+            raise InputError("--learn and --learn-until: give one of them")
+        return cls(parse_duration(args.learn) if args.learn else None, args.alerts, args.state,
+                   parse_time(until) if until else None)
 
-    def on_events(self, ev) -> None:
+    def on_events(self, ev, first_frame_ns: int | None = None) -> None:
+        if first_frame_ns is not None:
+            self.engine.start_clock(first_frame_ns)  # --learn counts from the first frame
         self.engine.process(ev)
         for a in self.engine.pop_closed():
             self._write(a)
@@ -250,12 +305,21 @@ class ReplayDetection:
             by_sev[a.severity] = by_sev.get(a.severity, 0) + 1
         return {"mode": self.engine.mode, "state_loaded": self.loaded, "alerts": len(alerts),
                 "alerts_by_rule": dict(sorted(by_rule.items())), "alerts_by_severity": by_sev,
-                "health": self.engine.health()}
+                "baseline": self.engine.baseline_summary(), "health": self.engine.health()}
 
 
 def format_detection(d: dict) -> str:
     lines = [f"detection: {d['alerts']} alerts" + (" (baseline loaded from state)" if d["state_loaded"] else "")
              + ("; still learning at the end of input" if d["mode"] == "learn" else "")]
+    b = d.get("baseline") or {}
+    if b.get("learn_from_ts") and b.get("learn_until_ts"):
+        fmt = "%Y-%m-%d %H:%M:%S"
+        lines.append(f"  baseline: {time.strftime(fmt, time.gmtime(b['learn_from_ts']))} to "
+                     f"{time.strftime(fmt, time.gmtime(b['learn_until_ts']))} UTC "
+                     f"({(b['learn_until_ts'] - b['learn_from_ts']) / 3600:.2f} h): {b['events_learned']:,} events, "
+                     f"{b['talker_pairs']} talker pairs, {b['baseline_entries']} entries"
+                     + ("; NO protocol events were learned: every talker will be new" if not b["events_learned"]
+                        else ""))
     if d["alerts_by_severity"]:
         lines.append("  by severity: " + ", ".join(f"{k} {v}" for k, v in d["alerts_by_severity"].items()))
         lines.append("  by rule: " + ", ".join(f"{k} {v}" for k, v in d["alerts_by_rule"].items()))

@@ -155,7 +155,7 @@ def run(args) -> int:
         if exporter is not None:
             exporter.batch(pipeline, ev)
         if detection is not None:
-            detection.on_events(ev)
+            detection.on_events(ev, pipeline.stats.first_ts)
 
     t0 = time.perf_counter()
     try:

@@ -83,19 +83,26 @@ class DetectionEngine:
         self.err_max = 0.0
         self.closed: list = []
         self.events_seen = 0
+        self.events_learned = 0
         self.busy_s = {d: 0.0 for d in DETECTORS + ("features",)}
 
     # -- the stream ----------------------------------------------------------------------------
+    def start_clock(self, first_frame_ns: int) -> None:
+        """The capture's (or the interface's) first frame: ``learn_seconds`` count from here, not from
+        the first protocol event -- in a capture whose first ICS traffic is an attack, counting from
+        that event would learn the attack as normal.  Later calls change nothing."""
+        if self.first_ts is None:
+            self.first_ts = int(first_frame_ns)
+            if self.learn_until_ns is None:
+                self.learn_until_ns = self.first_ts + int((self.learn_seconds or 0) * NS)
+
     def process(self, events: EventBatch) -> list:
         """Learn from or monitor one batch; return the alerts it opened."""
         n = len(events)
         if n == 0:
             return []
         self.events_seen += n
-        if self.first_ts is None:
-            self.first_ts = int(events.ts.min())
-            if self.learn_until_ns is None:
-                self.learn_until_ns = self.first_ts + int((self.learn_seconds or 0) * NS)
+        self.start_clock(int(events.ts.min()))  # no frame clock given: the first event starts it
         out = []
         ts = events.ts
         if self.mode == "learn":
@@ -133,6 +140,7 @@ class DetectionEngine:
         t0 = t()
         fb = self.features.push(ev)
         self.busy_s["features"] += t() - t0
+        self.events_learned += len(ev)
         self.allowlist.learn(ev)
         self.process_model.learn(ev)
         self.cycle.learn(ev, fb)
@@ -195,6 +203,9 @@ class DetectionEngine:
     def _monitor(self, ev: EventBatch) -> list:
         t = time.perf_counter
         findings: list[Finding] = []
+        # close incidents that went quiet before this slice begins, so that a finding after a quiet
+        # spell opens a new alert instead of joining one that should have closed (capture time)
+        self.closed.extend(self.manager.expire(max(self.now_ns, int(ev.ts.min()))))
         self.now_ns = max(self.now_ns, int(ev.ts.max()))
         if "allowlist" in self.detectors:
             t0 = t()
@@ -319,12 +330,23 @@ class DetectionEngine:
         e.first_ts = meta["first_ts"]
         e.err_max = meta["err_max"]
         e.events_seen = int(meta.get("events_seen", 0))
+        e.events_learned = int(meta.get("events_learned", 0))
         X = np.asarray(arrays["ml.learn_matrix"], dtype=np.float64)
         e.learn_X = [X] if X.shape[0] else []
         e.learn_n = int(X.shape[0])
         return e
 
     # -- health and persistence ----------------------------------------------------------------
+    def baseline_summary(self) -> dict:
+        """What the baseline holds, in words a user checks before trusting it: the learned span of
+        capture time, how many events, talker pairs and allow-list entries."""
+        span = ((self.learned_to - self.learned_from) / NS) if self.learned_to and self.learned_from else 0.0
+        talkers = len(self.allowlist.tables["talker"])
+        return {"learn_from_ts": self.first_ts / NS if self.first_ts else None,
+                "learn_until_ts": self.learn_until_ns / NS if self.learn_until_ns else None,
+                "events_learned": self.events_learned, "talker_pairs": talkers,
+                "baseline_entries": self.allowlist.size(), "hours_with_events": round(span / 3600, 4)}
+
     def health(self) -> dict:
         """Model health as plain numbers (names are stable; see docs/detection.md)."""
         h = {
@@ -358,7 +380,7 @@ class DetectionEngine:
                             "learn_until_ns": self.learn_until_ns, "learn_seconds": self.learn_seconds,
                             "detectors": list(self.detectors), "alerts_per_hour": self.alerts_per_hour,
                             "pyod_method": self.pyod_method, "err_max": self.err_max,
-                            "events_seen": self.events_seen}
+                            "events_seen": self.events_seen, "events_learned": self.events_learned}
         for name, (a, m) in (("allowlist", self.allowlist.to_state()), ("cycle", self.cycle.learning_state()),
                              ("process", self.process_model.to_state())):
             arrays.update(a)
@@ -373,7 +395,8 @@ class DetectionEngine:
         arrays, meta = {}, {"version": 1, "learned_from": self.learned_from, "learned_to": self.learned_to,
                             "detectors": list(self.detectors), "alerts_per_hour": self.alerts_per_hour,
                             "pyod_method": self.pyod_method, "err_max": self.err_max,
-                            "budget": getattr(self, "budget", 1e-4)}
+                            "budget": getattr(self, "budget", 1e-4), "events_learned": self.events_learned,
+                            "learn_first_ts": self.first_ts, "learn_until_ns": self.learn_until_ns}
         for name, part in (("allowlist", self.allowlist), ("cycle", self.cycle), ("process", self.process_model)):
             a, m = part.to_state()
             arrays.update(a)
@@ -399,6 +422,7 @@ class DetectionEngine:
         e._fit_ml(np.asarray(arrays["ml.learn_matrix"]), e.budget)  # River/PyOD rebuilt from data, no pickle
         e.learn_n = int(e.learn_matrix.shape[0])
         e.mode = "monitor"
-        e.first_ts = 0
-        e.learn_until_ns = 0
+        e.events_learned = int(meta.get("events_learned", 0))
+        e.first_ts = meta.get("learn_first_ts") or 0
+        e.learn_until_ns = meta.get("learn_until_ns") or 0
         return e

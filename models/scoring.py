@@ -17,6 +17,9 @@ The matching rule (stated in docs/detection.md, "How alerts are scored"):
   writing a bad setpoint, a relay in the middle of the real conversation, an outstation reporting
   spoofed values) matches only alerts on the exact ``src``/``dst`` pair (either direction).  An
   alert that merely involves the SCADA master, which talks to everyone, does not match.
+  A label whose ``dst`` names two or more hosts (space-separated, as QUT's do: the attacker relayed,
+  injected or masqueraded *between or as* the master and the outstation, so the frames carry the
+  victims' addresses) also matches an alert on a pair of those hosts.
 - A scenario is *detected* when some alert matches it; time to detect = the first matching alert's
   ``first_ts`` minus the label start (0 when it opened up to ``pre_s`` before).
 - An alert that matches no scenario but opened in an attack's time window on the attacked device
@@ -60,8 +63,14 @@ class Label:
     description: str = ""
     insider: bool | None = None  # src already talking while learning; None: decided by the scenario name
 
+    @property
+    def dsts(self) -> list:
+        """The attacked hosts: ``dst`` may name several, space-separated (QUT's labels name the master
+        and the outstation of an attack made between or in place of them)."""
+        return self.dst.split()
+
     def hosts(self) -> set:
-        return {h for h in (self.src, self.dst) if h}
+        return {h for h in [self.src, *self.dsts] if h}
 
 
 def read_labels(path) -> list[Label]:
@@ -100,14 +109,17 @@ def matches(a, lab: Label, grace_s: float, pre_s: float = 1.0) -> bool:
     """The alert opened in the attack's window and names the attack's own hosts (see module doc)."""
     if not in_window(a, lab, grace_s, pre_s):
         return False
-    if is_insider(lab) and lab.dst:
-        return {a.src, a.dst} == {lab.src, lab.dst}
+    dsts = lab.dsts
+    if len(dsts) >= 2 and {a.src, a.dst} <= set(dsts) and a.src and a.dst and a.src != a.dst:
+        return True  # the attack spoke as (or between) the labelled victims: an alert on their pair
+    if is_insider(lab) and dsts:
+        return any({a.src, a.dst} == {lab.src, d} for d in dsts)
     return lab.src in _alert_hosts(a)
 
 
 def is_effect(a, lab: Label, grace_s: float, pre_s: float = 1.0) -> bool:
     """An alert on the attacked device inside the attack's window (not a detection, not false)."""
-    return bool(lab.dst) and in_window(a, lab, grace_s, pre_s) and lab.dst in _alert_hosts(a)
+    return bool(lab.dst) and in_window(a, lab, grace_s, pre_s) and bool(set(lab.dsts) & _alert_hosts(a))
 
 
 def mark_insiders(labels, events: EventBatch, learn_end_s: float) -> None:
@@ -192,10 +204,16 @@ def event_metrics(alerts, labels, events: EventBatch, monitor_start_s: float) ->
     truth = np.zeros(n, bool)
     for lab in labels:
         inside = (ts >= int(lab.start_ts * 1e9)) & (ts <= int(lab.end_ts * 1e9))
-        s = int(_host_ids([lab.src])[0])
-        if lab.dst:
-            d = int(_host_ids([lab.dst])[0])
-            truth |= inside & (((src == s) & (dst == d)) | ((src == d) & (dst == s)))
+        s_ids = _host_ids([lab.src])
+        if s_ids.shape[0] == 0:
+            continue
+        s = int(s_ids[0])
+        d_ids = _host_ids(lab.dsts)
+        if d_ids.shape[0]:
+            for d in d_ids.tolist():
+                truth |= inside & (((src == s) & (dst == d)) | ((src == d) & (dst == s)))
+            if d_ids.shape[0] >= 2:  # spoken as the victims: every PDU between them in the interval
+                truth |= inside & np.isin(src, d_ids) & np.isin(dst, d_ids)
         else:
             truth |= inside & ((src == s) | (dst == s))
     pred = np.zeros(n, bool)
