@@ -38,17 +38,30 @@ class AlertManager:
     (4, 'many>10.0.0.2', 97, 97)
     """
 
-    def __init__(self, cooldown_s: float = 60.0, max_open: int = 10000, keep: int = 100000, rollup: int = 20):
+    def __init__(self, cooldown_s: float = 60.0, max_open: int = 10000, keep: int = 100000, rollup: int = 20,
+                 fanout: int = 8):
         self.cooldown_ns = int(cooldown_s * 1e9)
         self.max_open = max_open
         self.keep = keep
         self.rollup = rollup
-        self._group_open: dict[tuple, int] = {}  # (rule, dst) -> open incidents
-        self._group_of: dict[tuple, tuple] = {}  # incident key -> its (rule, dst)
+        self.fanout = fanout
+        self._sources: dict[tuple, dict] = {}  # (rule, dst) -> {source: its open incidents}
+        self._items: dict[tuple, int] = {}  # (rule, src) -> open incidents of that source
+        self._group_of: dict[tuple, tuple] = {}  # incident key -> (rule, dst, src)
         self.open: dict[tuple, Alert] = {}
         self.hold_ns: dict[tuple, int] = {}  # per open incident: cool-down when longer than the default
         self.alerts: list[Alert] = []  # every incident, newest last (bounded by ``keep``)
         self.suppressed = 0
+
+    @staticmethod
+    def _join(a: Alert, f) -> None:
+        a.count += f.count
+        a.first_ts = min(a.first_ts, f.first_ts)
+        a.last_ts = max(a.last_ts, f.last_ts)
+        if _RANK[f.severity] > _RANK[a.severity]:
+            a.severity = f.severity
+        if f.score is not None and (a.score is None or f.score > a.score):
+            a.score = f.score
 
     def add(self, findings) -> list[Alert]:
         new = []
@@ -58,30 +71,25 @@ class AlertManager:
             if f.hold_s:
                 self.hold_ns[key] = max(self.hold_ns.get(key, 0), int(f.hold_s * 1e9))
             if a is not None:
-                a.count += f.count
-                a.first_ts = min(a.first_ts, f.first_ts)
-                a.last_ts = max(a.last_ts, f.last_ts)
-                if _RANK[f.severity] > _RANK[a.severity]:
-                    a.severity = f.severity
-                if f.score is not None and (a.score is None or f.score > a.score):
-                    a.score = f.score
+                self._join(a, f)
                 items = a.fields.get("items")
                 if items is not None:  # a review incident lists every item that joined it (bounded)
                     items.extend(i for i in f.fields.get("items", ()) if i not in items and len(items) < 50)
                 continue
-            group = (f.rule, f.dst)
-            rolled = self._group_open.get(group, 0) >= self.rollup
+            # roll-ups: many sources doing the same to one device (a spoofed flood), or one source doing
+            # the same kind of thing to many devices or items (a sweep, a function-code scan)
+            sources = self._sources.get((f.rule, f.dst), {})
+            rolled = len(sources) >= self.rollup and f.src not in sources
+            spread = not rolled and bool(f.src) and self._items.get((f.rule, f.src), 0) >= self.fanout
             if rolled:
                 key = (f.rule, f"many>{ip_text(f.dst)}")
-                a = self.open.get(key)
-                if a is not None:  # one more source joins the roll-up incident
-                    a.count += f.count
-                    a.fields["sources"] = a.fields.get("sources", 1) + 1
-                    a.first_ts = min(a.first_ts, f.first_ts)
-                    a.last_ts = max(a.last_ts, f.last_ts)
-                    if _RANK[f.severity] > _RANK[a.severity]:
-                        a.severity = f.severity
-                    continue
+            elif spread:
+                key = (f.rule, f"{ip_text(f.src)}>many")
+            a = self.open.get(key) if rolled or spread else None
+            if a is not None:  # one more source, target or item joins the roll-up incident
+                self._join(a, f)
+                a.fields["sources" if rolled else "items_rolled_up"] += 1
+                continue
             if len(self.open) >= self.max_open:
                 self.suppressed += 1
                 continue
@@ -99,9 +107,17 @@ class AlertManager:
                 a.message = (f"{f.message} -- and at the same time {self.rollup} other sources did the same to "
                              f"{ip_text(f.dst)} (a flood of spoofed addresses or a scan): each further source is "
                              "counted in this alert")
+            elif spread:
+                a.entity = key[1]
+                a.fields["items_rolled_up"] = 1
+                a.message = (f"{f.message} -- and {self.fanout} other findings of this kind about "
+                             f"{ip_text(f.src)} are open (a sweep or a scan): each further one is counted in this "
+                             "alert")
             else:
-                self._group_open[group] = self._group_open.get(group, 0) + 1
-                self._group_of[key] = group
+                self._sources.setdefault((f.rule, f.dst), {})
+                self._sources[(f.rule, f.dst)][f.src] = self._sources[(f.rule, f.dst)].get(f.src, 0) + 1
+                self._items[(f.rule, f.src)] = self._items.get((f.rule, f.src), 0) + 1
+                self._group_of[key] = (f.rule, f.dst, f.src)
             self.open[key] = a
             self.alerts.append(a)
             if len(self.alerts) > self.keep:
@@ -127,15 +143,25 @@ class AlertManager:
             a.status = "closed"
         self.open.clear()
         self.hold_ns.clear()
-        self._group_open.clear()
+        self._sources.clear()
+        self._items.clear()
         self._group_of.clear()
         return out
 
     def _ungroup(self, key) -> None:
-        group = self._group_of.pop(key, None)
-        if group is not None:
-            n = self._group_open.get(group, 1) - 1
-            if n > 0:
-                self._group_open[group] = n
-            else:
-                self._group_open.pop(group, None)
+        g = self._group_of.pop(key, None)
+        if g is None:
+            return
+        rule, dst, src = g
+        sources = self._sources.get((rule, dst), {})
+        if sources.get(src, 0) > 1:
+            sources[src] -= 1
+        else:
+            sources.pop(src, None)
+            if not sources:
+                self._sources.pop((rule, dst), None)
+        n = self._items.get((rule, src), 1) - 1
+        if n > 0:
+            self._items[(rule, src)] = n
+        else:
+            self._items.pop((rule, src), None)

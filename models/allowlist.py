@@ -41,6 +41,7 @@ from parsers.events import DIR_REQUEST, KIND_PDU, PROTO_MODBUS, EventBatch
 
 from .features import channel_of, hash_columns
 from .findings import Finding, function_text, ip_text, protocol_text
+from .function_classes import is_mechanics
 
 TABLES = ("talker", "function", "write", "read")
 ROLE_TABLES = tuple(f"{t}_role" for t in TABLES)
@@ -180,12 +181,15 @@ class AllowList:
         if len(ev) == 0:
             return out
         pdu = ev.kind == KIND_PDU
+        mechanics = is_mechanics(ev.protocol, ev.function)
         keys = row_keys(ev)
         prov_out = np.full(len(ev), -1, np.int64)
         pair_ok = np.zeros(len(ev), bool)
         for ti, name in enumerate(TABLES):
             k, m = keys[name]
             m = m & pdu & (out < 0)
+            if ti > 0:  # an S frame, a TESTFR or a DNP3 confirm is never a "new function"
+                m &= ~mechanics
             if not m.any():
                 continue
             rows = np.flatnonzero(m)
@@ -244,13 +248,14 @@ class AllowList:
             if hit.shape[0] == 0:
                 return []
         out = []
-        # group: the talker rule by client host (one alert per new host and protocol), the others by key
+        # group: the talker rule by new pair (each new target of a host is its own finding), the others
+        # by key
         gk = np.empty(hit.shape[0], np.int64)
         for ci in np.unique(cls[hit]).tolist():
             m = cls[hit] == ci
             name = TABLES[ci % 4] if ci != CODE_NEW_PEER else "talker"
-            # one finding per new host, per peer, or per item of the client's role (all servers together)
-            gk[m] = hash_columns(ci, client[hit[m]], ev.protocol[hit[m]]) if name == "talker" else \
+            # one finding per new pair, per peer, or per item of the client's role (all servers together)
+            gk[m] = hash_columns(ci, client[hit[m]], server[hit[m]], ev.protocol[hit[m]]) if name == "talker" else \
                 hash_columns(ci, keys[name][0][hit[m]]) if ci == CODE_NEW_PEER else \
                 hash_columns(ci, keys[name + "_role"][0][hit[m]])
         ug, first_i, inv = np.unique(gk, return_index=True, return_inverse=True)
@@ -262,6 +267,16 @@ class AllowList:
                 out.append(self._finding(ev, rows, r, "peer", False, client, server))
             else:
                 out.append(self._finding(ev, rows, r, TABLES[ci % 4], ci >= 4, client, server))
+        # escalation: what a new talker does is reported function by function (a restart after a
+        # read, a write after a scan), each its own finding, not hidden in the talker's count
+        esc = hit[(cls[hit] == 0) & (ev.direction[hit] == DIR_REQUEST) & ~is_mechanics(ev.protocol[hit],
+                                                                                        ev.function[hit])]
+        if esc.shape[0]:
+            fk = keys["function_role"][0][esc]
+            uf, inv = np.unique(fk, return_inverse=True)
+            for g in range(uf.shape[0]):
+                rows = esc[inv == g]
+                out.append(self._finding(ev, rows, int(rows[0]), "function", False, client, server))
         return out
 
     def _finding(self, ev, rows, r, table, provisional, client, server) -> Finding:
@@ -281,8 +296,8 @@ class AllowList:
             what = f"{c} talked {ptxt} to {s}"
             never = f"{c} talks {ptxt} to other devices but never to this one during the baseline"
         elif table == "talker":
-            entity = f"{c}/{ev.protocol[r]}"
-            what = f"{c} talked {ptxt} to {', '.join(servers[:5])}{' and more' if len(servers) > 5 else ''}"
+            entity = f"{c}>{s}/{ev.protocol[r]}"
+            what = f"{c} talked {ptxt} to {s}"
             never = "this pair never talked during the baseline"
             fields["servers"] = servers
         elif table == "function":

@@ -36,6 +36,7 @@ from . import state as state_io
 from .alert_manager import AlertManager
 from .allowlist import AllowList
 from .cycle import CycleModel
+from .flood import FloodModel
 from .features import F, FEATURE_NAMES, FEATURE_WORDS, NS, FeatureBatch, WindowFeatures
 from .findings import Finding, ip_text, protocol_text
 from .process import ProcessModel
@@ -67,6 +68,7 @@ class DetectionEngine:
         self.features = WindowFeatures()
         self.allowlist = AllowList()
         self.cycle = CycleModel()
+        self.flood = FloodModel()  # part of the "cycle" detector: request rates per pair
         self.process_model = ProcessModel()
         self.river = None
         self.pyod = None
@@ -144,6 +146,7 @@ class DetectionEngine:
         self.allowlist.learn(ev)
         self.process_model.learn(ev)
         self.cycle.learn(ev, fb)
+        self.flood.learn(ev)
         self._learn_windows(fb)
         self.learned_from = self.learned_from if self.learned_from is not None else int(ev.ts.min())
         self.learned_to = int(ev.ts.max())
@@ -221,6 +224,7 @@ class DetectionEngine:
         if "cycle" in self.detectors:
             t0 = t()
             findings += self.cycle.findings(ev, fb, self.now_ns)
+            findings += self.flood.findings(ev)
             self.busy_s["cycle"] += t() - t0
         opened = self.manager.add(findings)
         opened += self._monitor_windows(fb)
@@ -324,6 +328,7 @@ class DetectionEngine:
         e = cls(**kwargs)
         e.allowlist = AllowList.from_state(arrays, meta["allowlist"])
         e.cycle = CycleModel.from_learning_state(arrays, meta["cycle"])
+        e.flood = FloodModel.from_state(arrays, meta.get("flood", {}))
         e.process_model = ProcessModel.from_state(arrays, meta["process"])
         e.process_model.learning = True
         e.learned_from, e.learned_to = meta["learned_from"], meta["learned_to"]
@@ -382,7 +387,7 @@ class DetectionEngine:
                             "pyod_method": self.pyod_method, "err_max": self.err_max,
                             "events_seen": self.events_seen, "events_learned": self.events_learned}
         for name, (a, m) in (("allowlist", self.allowlist.to_state()), ("cycle", self.cycle.learning_state()),
-                             ("process", self.process_model.to_state())):
+                             ("process", self.process_model.to_state()), ("flood", self.flood.to_state())):
             arrays.update(a)
             meta[name] = m
         arrays["ml.learn_matrix"] = (np.concatenate(self.learn_X) if self.learn_X
@@ -397,7 +402,8 @@ class DetectionEngine:
                             "pyod_method": self.pyod_method, "err_max": self.err_max,
                             "budget": getattr(self, "budget", 1e-4), "events_learned": self.events_learned,
                             "learn_first_ts": self.first_ts, "learn_until_ns": self.learn_until_ns}
-        for name, part in (("allowlist", self.allowlist), ("cycle", self.cycle), ("process", self.process_model)):
+        for name, part in (("allowlist", self.allowlist), ("cycle", self.cycle), ("process", self.process_model),
+                           ("flood", self.flood)):
             a, m = part.to_state()
             arrays.update(a)
             meta[name] = m
@@ -415,6 +421,7 @@ class DetectionEngine:
         e = cls(**kwargs)
         e.allowlist = AllowList.from_state(arrays, meta["allowlist"])
         e.cycle = CycleModel.from_state(arrays, meta["cycle"])
+        e.flood = FloodModel.from_state(arrays, meta.get("flood", {}))
         e.process_model = ProcessModel.from_state(arrays, meta["process"])
         e.learned_from, e.learned_to = meta["learned_from"], meta["learned_to"]
         e.err_max = meta["err_max"]

@@ -113,6 +113,29 @@ def function_class(protocol, function, is_write=None, is_control=None) -> np.nda
     return out
 
 
+#: Link and transport mechanics, not functions a user calls: IEC-104 S frames and STARTDT/TESTFR U
+#: frames (sent when the t1-t3 timers and the k/w counters say so, IEC 60870-5-104 §5), DNP3 link-only
+#: frames (1000+/1100+: link status, ACK, reset link) and application CONFIRM (function 0).  The allow-list
+#: learns who exchanges them (a new talker is still new) but never reports one as a "new function".
+#: STOPDT (515/516) is left out on purpose: stopping data transfer is an act, not a timer.
+MECHANICS = {PROTO_IEC104: (512, 513, 514, 517, 518), PROTO_DNP3: (0,)}
+
+
+def is_mechanics(protocol, function) -> np.ndarray:
+    """Per row: the PDU is protocol mechanics (see :data:`MECHANICS`).
+
+    >>> is_mechanics(np.array([PROTO_IEC104, PROTO_IEC104, PROTO_DNP3, PROTO_DNP3, PROTO_MODBUS]),
+    ...              np.array([512, 515, 1009, 3, 0])).tolist()
+    [True, False, True, False, False]
+    """
+    protocol = np.asarray(protocol)
+    function = np.asarray(function)
+    out = (protocol == PROTO_DNP3) & (function >= 1000)
+    for p, codes in MECHANICS.items():
+        out |= (protocol == p) & np.isin(function, codes)
+    return out
+
+
 def event_classes(events) -> np.ndarray:
     """Class code per row of an :class:`~parsers.events.EventBatch` (PDU and point rows alike)."""
     return function_class(events.protocol, events.function, events.is_write, events.is_control)

@@ -4,6 +4,7 @@ import numpy as np
 
 from agent.pipeline import parse_file
 from models.allowlist import AllowList
+from models.function_classes import is_mechanics
 from models.scoring import read_labels
 from tests.conftest import PROJECT_PCAPS
 
@@ -25,8 +26,17 @@ def test_attacker_is_new_and_learning_data_is_known():
     from_attacker = (mon.src == attacker) & (mon.kind == 0)
     assert from_attacker.any()
     assert (al.score(mon.select(from_attacker)) == 1.0).all()
-    rules = {f.rule for f in al.findings(mon.select(from_attacker))}
-    assert rules == {"allowlist.new_talker"}
+    found = al.findings(mon.select(from_attacker))
+    # the new pair once per target, and what the attacker did, function by function (escalation)
+    talker = [f for f in found if f.rule == "allowlist.new_talker"]
+    functions = [f for f in found if f.rule == "allowlist.new_function"]
+    assert {f.rule for f in found} == {"allowlist.new_talker", "allowlist.new_function"}
+    sub = mon.select(from_attacker & (mon.direction == 0))
+    pairs = {(int(a), int(b)) for a, b in zip(sub.src, sub.dst)}
+    assert len(talker) == len(pairs)
+    assert {f.fields["function"] for f in functions} == {f for f in sub.function.tolist() if 0 < f < 1000}
+    assert len({f.entity for f in found}) == len(found)
+    assert is_mechanics(sub.protocol, sub.function).any()  # link frames and confirms: no function finding
 
 
 def test_rare_items_stay_provisional_until_approved():
