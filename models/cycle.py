@@ -9,8 +9,9 @@ times (median = period, MAD = jitter, max), the largest number of PDUs in one se
   learned gap)`` (missed polls, a device that stopped answering);
 - ``cycle.burst``: more PDUs in one second than ``max(2 * learned max, learned max + 3)`` (write
   bursts, floods on a known channel);
-- ``cycle.latency``: a second whose mean response time exceeds a threshold calibrated on the
-  learning seconds (:func:`models.thresholds.calibrate`) — relays in the middle add latency;
+- ``cycle.latency``: two seconds in a row (or one over three times the threshold) whose mean response
+  time exceeds a threshold calibrated on the learning seconds (:func:`models.thresholds.calibrate`) —
+  relays in the middle add latency to every answer, a delayed ACK to one;
 - ``cycle.period``: a regular channel whose recent mean gap moved away from its period by more than
   ``max(0.5 * period, 6 * jitter)``.
 
@@ -45,6 +46,7 @@ class CycleModel:
         self.latency_threshold = np.inf
         self.period: dict[int, tuple] = {}  # channel -> (period, jitter, max gap) for regular channels
         self.recent_gap: dict[int, float] = {}  # monitoring: EWMA of gaps
+        self.slow_windows: dict[tuple, int] = {}  # monitoring: slow windows in a row per pair
         self.learned_until = 0
 
     @staticmethod
@@ -199,8 +201,23 @@ class CycleModel:
                                      "T0814", "medium", score=float(silent[q]), threshold=limit))
         if fb is not None and len(fb):
             lat = fb.X[:, F["latency_ms_mean"]]
-            hit = np.flatnonzero(lat > self.latency_threshold)
-            for i in hit.tolist():
+            # a relay in the path slows every answer; one slow second is a stack's delayed ACK or a busy
+            # device: report when two windows of a pair in a row are slow, or one is over 3x the threshold
+            measured = np.flatnonzero(lat > 0)
+            over = lat > self.latency_threshold
+            hit = []
+            for i in measured[np.argsort(fb.first_ts[measured], kind="stable")].tolist():
+                pair = (int(fb.client[i]), int(fb.server[i]), int(fb.protocol[i]))
+                n = self.slow_windows.get(pair, 0) + 1 if over[i] else 0
+                if n:
+                    self.slow_windows[pair] = n
+                else:
+                    self.slow_windows.pop(pair, None)
+                if n >= 2 or lat[i] > 3 * self.latency_threshold:
+                    hit.append(i)
+            if len(self.slow_windows) > self.max_channels:  # bounded
+                self.slow_windows.clear()
+            for i in hit:
                 c, s = ip_text(fb.client[i]), ip_text(fb.server[i])
                 out.append(Finding(
                     rule="cycle.latency", detector=self.name, severity="medium",

@@ -45,7 +45,7 @@ from .findings import Finding, ip_text, protocol_text
 from .relations import Relations
 
 STATS = ("count", "min", "max", "max_rate", "max_run", "changes", "decreases", "max_still_s", "span0", "min_step",
-         "sum_step")
+         "sum_step", "max_step")
 REL_ANALOG, REL_STEP = 0.01, 0.05  # range tolerance as a fraction of the level (see the module doc)
 
 
@@ -161,6 +161,7 @@ class PointTable:
             step = np.abs(dv)
             np.minimum.at(s["min_step"], slot[has_prev & ~same], step[has_prev & ~same])
             np.add.at(s["sum_step"], slot[has_prev], step[has_prev])
+            np.maximum.at(s["max_step"], slot[has_prev], step[has_prev])
             np.add.at(s["decreases"], slot[has_prev & (dv < 0)], 1)
         last = np.r_[starts[1:], n] - 1
         good = slots >= 0
@@ -262,8 +263,11 @@ class ProcessModel:
         oor = known & (too_high | too_low)
         # a rate only means something for a measurement sampled on a cycle (a step's rate depends on
         # how close the next poll happens to follow the operator's command)
+        # A point reported on change (IEC-104 spontaneous, DNP3 events) can send two reports milliseconds
+        # apart: its rate per second says nothing; the step must also exceed 3x the largest step learned
+        step = rate * dt  # |change| from the point's previous sample
         fast = known & own & analog & ~oor & ~wraps & (rate > 3 * use["max_rate"]) & (rate > 0) & \
-            (np.abs(rate) > margin) & (ps["changes"] > 0)
+            (np.abs(rate) > margin) & (ps["changes"] > 0) & (step > 3 * use["max_step"])
         # stuck: a measurement that used to change repeats the same value so many times in a row that
         # the learned chance of a repeat, p0 ** (run - 1), falls below the per-sample budget; or goes
         # without any change for twice the longest time it ever did while learning
@@ -382,6 +386,8 @@ class ProcessModel:
                     got = arrays.get(f"process.{name}.{k}")
                     if got is None and k == "span0":  # a state saved before span0 existed
                         got = np.asarray(arrays[f"process.{name}.max"]) - np.asarray(arrays[f"process.{name}.min"])
+                    if got is None and k == "max_step":  # saved before max_step existed: rate test alone
+                        got = np.zeros(keys.shape[0])
                     t.s[k][slots] = got
         m.relations = Relations.from_state(arrays, meta.get("relations"))
         m.learning = False
