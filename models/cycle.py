@@ -8,7 +8,8 @@ times (median = period, MAD = jitter, max), the largest number of PDUs in one se
 - ``cycle.inactive``: a regular channel silent for longer than ``max(3 * period, 1.5 * longest
   learned gap)`` (missed polls, a device that stopped answering);
 - ``cycle.burst``: more PDUs in one second than ``max(2 * learned max, learned max + 3)`` (write
-  bursts, floods on a known channel);
+  bursts, floods on a known channel); a channel of reports that is not periodic (sent on change)
+  follows the process, and gets ``max(4 * learned max, learned max + 10)``;
 - ``cycle.latency``: two seconds in a row (or one over three times the threshold) whose mean response
   time exceeds a threshold calibrated on the learning seconds (:func:`models.thresholds.calibrate`) —
   relays in the middle add latency to every answer, a delayed ACK to one;
@@ -182,6 +183,15 @@ class CycleModel:
             mi = self._find(mkeys, wk)
             mx = np.where(mi >= 0, mvals[np.maximum(mi, 0)], 0) if mvals.shape[0] else np.zeros(mi.shape[0], np.int64)
             limit = np.maximum(2 * mx, mx + 3)
+            # a channel of reports sent on change (IEC-104 spontaneous, DNP3 events/unsolicited) carries
+            # as much as the process does: an upset the baseline never saw may quadruple it
+            on_change = np.zeros(wk.shape[0], bool)
+            if wk.shape[0]:
+                ri = self._find(reg["keys"], wk)
+                resp = np.array([self.info.get(int(x), {}).get("direction", DIR_REQUEST) != DIR_REQUEST
+                                 for x in wk.tolist()], bool)
+                on_change = resp & (ri < 0)
+            limit = np.where(on_change, np.maximum(4 * mx, mx + 10), limit)
             for q in np.flatnonzero((mi >= 0) & (c > limit)).tolist():  # a channel never learned: allow-list
                 key, cnt, mxq = int(wk[q]), int(c[q]), int(mx[q])
                 rows = keys == key
