@@ -127,6 +127,9 @@ class Limits:
                            min=16, max=10_000_000)
     max_conversations: int = _opt(16384, "int", "conversations kept in the inventory; past it new ones are "
                                   "counted, not kept", min=16, max=10_000_000)
+    max_baseline_entries: int = _opt(20000, "int", "entries of each allow-list table; past it new items are "
+                                     "counted, not learned, and the baseline is reported incomplete (a flood "
+                                     "while learning)", min=100, max=10_000_000)
 
 
 @dataclass

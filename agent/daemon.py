@@ -298,6 +298,7 @@ def tune_engine(eng, cfg: config_mod.Config) -> None:
     d = cfg.detection
     eng.allowlist.min_count = d.min_count
     eng.allowlist.min_span_s = d.min_span
+    eng.allowlist.capacity = cfg.limits.max_baseline_entries
     eng.alerts_per_hour = d.alerts_per_hour
     eng.manager.cooldown_ns = int(d.alert_cooldown * NS)
     # The agent writes every alert to the log as it opens and closes; it needs only a short

@@ -57,6 +57,7 @@ RESTART_FUNCTIONS = {
 DNP3_RESTART = {13, 14, 18, 21}  # cold/warm restart, stop application, disable unsolicited (1815 §4.4)
 IEC104_RESET = {105}  # C_RP_NA_1 reset process (IEC 60870-5-104 §7.2.6.27)
 
+INFO_CAP = 5000  # entries per table with a description for `baseline show` (~0.6 kB each; the rest: key only)
 STATUS_TRUSTED, STATUS_PROVISIONAL, STATUS_APPROVED, STATUS_REVOKED = 0, 1, 2, 3
 STATUS_NAMES = {0: "trusted", 1: "provisional", 2: "approved", 3: "revoked"}
 
@@ -104,7 +105,8 @@ class Table:
         i = np.minimum(np.searchsorted(self.keys, keys), self.keys.shape[0] - 1)
         return np.where(self.keys[i] == keys, i, -1)
 
-    def add(self, keys, ts, info_of, cap: int) -> None:
+    def add(self, keys, ts, info_of, cap: int) -> int:
+        """Fold keys into the table; returns how many new keys did not fit under ``cap``."""
         uk, first_i, inv = np.unique(keys, return_index=True, return_inverse=True)
         n = np.bincount(inv)
         tmin = np.full(uk.shape[0], np.iinfo(np.int64).max)
@@ -116,10 +118,11 @@ class Table:
         self.count[pos[old]] += n[old]
         self.first[pos[old]] = np.minimum(self.first[pos[old]], tmin[old])
         self.last[pos[old]] = np.maximum(self.last[pos[old]], tmax[old])
-        new = np.flatnonzero(~old)[: max(cap - len(self), 0)]
+        fresh = np.flatnonzero(~old)
+        new = fresh[: max(cap - len(self), 0)]
         if new.shape[0]:
-            for j in new.tolist():  # only keys never seen before: few after the first minutes
-                self.info[int(uk[j])] = info_of(int(first_i[j]))
+            for j in new[: max(INFO_CAP - len(self.info), 0)].tolist():  # keys never seen before: few after
+                self.info[int(uk[j])] = info_of(int(first_i[j]))              # the first minutes
             keys_all = np.concatenate([self.keys, uk[new]])
             order = np.argsort(keys_all, kind="stable")
             self.keys = keys_all[order]
@@ -127,6 +130,7 @@ class Table:
             self.first = np.concatenate([self.first, tmin[new]])[order]
             self.last = np.concatenate([self.last, tmax[new]])[order]
             self.status = np.concatenate([self.status, np.zeros(new.shape[0], np.int8)])[order]
+        return int(fresh.shape[0] - new.shape[0])
 
     def to_arrays(self, prefix: str) -> dict:
         return {f"{prefix}.{k}": getattr(self, k) for k in ("keys", "count", "first", "last", "status")}
@@ -145,12 +149,16 @@ class AllowList:
 
     name = "allowlist"
 
-    def __init__(self, min_count: int = 3, min_span_s: float = 60.0, capacity: int = 200_000):
+    def __init__(self, min_count: int = 3, min_span_s: float = 60.0, capacity: int = 20_000):
         self.min_count = int(min_count)
         self.min_span_s = float(min_span_s)
+        # A plant has hundreds of talkers and thousands of items, not tens of thousands: past this many
+        # entries per table new items are counted (``overflow``), not learned -- a spoofed flood while
+        # learning must neither exhaust memory nor become the baseline (the engine says so in one alert)
         self.capacity = int(capacity)
         self.tables = {t: Table() for t in TABLES + ROLE_TABLES}
         self.reported: set = set()  # review items already reported in monitoring
+        self.overflow = 0  # items not learned because their table was full
 
     # -- learning ------------------------------------------------------------------------------
     def learn(self, ev: EventBatch) -> None:
@@ -161,8 +169,8 @@ class AllowList:
         for name, (k, m) in keys.items():
             if m.any():
                 rows = np.flatnonzero(m)
-                self.tables[name].add(k[rows], ev.ts[rows], lambda i, rows=rows: _describe(ev, int(rows[i])),
-                                      self.capacity)
+                self.overflow += self.tables[name].add(k[rows], ev.ts[rows],
+                                                       lambda i, rows=rows: _describe(ev, int(rows[i])), self.capacity)
 
     def finish_learning(self) -> None:
         """Mark entries seen rarely or in one burst provisional (approved/revoked ones keep their status)."""
@@ -362,7 +370,8 @@ class AllowList:
         return int(sum(len(t) for t in self.tables.values()))
 
     def to_state(self) -> tuple[dict, dict]:
-        arrays, meta = {}, {"min_count": self.min_count, "min_span_s": self.min_span_s, "info": {}}
+        arrays, meta = {}, {"min_count": self.min_count, "min_span_s": self.min_span_s, "info": {},
+                            "capacity": self.capacity, "overflow": self.overflow}
         for name, t in self.tables.items():
             arrays.update(t.to_arrays(f"allowlist.{name}"))
             meta["info"][name] = {str(k): v for k, v in t.info.items()}
@@ -370,7 +379,9 @@ class AllowList:
 
     @classmethod
     def from_state(cls, arrays: dict, meta: dict) -> "AllowList":
-        al = cls(min_count=meta["min_count"], min_span_s=meta["min_span_s"])
+        al = cls(min_count=meta["min_count"], min_span_s=meta["min_span_s"],
+                 capacity=meta.get("capacity", 20_000))
+        al.overflow = int(meta.get("overflow", 0))
         for name in TABLES + ROLE_TABLES:
             al.tables[name] = Table.from_arrays(arrays, f"allowlist.{name}", meta["info"].get(name, {}))
         return al

@@ -94,7 +94,8 @@ class CycleModel:
                 self.count[key] = self.count.get(key, 0) + (e - s)
             wk, c = self._per_second_max(keys, ev.ts)
             for key, n in zip(wk.tolist(), c.tolist()):
-                self.max_per_sec[key] = max(self.max_per_sec.get(key, 0), n)
+                if key in self.info:  # channels past max_channels are not learned (a flood while learning)
+                    self.max_per_sec[key] = max(self.max_per_sec.get(key, 0), n)
             self.learned_until = max(self.learned_until, int(ev.ts.max()))
         if fb is not None and len(fb):
             lat = fb.X[:, F["latency_ms_mean"]]

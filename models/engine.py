@@ -174,6 +174,8 @@ class DetectionEngine:
         self.cycle.finish_learning(budget)
         self._fit_ml(Xl, budget)
         self.mode = "monitor"
+        if self.allowlist.overflow:
+            self.manager.add([self._overflow_finding()])
         log.info("learned %d windows over %.2f h; thresholds %s", Xl.shape[0], hours, self.thresholds)
 
     def _fit_ml(self, Xl: np.ndarray, budget: float) -> None:
@@ -282,6 +284,20 @@ class DetectionEngine:
             out.append(f"{FEATURE_WORDS[FEATURE_NAMES[j]]}: {raw[j]:.4g} (usually about {usual:.3g})")
         return out
 
+    def _overflow_finding(self) -> Finding:
+        """One alert when learning saw more distinct items than the baseline holds: a flood or a scan
+        while learning.  The baseline is incomplete and must not be trusted as a picture of normal."""
+        n, cap = self.allowlist.overflow, self.allowlist.capacity
+        t = self.learn_until_ns or self.learned_to or 0
+        return Finding(
+            rule="allowlist.learning_overflow", detector="allowlist", severity="medium", first_ts=t, last_ts=t,
+            src=0, dst=0, protocol=0, entity="baseline",
+            message=(f"learning saw {n:,} items more than the baseline holds ({cap:,} per table): a flood of "
+                     "spoofed addresses or a scan while learning. Those items were not learned (they alert when "
+                     "used); the baseline is incomplete: review it (otwatch baseline show) and consider learning "
+                     "again"),
+            technique="T0814", count=n, fields={"overflow": n, "capacity_per_table": cap})
+
     def _ml_finding(self, name, fb, X, i, score) -> Finding:
         c, s, p = ip_text(fb.client[i]), ip_text(fb.server[i]), int(fb.protocol[i])
         expl = self.explain(X[i], fb.X[i])
@@ -350,7 +366,8 @@ class DetectionEngine:
         return {"learn_from_ts": self.first_ts / NS if self.first_ts else None,
                 "learn_until_ts": self.learn_until_ns / NS if self.learn_until_ns else None,
                 "events_learned": self.events_learned, "talker_pairs": talkers,
-                "baseline_entries": self.allowlist.size(), "hours_with_events": round(span / 3600, 4)}
+                "baseline_entries": self.allowlist.size(), "hours_with_events": round(span / 3600, 4),
+                "overflow": self.allowlist.overflow, "complete": self.allowlist.overflow == 0}
 
     def health(self) -> dict:
         """Model health as plain numbers (names are stable; see docs/detection.md)."""
@@ -361,6 +378,7 @@ class DetectionEngine:
             else 0.0,
             "baseline_entries": self.allowlist.size(),
             "baseline_provisional": self.allowlist.provisional_count(),
+            "baseline_overflow": self.allowlist.overflow,
             "process_points": self.process_model.size(),
             "cycle_regular_channels": self.cycle.regular_channels(),
             "learn_windows": self.learn_n,

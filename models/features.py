@@ -317,7 +317,7 @@ def pair_latency(ev: EventBatch, last_request: dict | None = None) -> np.ndarray
                 last_request[int(flow[i])] = (int(ts[i]), int(fn[i]), int(seq[i]))
             else:
                 last_request.pop(int(flow[i]), None)
-        if len(last_request) > 65536:  # bounded: forget the oldest half
+        if len(last_request) > 32768:  # bounded (more than the flows tracked): forget the oldest half
             for k in list(last_request)[: len(last_request) // 2]:
                 del last_request[k]
     resp = (d == DIR_RESPONSE) & (p_dir == DIR_REQUEST)

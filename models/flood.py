@@ -45,7 +45,7 @@ def _limit(learned):
 class FloodModel:
     name = "cycle"
 
-    def __init__(self, capacity: int = 100_000):
+    def __init__(self, capacity: int = 20_000):
         self.capacity = capacity
         self.pair: dict[int, int] = {}
         self.server: dict[int, int] = {}
