@@ -53,6 +53,7 @@ from parsers.events import DIR_RESPONSE, KIND_POINT, EventBatch
 
 from .features import hash_columns
 from .findings import Finding, ip_text, protocol_text
+from .points import point_space, space_of
 
 MAX_COLUMNS = 12  # points per device tried for relations (the first addresses seen)
 MAX_SAMPLES = 2048  # PDUs kept per device while learning (the latest)
@@ -61,7 +62,6 @@ MAX_SAMPLES = 2048  # PDUs kept per device while learning (the latest)
 def _device_rows(ev: EventBatch, rows: np.ndarray | None = None):
     """Reported (response) point rows with a finite value (of ``rows`` when given): (rows, device key,
     server).  A device is (server, protocol, unit, point space)."""
-    from .points import space_of
     m = (ev.kind == KIND_POINT) & (ev.direction == DIR_RESPONSE) & np.isfinite(ev.value)
     rows = np.flatnonzero(m) if rows is None else rows[m[rows]]
     server = ev.src[rows]
@@ -280,7 +280,6 @@ class Relations:
         return out
 
     def _finding(self, ev, r: int, rel: int, resid: float, n: int, ts) -> Finding:
-        from .points import point_space
         srv, peer, proto = ip_text(ev.src[r]), ip_text(ev.dst[r]), int(ev.protocol[r])
         a = [int(x) for x in self.addr[rel] if x >= 0]
         s = self.sign[rel]
