@@ -41,7 +41,7 @@ from parsers.events import DIR_REQUEST, KIND_PDU, PROTO_MODBUS, EventBatch
 
 from .features import channel_of, hash_columns
 from .findings import Finding, function_text, ip_text, protocol_text
-from .function_classes import is_mechanics
+from .function_classes import CLASS_CONTROL, event_classes, is_mechanics
 
 TABLES = ("talker", "function", "write", "read")
 ROLE_TABLES = tuple(f"{t}_role" for t in TABLES)
@@ -190,6 +190,7 @@ class AllowList:
             return out
         pdu = ev.kind == KIND_PDU
         mechanics = is_mechanics(ev.protocol, ev.function)
+        control = ev.is_control | (event_classes(ev) == CLASS_CONTROL)
         keys = row_keys(ev)
         prov_out = np.full(len(ev), -1, np.int64)
         pair_ok = np.zeros(len(ev), bool)
@@ -198,6 +199,10 @@ class AllowList:
             m = m & pdu & (out < 0)
             if ti > 0:  # an S frame, a TESTFR or a DNP3 confirm is never a "new function"
                 m &= ~mechanics
+            if ti == 1:
+                # what a client does is in its requests; an answer echoes the request (IEC-104 ACT_CON of a
+                # command, a Modbus response) or reports process data, which the process model judges
+                m &= ev.direction == DIR_REQUEST
             if not m.any():
                 continue
             rows = np.flatnonzero(m)
@@ -215,6 +220,9 @@ class AllowList:
                 known_role = role_ok & pair_ok[rows]
                 new &= ~known_role
                 prov &= ~known_role
+                # a trusted pair's rare reads, writes and diagnostics (an operator's occasional setpoint, a
+                # clock sync) wait silently for review in `baseline show`; its rare controls still alert
+                prov &= ~pair_ok[rows] | control[rows]
             out[rows[new]] = ti
             p = rows[prov & ~new]
             prov_out[p] = np.where(prov_out[p] < 0, 4 + ti, prov_out[p])
