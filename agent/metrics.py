@@ -73,7 +73,8 @@ ASSET_ROLES = (("modbus", "client"), ("modbus", "server"), ("dnp3", "master"), (
 KNOWN_RULES = (
     *(f"allowlist.{p}{t}" for p in ("new_", "provisional_") for t in ("talker", "peer", "function", "write",
                                                                      "read")),
-    "cycle.latency", "cycle.period", "cycle.burst", "cycle.inactive",
+    "allowlist.learning_overflow",
+    "cycle.latency", "cycle.period", "cycle.burst", "cycle.inactive", "cycle.flood",
     "process.out_of_range", "process.fast_change", "process.stuck", "process.new_point", "process.inconsistent",
     "parser.errors", "ml.river", "ml.pyod", "inventory.new_asset",
 )
