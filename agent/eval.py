@@ -244,7 +244,7 @@ class ReplayDetection:
     seen: one record per alert, one ``event.id`` per record."""
 
     def __init__(self, learn_s: float | None, alerts_path: str | None, state_dir: str | None,
-                 learn_until_s: float | None = None):
+                 learn_until_s: float | None = None, identity=None):
         from models import state as state_io
 
         self.state_dir = state_dir
@@ -261,7 +261,7 @@ class ReplayDetection:
         self.log = None
         if alerts_path:
             from .sinks import AlertLog
-            self.log = AlertLog(alerts_path)
+            self.log = AlertLog(alerts_path, identity=identity)
 
     @classmethod
     def from_args(cls, args):
@@ -270,8 +270,10 @@ class ReplayDetection:
             return None
         if args.learn and until:
             raise InputError("--learn and --learn-until: give one of them")
+        from .site import SiteIdentity
+
         return cls(parse_duration(args.learn) if args.learn else None, args.alerts, args.state,
-                   parse_time(until) if until else None)
+                   parse_time(until) if until else None, identity=SiteIdentity.from_args(args))
 
     def on_events(self, ev, first_frame_ns: int | None = None) -> None:
         if first_frame_ns is not None:
