@@ -175,7 +175,7 @@ def _run_dask(func, tasks: list, scheduler: str) -> list:
     except ImportError:
         raise InputError("--scheduler needs Dask distributed: pip install 'otwatch[fleet]'") from None
     try:
-        client = Client(scheduler, timeout=30)
+        client = Client(scheduler, timeout="10s")
     except (OSError, TimeoutError, ValueError) as exc:
         raise InputError(f"--scheduler {scheduler}: cannot connect: {exc}") from None
     try:
