@@ -150,7 +150,6 @@ class Identity:
 
 @dataclass
 class Config:
-    identity: Identity = field(default_factory=Identity)
     capture: Capture = field(default_factory=Capture)
     detection: Detection = field(default_factory=Detection)
     state: State = field(default_factory=State)
@@ -158,6 +157,7 @@ class Config:
     metrics: Metrics = field(default_factory=Metrics)
     limits: Limits = field(default_factory=Limits)
     daemon: Daemon = field(default_factory=Daemon)
+    identity: Identity = field(default_factory=Identity)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

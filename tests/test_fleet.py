@@ -47,6 +47,77 @@ needs_servers = pytest.mark.skipif(
     reason="needs prometheus, promtool and prometheus-alertmanager (`make test` installs them)")
 
 
+# --- site identity in configuration, records, syslog, STIX and metrics --------------------------------
+
+def test_identity_from_configuration_and_flags(tmp_path):
+    from agent.cli import main
+    from agent.config import parse_text
+    from agent.errors import InputError
+    from agent.site import SiteIdentity
+
+    cfg = parse_text('[identity]\nsite = "north-1"\nagent = "sensor-7"\n')
+    assert (cfg.identity.site, cfg.identity.agent) == ("north-1", "sensor-7")
+    with pytest.raises(InputError, match=r"identity.site: expected 1-63 letters.*\(line 2\)"):
+        parse_text('[identity]\nsite = "north 1"\n')
+    args = type("Args", (), {"site": "south-2", "agent_name": None})()
+    ident = SiteIdentity.from_args(args, cfg)  # the flag wins over the file, the file over the default
+    assert (ident.site, ident.agent) == ("south-2", "sensor-7")
+    assert SiteIdentity().agent and SiteIdentity().site == "default"
+    conf = tmp_path / "otwatch.toml"
+    conf.write_text('[capture]\ninterface = "lo"\n')
+    assert main(["run", "--config", str(conf), "--site", "bad/site"]) == 2
+    assert main(["replay", "--agent-name=.x", str(PROJECT_PCAPS / "dnp3.pcap")]) == 2
+
+
+def test_alert_records_syslog_and_stix_name_the_agent_and_site(tmp_path):
+    from agent.export_cmd import bundle
+    from agent.sinks import AlertLog, AlertSinks, rfc5424
+    from agent.site import SiteIdentity
+    from tests.test_sinks import scenario_alerts
+
+    north, south = SiteIdentity("north-1", "sensor-7", "pi7"), SiteIdentity("south-1", "sensor-9", "pi9")
+    sent = []
+
+    class Copy:
+        def send(self, rec):
+            sent.append(rfc5424(rec, timestamp="2026-01-05T08:00:00.000000Z", procid="1"))
+
+        def close(self):
+            pass
+
+    sinks = AlertSinks(AlertLog(tmp_path / "north.jsonl", fsync=False), [Copy()], identity=north)
+    alerts = scenario_alerts()
+    for a in alerts[:3]:
+        sinks.write(a)
+    sinks.close()
+    with AlertLog(tmp_path / "south.jsonl", fsync=False, identity=south) as log:
+        for a in alerts[3:5]:
+            log.write(a)
+    records = [json.loads(line) for f in ("north", "south") for line in (tmp_path / f"{f}.jsonl").read_text().splitlines()]
+    assert [(r["observer"]["name"], r["observer"]["hostname"], r["labels"]["site"]) for r in records] == \
+        [("sensor-7", "pi7", "north-1")] * 3 + [("sensor-9", "pi9", "south-1")] * 2
+    for msg in sent:  # HOSTNAME is the agent's host; site and agent in the structured data
+        assert msg.split(b" ")[2] == b"pi7" and b'site="north-1"' in msg and b'agent="sensor-7"' in msg
+    b = bundle(records)
+    systems = {o["id"]: o for o in b["objects"] if o["type"] == "identity" and o["name"] != "otwatch"}
+    assert sorted(o["name"] for o in systems.values()) == ["sensor-7 at north-1", "sensor-9 at south-1"]
+    sightings = [o for o in b["objects"] if o["type"] == "sighting"]
+    assert sightings and all(o["where_sighted_refs"][0] in systems for o in sightings)
+
+
+def test_metrics_export_one_agent_info_series():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from agent import __version__
+    from agent.site import SiteIdentity
+
+    text = generate_latest(Metrics(CollectorRegistry(), identity=SiteIdentity("east-1", "pi7")).registry).decode()
+    info = [line for line in text.splitlines() if line.startswith("otwatch_agent_info")]
+    assert info == [f'otwatch_agent_info{{agent="pi7",site="east-1",version="{__version__}"}} 1.0']
+    # The site is not a label of any other series (the central Prometheus adds it per target).
+    assert [line for line in text.splitlines() if 'site="' in line] == info
+
+
 # --- the shipped files, checked by the tools that read them -------------------------------------------
 
 @needs_servers
