@@ -253,7 +253,9 @@ def run(args) -> int:
               "detectors": list(detectors), "grace": args.grace, "ablation": bool(getattr(args, "ablation", False)),
               "alerts": bool(args.alerts)}
              for p, lp in zip(paths, label_paths)]
-    outs = parallel.run_tasks(eval_capture, tasks, parallel.jobs_of(args), args.scheduler)
+    ml = tasks[0]["ablation"] or {"river", "pyod"} & set(detectors)
+    outs = parallel.run_tasks(eval_capture, tasks, parallel.jobs_of(args), args.scheduler,
+                              preload=parallel.ML_MODULES if ml else ())
     if tasks[0]["ablation"]:
         if args.json:
             runs = [{"capture": t["capture"], "runs": o["rows"]} for t, o in zip(tasks, outs)]

@@ -148,19 +148,31 @@ def jobs_of(args) -> int:
     return jobs
 
 
-def run_tasks(func, tasks: list, jobs: int = 1, scheduler: str | None = None) -> list:
+#: What the ML detectors import on first use (~2.3 s of CPU): imported once before forking, not once per worker.
+ML_MODULES = ("river.anomaly", "river.preprocessing", "pyod.models.iforest")
+
+
+def run_tasks(func, tasks: list, jobs: int = 1, scheduler: str | None = None, preload=()) -> list:
     """``[func(t) for t in tasks]``, computed in parallel, returned in the order of ``tasks``.
 
     ``func`` must be a module-level function (it is pickled by name) and each task picklable.  An
     :class:`InputError` raised in a worker is raised here, for the CLI to print as usual.
+    ``preload``: modules the tasks will import, imported here first so forked workers share them.
     """
     tasks = list(tasks)
     if scheduler:
         return _run_dask(func, tasks, scheduler)
     if jobs <= 1 or len(tasks) <= 1:
         return [func(t) for t in tasks]
+    import importlib
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # the worker will say what is missing, if it needs it
+            pass
 
     # fork: workers start with the parent's imports (NumPy, Numba's compiled walks) instead of
     # importing them again; nothing here runs threads before the pool starts.

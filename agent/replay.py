@@ -287,7 +287,8 @@ def run_chains(args, chains: list[list[Path]], jobs: int, identity) -> int:
     tasks = [{"files": [str(p) for p in chain], "detect": detect, "learn_s": learn_s, "identity": identity}
              for chain in chains]
     t0 = time.perf_counter()
-    results = parallel.run_tasks(replay_chain, tasks, jobs, args.scheduler)
+    results = parallel.run_tasks(replay_chain, tasks, jobs, args.scheduler,
+                                 preload=parallel.ML_MODULES if detect else ())
     elapsed = time.perf_counter() - t0
     s = merge_summaries([r["summary"] for r in results], elapsed)
     s["chains"] = [{"files": t["files"], "frames": r["summary"]["frames"],
