@@ -217,11 +217,12 @@ def replay_chain(task: dict) -> dict:
     detection = None
     records: list = []
     if task["detect"]:
-        detection = ReplayDetection(task["learn_s"], None, None)
+        detection = ReplayDetection(task["learn_s"], None, None, task["learn_until_s"])
         detection.log = _RecordList(records, task["identity"])
     t0 = time.perf_counter()
     files = replay_files([Path(f) for f in task["files"]], pipeline,
-                         on_events=detection.on_events if detection is not None else None)
+                         on_events=(lambda ev: detection.on_events(ev, pipeline.stats.first_ts))
+                         if detection is not None else None)
     det = detection.finish() if detection is not None else None
     return {"summary": summary(pipeline, time.perf_counter() - t0, files), "detection": det, "alerts": records}
 
@@ -275,17 +276,21 @@ def merge_detection(parts: list[dict]) -> dict:
             by_sev[k] = by_sev.get(k, 0) + n
     return {"mode": "learn" if any(d["mode"] == "learn" for d in parts) else "monitor", "state_loaded": False,
             "alerts": sum(d["alerts"] for d in parts), "alerts_by_rule": dict(sorted(by_rule.items())),
-            "alerts_by_severity": by_sev, "health": [d["health"] for d in parts]}
+            "alerts_by_severity": by_sev, "baselines": [d.get("baseline") for d in parts],
+            "health": [d["health"] for d in parts]}
 
 
 def run_chains(args, chains: list[list[Path]], jobs: int, identity) -> int:
     from . import parallel
-    from .eval import format_detection, parse_duration
+    from .eval import format_detection, parse_duration, parse_time
 
-    detect = bool(args.learn or args.alerts)
+    until = getattr(args, "learn_until", None)
+    if args.learn and until:
+        raise InputError("--learn and --learn-until: give one of them")
+    detect = bool(args.learn or until or args.alerts)
     learn_s = parse_duration(args.learn) if args.learn else None
-    tasks = [{"files": [str(p) for p in chain], "detect": detect, "learn_s": learn_s, "identity": identity}
-             for chain in chains]
+    tasks = [{"files": [str(p) for p in chain], "detect": detect, "learn_s": learn_s,
+              "learn_until_s": parse_time(until) if until else None, "identity": identity} for chain in chains]
     t0 = time.perf_counter()
     results = parallel.run_tasks(replay_chain, tasks, jobs, args.scheduler,
                                  preload=parallel.ML_MODULES if detect else ())
