@@ -40,6 +40,7 @@ ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertman
 # site -> capture; east-1 is the site behind Prometheus in agent mode.
 SITES = {"north-1": "mixed", "north-2": "dnp3", "south-1": "iec104", "east-1": "modbus"}
 PUSHED = "east-1"
+REPLAY_DEADLINE_S = 240  # the four replays take 20-60 s on a busy two-core machine
 # $__rate_interval as Grafana would pick for a zoomed-in view covering the run (a replay is over in seconds
 # and the queries may come a minute or two later on a busy machine).
 GRAFANA = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h", "$instance": ".*"}
@@ -287,11 +288,17 @@ def fleet(tmp_path_factory):
                                     text=True)
             procs.append(proc)
             agents[s] = {"proc": proc, "alerts": alerts}
+        # A replay that never finishes must not hang the suite: past the deadline the agents are
+        # killed, their stdout closes and the readline below returns nothing.
+        watchdog = threading.Timer(REPLAY_DEADLINE_S, lambda: [a["proc"].kill() for a in agents.values()])
+        watchdog.daemon = True
+        watchdog.start()
         for s, a in agents.items():
             line = a["proc"].stdout.readline()  # the summary, printed when the input is done
             assert line, (tmp / f"{s}.log").read_text()[-2000:]
             a["summary"] = json.loads(line)
             a["records"] = [json.loads(x) for x in a["alerts"].read_text().splitlines()]
+        watchdog.cancel()
         # Central has every site's final values (east-1 through agent mode and remote_write) ...
         for s, a in agents.items():
             _wait(lambda: api.value(f'sum(otwatch_frames_total{{site="{s}"}})') == a["summary"]["frames"], 60,
