@@ -57,6 +57,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-conversations", type=int, default=InventoryLimits.max_conversations, metavar="N",
                    help=f"keep at most N conversations (default {InventoryLimits.max_conversations})")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    from . import parallel
+
+    parallel.add_arguments(p)
 
 
 def build_inventory(paths, limits: InventoryLimits | None = None, progress=None) -> tuple[AssetInventory, Pipeline]:
@@ -246,6 +249,56 @@ def render(dot_text: str, picture: str) -> None:
         raise InputError(f"{picture}: dot failed: {proc.stderr.strip()[:200]}")
 
 
+def inventory_chain(task: dict) -> dict:
+    """The inventory of one chain of captures (run in a worker), as records."""
+    limits = InventoryLimits(max_assets=task["max_assets"], max_conversations=task["max_conversations"])
+    inventory, pipeline = build_inventory([Path(f) for f in task["files"]], limits)
+    return {"files": task["files"], "frames": pipeline.stats.frames, "assets": inventory.assets(),
+            "conversations": inventory.conversations(), "counts": inventory.counts()}
+
+
+def run_chains(args, chains, jobs: int) -> int:
+    """Independent captures (other sites reuse the same addresses): one inventory each, printed in
+    command-line order -- JSON one object per line with its ``files``, CSV and table one block each
+    headed by the files, DOT one graph each; ``--render`` draws chain i to NAME-i.EXT (i >= 2)."""
+    from . import parallel
+
+    tasks = [{"files": [str(p) for p in c], "max_assets": args.max_assets,
+              "max_conversations": args.max_conversations} for c in chains]
+    parts = parallel.run_tasks(inventory_chain, tasks, jobs, args.scheduler)
+    if not any(r["frames"] for r in parts):
+        raise InputError("no frames could be read from the captures")
+    texts = []
+    for r in parts:
+        head = "captures: " + ", ".join(r["files"])
+        if args.format == "json":
+            texts.append(json.dumps({"files": r["files"], "assets": r["assets"], "conversations": r["conversations"],
+                                     "counts": r["counts"]}) + "\n")
+        elif args.format == "csv":
+            texts.append(f"# {head}\r\n" + format_csv(r["assets"], r["conversations"], args.only) + "\r\n")
+        elif args.format == "dot":
+            texts.append(f"// {head}\n" + format_dot(r["assets"], r["conversations"]))
+        else:
+            texts.append(f"== {head}\n" + format_table(r["assets"], r["conversations"], r["counts"], args.only) + "\n\n")
+        note = dropped_note(r["counts"])
+        if note and args.format in ("csv", "dot"):
+            print(f"otwatch assets: warning: {', '.join(r['files'])}: {note}", file=sys.stderr)
+    text = "".join(texts)
+    if args.output:
+        try:
+            Path(args.output).write_text(text, newline="" if args.format == "csv" else None)
+        except OSError as exc:
+            raise InputError(f"{args.output}: cannot write: {exc.strerror}") from None
+    else:
+        sys.stdout.write(text)
+    if args.render:
+        pic = Path(args.render)
+        for i, r in enumerate(parts, 1):
+            target = pic if i == 1 else pic.with_name(f"{pic.stem}-{i}{pic.suffix}")
+            render(format_dot(r["assets"], r["conversations"]), str(target))
+    return 0
+
+
 def run(args) -> int:
     paths = check_files(args.files)
     if args.max_assets < 1 or args.max_conversations < 1:
@@ -254,6 +307,13 @@ def run(args) -> int:
         raise InputError(f"{args.render}: --render wants a .png, .svg or .pdf file name")
     if args.render and shutil.which("dot") is None:
         raise InputError("--render needs Graphviz's `dot` program (e.g. apt-get install graphviz)")
+    if len(paths) > 1:
+        from . import parallel
+
+        jobs = parallel.jobs_of(args)
+        chains = parallel.chains_of(paths, jobs, args.scheduler)
+        if len(chains) > 1:
+            return run_chains(args, chains, jobs)
     limits = InventoryLimits(max_assets=args.max_assets, max_conversations=args.max_conversations)
     total = sum(p.stat().st_size for p in paths)
     show = not args.no_progress and args.output is None and sys.stderr.isatty()

@@ -141,6 +141,14 @@ class Daemon:
 
 
 @dataclass
+class Identity:
+    site: str = _opt("default", "name", "the site (substation, plant) this agent watches: labels.site in alert records, "
+                     "syslog and otwatch_agent_info; the central Prometheus adds it as a target label")
+    agent: str = _opt("", "name", "this agent's name: observer.name in alert records (empty: the host name)",
+                      empty=True)
+
+
+@dataclass
 class Config:
     capture: Capture = field(default_factory=Capture)
     detection: Detection = field(default_factory=Detection)
@@ -149,6 +157,7 @@ class Config:
     metrics: Metrics = field(default_factory=Metrics)
     limits: Limits = field(default_factory=Limits)
     daemon: Daemon = field(default_factory=Daemon)
+    identity: Identity = field(default_factory=Identity)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -220,6 +229,7 @@ EXPECTED = {
     "listen": "HOST:PORT (e.g. \"127.0.0.1:10502\"), or \"\" for no metrics endpoint",
     "syslog": "udp://HOST:PORT, tcp://HOST:PORT, tls://HOST:PORT, unix:///PATH, or \"\" for none",
     "choice": "one of",
+    "name": "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit",
     "detectors": "a list of detector names from " + ", ".join(DETECTORS),
 }
 
@@ -262,6 +272,12 @@ def _convert(value, meta: dict):
             host, _port = parse_listen(value)
             if host != "localhost":
                 ipaddress.ip_address(host)
+        return value
+    if kind == "name":
+        from .site import NAME
+
+        if not isinstance(value, str) or not (NAME.match(value) or (value == "" and meta.get("empty"))):
+            raise ValueError
         return value
     if kind == "bool":
         if not isinstance(value, bool):

@@ -447,6 +447,9 @@ class Agent:
         self.alerts_written = 0
         self.alerts_lost = 0
         self._lock = threading.Lock()  # guards reopening the alert log on reload
+        from .site import SiteIdentity
+
+        self.identity = SiteIdentity(cfg.identity.site, cfg.identity.agent)  # restart keys: fixed for the run
 
     # -- setup ------------------------------------------------------------------------------------
     @property
@@ -563,8 +566,9 @@ class Agent:
         copies = []
         if a.syslog:
             transport, address = config_mod.syslog_target(a.syslog)
-            copies.append(SyslogSink(address, transport, facility=a.syslog_facility, payload=a.syslog_payload))
-        sinks = AlertSinks(log_, copies, on_error=self._sink_error)
+            copies.append(SyslogSink(address, transport, facility=a.syslog_facility, payload=a.syslog_payload,
+                                     hostname=self.identity.hostname))
+        sinks = AlertSinks(log_, copies, on_error=self._sink_error, identity=self.identity)
         old, self.alert_log = self.alert_log, sinks
         if old is not None:
             old.close()
@@ -576,7 +580,8 @@ class Agent:
         from .metrics import MetricsEndpoint
 
         endpoint = MetricsEndpoint.start(m.listen, m.tls_cert, m.tls_key, m.auth_file,
-                                         names=("metrics.listen", "metrics.tls_cert", "metrics.auth_file"))
+                                         names=("metrics.listen", "metrics.tls_cert", "metrics.auth_file"),
+                                         identity=self.identity)
         endpoint.metrics.declare_rules([])
         self.endpoint = endpoint
 
@@ -840,7 +845,7 @@ class Agent:
 
 
 # Keys read once at start; SIGHUP reports a change but it takes a restart.
-RESTART_KEYS = [("capture", "interface"), ("capture", "ports"), ("capture", "snaplen"),
+RESTART_KEYS = [("identity", "site"), ("identity", "agent"), ("capture", "interface"), ("capture", "ports"), ("capture", "snaplen"),
                 ("capture", "ring_block_size"), ("capture", "ring_blocks"), ("capture", "block_timeout"),
                 ("capture", "promiscuous"), ("capture", "compiled_parsers"), ("state", "directory"), ("state", "key_file"),
                 ("metrics", "listen"), ("metrics", "tls_cert"), ("metrics", "tls_key"),
@@ -872,11 +877,20 @@ def add_arguments(p) -> None:
     p.add_argument("--config", metavar="FILE",
                    help=f"TOML configuration (default: $OTWATCH_CONFIG, else {config_mod.DEFAULT_PATH} if present)")
     p.add_argument("--iface", metavar="IFACE", help="capture on this interface (overrides capture.interface)")
+    from . import site
+
+    site.add_arguments(p)  # --site / --agent-name override identity.site / identity.agent
 
 
 def run(args) -> int:
     path = args.config or config_mod.default_config_path()
     cfg = config_mod.load(path)
+    from .site import check_name
+
+    if getattr(args, "site", None):
+        cfg.identity.site = check_name(args.site, "--site")
+    if getattr(args, "agent_name", None):
+        cfg.identity.agent = check_name(args.agent_name, "--agent-name")
     setup_logging(cfg.daemon.log_level, getattr(args, "verbose", 0))
     if path is None and os.geteuid() == 0 and cfg.daemon.user:
         import pwd

@@ -63,8 +63,10 @@ def parse_time(text: str) -> float:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("capture", metavar="CAPTURE", help="pcap or pcapng capture")
-    p.add_argument("--labels", required=True, metavar="LABELS.csv", help="the simulator's labels CSV")
+    p.add_argument("captures", nargs="+", metavar="CAPTURE", help="pcap or pcapng capture(s), scored independently")
+    p.add_argument("--labels", action="append", metavar="LABELS.csv",
+                   help="the simulator's labels CSV: once, or once per capture in the same order "
+                        "(default: CAPTURE's name with .labels.csv, as pcaps/ ships them)")
     p.add_argument("--learn", metavar="DURATION", default=None,
                    help="learn the first DURATION of capture time from its first frame (e.g. 200s, 2h); "
                         "default: up to 1 s before the first labelled attack")
@@ -78,6 +80,9 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--ablation", action="store_true",
                    help="run each detector alone and all together; print one row per run")
+    from . import parallel
+
+    parallel.add_arguments(p)
 
 
 class Batches(list):
@@ -183,42 +188,100 @@ def format_result(r: dict) -> str:
     return "\n".join(lines)
 
 
+def labels_for(captures, given) -> list[Path]:
+    """The labels file of each capture: the ``--labels`` given (one, or one per capture), else the
+    capture's sibling ``NAME.labels.csv``."""
+    if given:
+        if len(given) not in (1, len(captures)) or (len(given) == 1 and len(captures) > 1):
+            raise InputError(f"--labels given {len(given)} times for {len(captures)} captures: give it once per "
+                             "capture, or leave it out to use each capture's NAME.labels.csv")
+        return [Path(g) for g in given]
+    out = []
+    for c in captures:
+        p = Path(c)
+        name = p.name[:-3] if p.name.endswith(".gz") else p.name
+        out.append(p.with_name(name.rsplit(".", 1)[0] + ".labels.csv"))
+    return out
+
+
+def eval_capture(task: dict) -> dict:
+    """Score one capture (run in a worker): its result (or ablation rows) and its alert records."""
+    if task["ablation"]:
+        return {"rows": ablation(task["capture"], task["labels"], task["learn_s"], task["grace"],
+                                 learn_until_s=task["learn_until_s"])}
+    result, engine = evaluate(task["capture"], task["labels"], task["learn_s"], tuple(task["detectors"]),
+                              task["grace"], learn_until_s=task["learn_until_s"])
+    records = [a.to_ecs() for a in engine.alerts] if task["alerts"] else []
+    return {"result": result, "alerts": records}
+
+
+def total(results: list[dict]) -> dict:
+    """Scenarios detected and false alerts over several captures."""
+    hours = sum(r["benign_hours"] for r in results)
+    false = sum(r["false_alerts"] for r in results)
+    return {"captures": len(results), "scenarios": sum(len(r["scenarios"]) for r in results),
+            "detected": sum(r["detected"] for r in results), "alerts": sum(r["alerts"] for r in results),
+            "false_alerts": false, "benign_hours": round(hours, 4),
+            "false_alerts_per_hour": round(false / hours, 3) if hours > 0 else None}
+
+
 def run(args) -> int:
-    (path,) = check_files([args.capture])  # exists, readable, a pcap or pcapng file
-    if not Path(args.labels).is_file():
-        raise InputError(f"{args.labels}: no such labels file")
+    paths = check_files(args.captures)  # exist, readable, pcap or pcapng files
+    label_paths = labels_for(paths, args.labels)
     detectors = tuple(d.strip() for d in args.detectors.split(",") if d.strip())
     bad = [d for d in detectors if d not in DETECTORS]
     if bad:
         raise InputError(f"unknown detector(s) {', '.join(bad)}; choose from {', '.join(DETECTORS)}")
-    try:
-        labels = read_labels(args.labels)
-    except (KeyError, ValueError) as exc:
-        raise InputError(f"{args.labels}: not a labels CSV ({exc})") from None
-    if not labels:
-        raise InputError(f"{args.labels}: no labels")
+    for lp in label_paths:
+        if not lp.is_file():
+            raise InputError(f"{lp}: no such labels file")
+        try:
+            labels = read_labels(lp)
+        except (KeyError, ValueError) as exc:
+            raise InputError(f"{lp}: not a labels CSV ({exc})") from None
+        if not labels:
+            raise InputError(f"{lp}: no labels")
     learn_s = parse_duration(args.learn) if args.learn else None
     learn_until = parse_time(args.learn_until) if getattr(args, "learn_until", None) else None
     if learn_s is not None and learn_until is not None:
         raise InputError("--learn and --learn-until: give one of them")
-    if getattr(args, "ablation", False):
-        rows = ablation(path, args.labels, learn_s, args.grace, learn_until_s=learn_until)
+    if len(label_paths) == 1 and len(paths) > 1:
+        label_paths = label_paths * len(paths)
+    from . import parallel
+
+    tasks = [{"capture": str(p), "labels": str(lp), "learn_s": learn_s, "learn_until_s": learn_until,
+              "detectors": list(detectors), "grace": args.grace, "ablation": bool(getattr(args, "ablation", False)),
+              "alerts": bool(args.alerts)}
+             for p, lp in zip(paths, label_paths)]
+    ml = tasks[0]["ablation"] or {"river", "pyod"} & set(detectors)
+    outs = parallel.run_tasks(eval_capture, tasks, parallel.jobs_of(args), args.scheduler,
+                              preload=parallel.ML_MODULES if ml else ())
+    if tasks[0]["ablation"]:
         if args.json:
-            print(json.dumps({"capture": str(path), "runs": rows}, default=str))
+            runs = [{"capture": t["capture"], "runs": o["rows"]} for t, o in zip(tasks, outs)]
+            print(json.dumps(runs[0] if len(runs) == 1 else {"results": runs}, default=str))
         else:
-            print(format_ablation(rows))
+            print("\n\n".join(format_ablation(o["rows"]) for o in outs))
         sys.stdout.flush()
         return 0
-    result, engine = evaluate(path, args.labels, learn_s, detectors, args.grace, learn_until_s=learn_until)
     if args.alerts:
         from .sinks import AlertLog
         with AlertLog(args.alerts, fsync=False) as log:
-            for a in engine.alerts:
-                log.write(a)
+            for o in outs:
+                for rec in o["alerts"]:
+                    log.write(rec)
+    results = [o["result"] for o in outs]
     if args.json:
-        print(json.dumps(result, default=str))
+        print(json.dumps(results[0] if len(results) == 1 else {"results": results, "total": total(results)},
+                         default=str))
     else:
-        print(format_result(result))
+        print("\n\n".join(format_result(r) for r in results))
+        if len(results) > 1:
+            t = total(results)
+            fa = t["false_alerts_per_hour"]
+            print(f"\n{t['captures']} captures: detected {t['detected']}/{t['scenarios']} scenarios, "
+                  f"{t['false_alerts']} false alerts in {t['benign_hours'] * 3600:.0f} s of benign monitoring "
+                  f"= {'-' if fa is None else f'{fa:.2f}'} per hour")
     sys.stdout.flush()
     return 0
 
@@ -244,7 +307,7 @@ class ReplayDetection:
     seen: one record per alert, one ``event.id`` per record."""
 
     def __init__(self, learn_s: float | None, alerts_path: str | None, state_dir: str | None,
-                 learn_until_s: float | None = None):
+                 learn_until_s: float | None = None, identity=None):
         from models import state as state_io
 
         self.state_dir = state_dir
@@ -261,7 +324,7 @@ class ReplayDetection:
         self.log = None
         if alerts_path:
             from .sinks import AlertLog
-            self.log = AlertLog(alerts_path)
+            self.log = AlertLog(alerts_path, identity=identity)
 
     @classmethod
     def from_args(cls, args):
@@ -270,8 +333,10 @@ class ReplayDetection:
             return None
         if args.learn and until:
             raise InputError("--learn and --learn-until: give one of them")
+        from .site import SiteIdentity
+
         return cls(parse_duration(args.learn) if args.learn else None, args.alerts, args.state,
-                   parse_time(until) if until else None)
+                   parse_time(until) if until else None, identity=SiteIdentity.from_args(args))
 
     def on_events(self, ev, first_frame_ns: int | None = None) -> None:
         if first_frame_ns is not None:

@@ -71,6 +71,19 @@ IDENTITY = {
 }
 
 
+def observer_identity(rec: dict) -> dict | None:
+    """The agent that raised the alert, at its site (``observer.name``, ``labels.site``), as a
+    ``system`` identity: what a sighting was sighted by.  None for records without them."""
+    agent, site = rec.get("observer", {}).get("name"), rec.get("labels", {}).get("site")
+    if not agent or not site:
+        return None
+    host = rec["observer"].get("hostname")
+    return {"type": "identity", "spec_version": "2.1", "id": _sdo_id("identity", f"agent|{site}|{agent}"),
+            "created": IDENTITY["created"], "modified": IDENTITY["modified"], "created_by_ref": IDENTITY["id"],
+            "name": f"{agent} at {site}", "identity_class": "system",
+            "description": f"otwatch agent {agent}" + (f" on host {host}" if host else "") + f" at site {site}"}
+
+
 def attack_pattern(technique: str) -> dict:
     return {
         "type": "attack-pattern", "spec_version": "2.1", "id": _sdo_id("attack-pattern", technique),
@@ -89,6 +102,9 @@ def alert_objects(rec: dict) -> list[dict]:
     first, last = _stix_time(ev.get("start", created)), _stix_time(ev.get("end", created))
     common = {"spec_version": "2.1", "created": created, "modified": created, "created_by_ref": IDENTITY["id"]}
     objects = []
+    observer = observer_identity(rec)
+    if observer is not None:
+        objects.append(observer)
     src = _address(rec["source"]["ip"]) if rec.get("source", {}).get("ip") else None
     dst = _address(rec["destination"]["ip"]) if rec.get("destination", {}).get("ip") else None
     refs = []
@@ -142,7 +158,8 @@ def alert_objects(rec: dict) -> list[dict]:
             objects.append({"type": "sighting", "id": _sdo_id("sighting", f"{key}|{t['id']}"), **common,
                             "first_seen": first, "last_seen": last,
                             "count": max(1, int(ow.get("count", 1))), "sighting_of_ref": ap_id,
-                            "observed_data_refs": [observed["id"]], "where_sighted_refs": [IDENTITY["id"]]})
+                            "observed_data_refs": [observed["id"]],
+                            "where_sighted_refs": [(observer or IDENTITY)["id"]]})
     return objects
 
 

@@ -171,7 +171,8 @@ class Metrics:
     registry (what every Prometheus client exposes by default on the global one).
     """
 
-    def __init__(self, registry: CollectorRegistry, process_metrics: bool = True, version: str | None = None):
+    def __init__(self, registry: CollectorRegistry, process_metrics: bool = True, version: str | None = None,
+                 identity=None):
         self.registry = r = registry
         if process_metrics:
             ProcessCollector(registry=r)
@@ -179,6 +180,14 @@ class Metrics:
         if version is None:
             from . import __version__ as version
         Info("otwatch_build", "otwatch version", registry=r).info({"version": version})
+        # One series naming the agent and its site (agent.site); the site reaches every other series
+        # as the central Prometheus' target label, not from here (deploy/fleet/).
+        if identity is None:
+            from .site import SiteIdentity
+
+            identity = SiteIdentity()
+        Info("otwatch_agent", "This agent's name and site", registry=r).info(
+            {"site": identity.site, "agent": identity.agent, "version": version})
         self.start_time = Gauge("otwatch_start_time_seconds", "Unix time the agent started", registry=r)
         self.start_time.set(time.time())
 
@@ -657,7 +666,8 @@ class MetricsEndpoint:
 
     @classmethod
     def start(cls, listen: str, tls_cert: str | None = None, tls_key: str | None = None,
-              auth_file: str | None = None, names=("--metrics", "--metrics-tls-cert", "--metrics-auth-file")):
+              auth_file: str | None = None, names=("--metrics", "--metrics-tls-cert", "--metrics-auth-file"),
+              identity=None):
         """Build the metrics and start serving them at ``listen`` (HOST:PORT).  Bad values raise
         InputError naming the option or config key in ``names`` (listen, TLS, auth file)."""
         from .errors import InputError
@@ -678,7 +688,7 @@ class MetricsEndpoint:
         from prometheus_client import disable_created_metrics
 
         disable_created_metrics()  # one process per run: *_created series add nothing for counters here
-        metrics = Metrics(CollectorRegistry())  # complete before the first scrape can arrive
+        metrics = Metrics(CollectorRegistry(), identity=identity)  # complete before the first scrape can arrive
         try:
             server = MetricsServer(metrics.registry, host, port, certfile=tls_cert or None, keyfile=tls_key or None,
                                    users=users)
@@ -693,7 +703,10 @@ class MetricsEndpoint:
         """Start serving when ``--metrics`` was given (None otherwise); bad values raise InputError."""
         if getattr(args, "metrics", None) is None:
             return None
-        endpoint = cls.start(args.metrics, args.metrics_tls_cert, args.metrics_tls_key, args.metrics_auth_file)
+        from .site import SiteIdentity
+
+        endpoint = cls.start(args.metrics, args.metrics_tls_cert, args.metrics_tls_key, args.metrics_auth_file,
+                             identity=SiteIdentity.from_args(args))
         if args.wait_scrape > 0 and not endpoint.server.wait_for_scrapes(1, args.wait_scrape):
             log.warning("no scrape within %.0f s; starting anyway", args.wait_scrape)
         return endpoint

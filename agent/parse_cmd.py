@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import sys
+from pathlib import Path
 
 from parsers import dnp3_objects, iec104_types, modbus
 from parsers.events import (COLUMNS, DIRECTION_NAMES, KIND_NAMES, PROTO_DNP3, PROTO_IEC104, PROTO_MODBUS,
@@ -37,6 +38,9 @@ def add_arguments(p) -> None:
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format (default jsonl)")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
     p.add_argument("--pdus-only", action="store_true", help="leave out the per-point rows")
+    from . import parallel
+
+    parallel.add_arguments(p)
 
 
 def records(events: EventBatch, book):
@@ -59,8 +63,70 @@ def records(events: EventBatch, book):
         yield rec
 
 
+def parse_chain(task: dict) -> dict:
+    """Parse one chain of captures (in a worker): the records as text (JSON lines, or CSV rows
+    without the header), zlib-compressed for the trip back, and the files' notes."""
+    import io
+    import zlib
+
+    pipeline = Pipeline()
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore") if task["format"] == "csv" else None
+
+    def emit(events: EventBatch) -> None:
+        if task["pdus_only"]:
+            events = events.pdus
+        for rec in records(events, pipeline.book):
+            if writer is not None:
+                writer.writerow(rec)
+            else:
+                buf.write(json.dumps(rec, separators=(",", ":")) + "\n")
+
+    files = replay_files([Path(f) for f in task["files"]], pipeline, on_events=emit)
+    return {"text": zlib.compress(buf.getvalue().encode("utf-8"), 1), "files": files["files"]}
+
+
+def _warn(notes) -> None:
+    for f in notes:
+        if f.get("truncated_bytes"):
+            print(f"otwatch parse: warning: {f['file']}: last record cut short; frames before it were read",
+                  file=sys.stderr)
+        if f.get("corrupt"):
+            print(f"otwatch parse: warning: {f['file']}: stopped reading: {f['corrupt']}", file=sys.stderr)
+
+
+def run_chains(args, chains, jobs: int) -> int:
+    """Independent captures, each through its own pipeline, printed in command-line order."""
+    import zlib
+
+    from . import parallel
+
+    tasks = [{"files": [str(p) for p in c], "format": args.format, "pdus_only": args.pdus_only} for c in chains]
+    try:
+        out = open(args.output, "w", newline="") if args.output else sys.stdout
+    except OSError as exc:
+        raise InputError(f"{args.output}: cannot write: {exc.strerror}") from None
+    try:
+        if args.format == "csv":
+            csv.DictWriter(out, fieldnames=FIELDS).writeheader()
+        for r in parallel.run_tasks(parse_chain, tasks, jobs, args.scheduler):
+            out.write(zlib.decompress(r["text"]).decode("utf-8"))
+            _warn(r["files"])
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
 def run(args) -> int:
     paths = check_files(args.files)
+    from . import parallel
+
+    if len(paths) > 1:
+        jobs = parallel.jobs_of(args)
+        chains = parallel.chains_of(paths, jobs, args.scheduler)
+        if len(chains) > 1:
+            return run_chains(args, chains, jobs)
     pipeline = Pipeline()
     try:
         out = open(args.output, "w", newline="") if args.output else sys.stdout

@@ -1,8 +1,11 @@
 """``otwatch replay FILE...``: read captures through the pipeline and print what was seen.
 
-Files are read one after another through one pipeline, as if replayed back to back.  The summary
-(frames, bytes, frames per protocol, errors by reason, elapsed time, frames/s) is printed for people,
-or as one JSON object with ``--json``.
+Captures that continue each other (a rotated series: ``agent.parallel``) are read one after another
+through one pipeline, as if replayed back to back; independent captures each get their own pipeline
+and detection engine, up to ``--jobs`` at once, and the summary adds them up in command-line order.
+With ``--metrics`` or ``--state`` (one agent, one baseline) every file goes through one pipeline.
+The summary (frames, bytes, frames per protocol, errors by reason, elapsed time, frames/s) is printed
+for people, or as one JSON object with ``--json``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ def add_arguments(p) -> None:
     from .eval import add_detection_arguments
 
     add_detection_arguments(p)
+    from . import parallel, site
+
+    site.add_arguments(p)
+    parallel.add_arguments(p)
 
 
 def replay_files(files, pipeline: Pipeline, progress: Progress | None = None, on_events=None) -> dict:
@@ -137,6 +144,15 @@ def check_files(files) -> list[Path]:
 
 def run(args) -> int:
     paths = check_files(args.files)  # fail on a non-capture before doing any work
+    from . import parallel
+    from .site import SiteIdentity
+
+    identity = SiteIdentity.from_args(args)  # a bad --site fails before any work too
+    jobs = parallel.jobs_of(args)
+    if len(paths) > 1 and getattr(args, "metrics", None) is None and not getattr(args, "state", None):
+        chains = parallel.chains_of(paths, jobs, args.scheduler)
+        if len(chains) > 1:
+            return run_chains(args, chains, jobs, identity)
     pipeline = Pipeline()
     total = sum(p.stat().st_size for p in paths)
     progress = None if args.no_progress or args.json else Progress(total, stream=sys.stderr)
@@ -188,4 +204,119 @@ def run(args) -> int:
             exporter.linger(args.linger)  # the summary is out; keep the final values scrapeable
         finally:
             exporter.close()
+    return 0
+
+
+# --- independent captures, in parallel ------------------------------------------------------------
+
+def replay_chain(task: dict) -> dict:
+    """Replay one chain of captures (run in a worker): its summary, detection summary and alert records."""
+    from .eval import ReplayDetection
+
+    pipeline = Pipeline()
+    detection = None
+    records: list = []
+    if task["detect"]:
+        detection = ReplayDetection(task["learn_s"], None, None, task["learn_until_s"])
+        detection.log = _RecordList(records, task["identity"])
+    t0 = time.perf_counter()
+    files = replay_files([Path(f) for f in task["files"]], pipeline,
+                         on_events=(lambda ev: detection.on_events(ev, pipeline.stats.first_ts))
+                         if detection is not None else None)
+    det = detection.finish() if detection is not None else None
+    return {"summary": summary(pipeline, time.perf_counter() - t0, files), "detection": det, "alerts": records}
+
+
+class _RecordList:
+    """An alert log that keeps the records, stamped with the agent's identity, for the parent to write."""
+
+    def __init__(self, records: list, identity):
+        self.records, self.identity = records, identity
+
+    def write(self, alert) -> None:
+        self.records.append(self.identity.stamp(alert.to_ecs()))
+
+    def close(self) -> None:
+        pass
+
+
+def merge_summaries(parts: list[dict], elapsed: float) -> dict:
+    """One summary of several chains' summaries: counts added, files in order."""
+    out = {"frames": 0, "bytes": 0, "by_protocol": {}, "other_frames": 0, "errors": {}, "skipped": {},
+           "reassembly": {}, "learned_ports": {}, "first_ts": None, "last_ts": None}
+    for s in parts:
+        for k in ("frames", "bytes", "other_frames"):
+            out[k] += s[k]
+        for name, v in s["by_protocol"].items():
+            acc = out["by_protocol"].setdefault(name, dict.fromkeys(v, 0))
+            for k, n in v.items():
+                acc[k] = acc.get(k, 0) + n
+        for key in ("errors", "skipped", "reassembly"):
+            for k, n in s[key].items():
+                out[key][k] = out[key].get(k, 0) + n
+        out["learned_ports"].update(s["learned_ports"])
+        for k, pick in (("first_ts", min), ("last_ts", max)):
+            if s[k] is not None:
+                out[k] = s[k] if out[k] is None else pick(out[k], s[k])
+    for key in ("by_protocol", "errors", "skipped"):
+        out[key] = dict(sorted(out[key].items()))
+    out["elapsed_s"] = round(elapsed, 4)
+    out["frames_per_s"] = round(out["frames"] / elapsed) if elapsed > 0 else None
+    out["files"] = [f for s in parts for f in s["files"]]
+    return out
+
+
+def merge_detection(parts: list[dict]) -> dict:
+    by_rule: dict = {}
+    by_sev: dict = {}
+    for d in parts:
+        for k, n in d["alerts_by_rule"].items():
+            by_rule[k] = by_rule.get(k, 0) + n
+        for k, n in d["alerts_by_severity"].items():
+            by_sev[k] = by_sev.get(k, 0) + n
+    return {"mode": "learn" if any(d["mode"] == "learn" for d in parts) else "monitor", "state_loaded": False,
+            "alerts": sum(d["alerts"] for d in parts), "alerts_by_rule": dict(sorted(by_rule.items())),
+            "alerts_by_severity": by_sev, "baselines": [d.get("baseline") for d in parts],
+            "health": [d["health"] for d in parts]}
+
+
+def run_chains(args, chains: list[list[Path]], jobs: int, identity) -> int:
+    from . import parallel
+    from .eval import format_detection, parse_duration, parse_time
+
+    until = getattr(args, "learn_until", None)
+    if args.learn and until:
+        raise InputError("--learn and --learn-until: give one of them")
+    detect = bool(args.learn or until or args.alerts)
+    learn_s = parse_duration(args.learn) if args.learn else None
+    tasks = [{"files": [str(p) for p in chain], "detect": detect, "learn_s": learn_s,
+              "learn_until_s": parse_time(until) if until else None, "identity": identity} for chain in chains]
+    t0 = time.perf_counter()
+    results = parallel.run_tasks(replay_chain, tasks, jobs, args.scheduler,
+                                 preload=parallel.ML_MODULES if detect else ())
+    elapsed = time.perf_counter() - t0
+    s = merge_summaries([r["summary"] for r in results], elapsed)
+    s["chains"] = [{"files": t["files"], "frames": r["summary"]["frames"],
+                    **({"alerts": r["detection"]["alerts"]} if r["detection"] else {})}
+                   for t, r in zip(tasks, results)]
+    if s["frames"] == 0 and not any(f.get("frames") for f in s["files"]):
+        raise InputError("no frames could be read (the captures hold no frames)")
+    det = merge_detection([r["detection"] for r in results]) if detect else None
+    if args.alerts:
+        from .sinks import AlertLog
+
+        with AlertLog(args.alerts, fsync=False) as log:
+            for r in results:
+                for rec in r["alerts"]:
+                    log.write(rec)
+    if det is not None:
+        s["detection"] = det
+    if args.json:
+        print(json.dumps(s, sort_keys=False, default=str))
+    else:
+        print(format_summary(s))
+        print(f"{len(chains)} independent captures or series, up to "
+              f"{'the Dask cluster' if args.scheduler else f'{min(jobs, len(chains))} at once'}")
+        if det is not None:
+            print(format_detection(det))
     return 0

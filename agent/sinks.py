@@ -27,7 +27,9 @@ class AlertLog:
     'r'
     """
 
-    def __init__(self, path: str | os.PathLike, max_bytes: int = 64 << 20, backups: int = 5, fsync: bool = True):
+    def __init__(self, path: str | os.PathLike, max_bytes: int = 64 << 20, backups: int = 5, fsync: bool = True,
+                 identity=None):
+        self.identity = identity  # agent.site.SiteIdentity: observer.name/hostname, labels.site
         self.path = Path(path)
         self.max_bytes = int(max_bytes)
         self.backups = int(backups)
@@ -39,6 +41,8 @@ class AlertLog:
 
     def write(self, alert: Alert | dict) -> None:
         rec = alert.to_ecs() if isinstance(alert, Alert) else alert
+        if self.identity is not None:
+            rec = self.identity.stamp(rec)
         line = (json.dumps(rec, separators=(",", ":"), default=_jsonable) + "\n").encode()
         if self.max_bytes and self._fh.tell() + len(line) > self.max_bytes and self._fh.tell() > 0:
             self._rotate()
@@ -145,7 +149,8 @@ def rfc5424(alert: Alert | dict, *, facility: int = 16, hostname: str | None = N
         timestamp = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
     header = " ".join((
         f"<{pri}>1", timestamp,  # VERSION 1, TIMESTAMP RFC 3339 (§6.2.3)
-        _printusascii(hostname if hostname is not None else _socket.gethostname(), 255),
+        _printusascii(hostname if hostname is not None else
+                      rec.get("observer", {}).get("hostname") or _socket.gethostname(), 255),
         _printusascii(app_name, 48),
         _printusascii(procid if procid is not None else os.getpid(), 128),
         _printusascii(rec.get("rule", {}).get("name", ""), 32),  # MSGID: the rule
@@ -156,6 +161,7 @@ def rfc5424(alert: Alert | dict, *, facility: int = 16, hostname: str | None = N
         "dst": rec.get("destination", {}).get("ip"), "protocol": rec.get("network", {}).get("protocol"),
         "start": rec.get("event", {}).get("start"), "end": rec.get("event", {}).get("end"),
         "count": ow.get("count"),
+        "site": rec.get("labels", {}).get("site"), "agent": rec.get("observer", {}).get("name"),
         "technique": (rec.get("threat", {}).get("technique") or [{}])[0].get("id"),
     }
     sd = "[" + " ".join([_sd_name(sd_id)] + [f'{_sd_name(k)}="{_sd_value(v)}"' for k, v in params.items()
@@ -254,11 +260,14 @@ class AlertSinks:
     ``on_error(sink_name)`` is called for each copy a sink failed to deliver (the metrics count it).
     """
 
-    def __init__(self, log: AlertLog | None = None, copies=(), on_error=None):
+    def __init__(self, log: AlertLog | None = None, copies=(), on_error=None, identity=None):
         self.log, self.copies, self.on_error = log, list(copies), on_error
+        self.identity = identity  # stamped once, so the log and every copy carry the same names
         self.written = 0
 
     def write(self, alert: Alert | dict) -> None:
+        if self.identity is not None:
+            alert = self.identity.stamp(alert.to_ecs() if isinstance(alert, Alert) else alert)
         if self.log is not None:
             self.log.write(alert)
         self.written += 1

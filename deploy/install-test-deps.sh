@@ -1,6 +1,6 @@
 #!/bin/sh
 # System tools the tests use: tshark (reference dissector), prometheus + promtool (real server for
-# the metrics tests), tcpreplay and iproute2 (live-capture tests in network namespaces), graphviz
+# the metrics tests), prometheus-alertmanager + amtool (the fleet tests), tcpreplay and iproute2 (live-capture tests in network namespaces), graphviz
 # (communication-map rendering), systemd-analyze (the unit file check).
 # Installs only what is missing; uses sudo when not root.
 set -e
@@ -14,6 +14,9 @@ command -v tcpreplay >/dev/null 2>&1 || need="$need tcpreplay"
 command -v ip >/dev/null 2>&1 || need="$need iproute2"
 command -v dot >/dev/null 2>&1 || need="$need graphviz"
 command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
+command -v prometheus-alertmanager >/dev/null 2>&1 || need="$need prometheus-alertmanager"
+command -v amtool >/dev/null 2>&1 || need="$need prometheus-alertmanager"
+command -v editcap >/dev/null 2>&1 || need="$need wireshark-common"
 fi
 [ -z "$need" ] && exit 0
 SUDO=""

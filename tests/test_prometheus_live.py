@@ -27,7 +27,7 @@ RULES = DEPLOY / "prometheus" / "rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "otwatch.json"
 MIXED = PROJECT_PCAPS / "mixed.pcap"
 # What Grafana substitutes in panel queries, as it would for a 1-hour dashboard at this scrape rate.
-GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$instance": ".*"}
+GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$instance": ".*", "$site": ".*"}
 
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,
                                 reason="needs prometheus and promtool (`make test` installs Debian's prometheus)")
