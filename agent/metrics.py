@@ -60,7 +60,7 @@ DROP_SOURCES = ("kernel", "internal")
 FLOW_END_REASONS = ("closed", "expired", "evicted")
 # Detectors an alert or a score can come from (models/alerts.py, Alert.detector); anything else
 # is counted as "other" so a new detector cannot grow the label set by accident.
-DETECTORS = ("allowlist", "cycle", "process", "river", "pyod", "parser", "inventory", "other")
+DETECTORS = ("allowlist", "cycle", "process", "river", "pyod", "parser", "inventory", "sessions", "other")
 SEVERITIES = ("low", "medium", "high", "critical")
 MODES = ("learn", "monitor")
 #: (protocol, role) label pairs of otwatch_assets: each protocol's own words for its two roles.
@@ -77,6 +77,8 @@ KNOWN_RULES = (
     "cycle.latency", "cycle.period", "cycle.burst", "cycle.inactive", "cycle.flood",
     "process.out_of_range", "process.fast_change", "process.stuck", "process.new_point", "process.inconsistent",
     "parser.errors", "ml.river", "ml.pyod", "inventory.new_asset",
+    *(f"sessions.{r}" for r in ("second_session", "seq_jump", "response_without_request", "operate_without_select",
+                                "direct_operate", "unconfirmed_command", "flow_control")),
 )
 #: Alert rule names are code-defined ("allowlist.new_talker", ...), but a label must stay bounded
 #: even if a rule name were ever built from data: after this many distinct names, "other".

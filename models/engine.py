@@ -13,6 +13,7 @@ detector                what it sees                            rate
 allow-list              every PDU row (searchsorted on hashes)  every event
 process-variable model  every point row                         every event
 polling-cycle model     PDU rows grouped by channel; windows    every event / per second
+protocol sessions       PDU rows grouped by session             every event
 parser health           per channel-second error counts         one row per channel-second
 River HalfSpaceTrees    per channel-second feature vectors      one row per channel-second
 PyOD (IForest)          per channel-second feature vectors      one row per channel-second
@@ -40,11 +41,12 @@ from .flood import FloodModel
 from .features import F, FEATURE_NAMES, FEATURE_WORDS, NS, FeatureBatch, WindowFeatures
 from .findings import Finding, ip_text, protocol_text
 from .process import ProcessModel
+from .sessions import SessionModel
 from .thresholds import ScoreMonitor, calibrate
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("allowlist", "process", "cycle", "parser", "river", "pyod")
+DETECTORS = ("allowlist", "process", "cycle", "parser", "river", "pyod", "sessions")
 _ERR = (F["bad_pdus"], F["sequence_errors"])
 
 
@@ -70,6 +72,7 @@ class DetectionEngine:
         self.cycle = CycleModel()
         self.flood = FloodModel()  # part of the "cycle" detector: request rates per pair
         self.process_model = ProcessModel()
+        self.sessions = SessionModel()
         self.river = None
         self.pyod = None
         self.manager = AlertManager(cooldown_s=cooldown_s)
@@ -147,6 +150,7 @@ class DetectionEngine:
         self.process_model.learn(ev)
         self.cycle.learn(ev, fb)
         self.flood.learn(ev)
+        self.sessions.learn(ev)
         self._learn_windows(fb)
         self.learned_from = self.learned_from if self.learned_from is not None else int(ev.ts.min())
         self.learned_to = int(ev.ts.max())
@@ -172,6 +176,7 @@ class DetectionEngine:
         self.budget = budget
         self.process_model.finish_learning(budget)
         self.cycle.finish_learning(budget)
+        self.sessions.finish_learning()
         self._fit_ml(Xl, budget)
         self.mode = "monitor"
         if self.allowlist.overflow:
@@ -228,6 +233,10 @@ class DetectionEngine:
             findings += self.cycle.findings(ev, fb, self.now_ns)
             findings += self.flood.findings(ev)
             self.busy_s["cycle"] += t() - t0
+        if "sessions" in self.detectors:
+            t0 = t()
+            findings += self.sessions.findings(ev, self.now_ns)
+            self.busy_s["sessions"] += t() - t0
         opened = self.manager.add(findings)
         opened += self._monitor_windows(fb)
         self.closed.extend(self.manager.expire(self.now_ns))
@@ -347,6 +356,9 @@ class DetectionEngine:
         e.flood = FloodModel.from_state(arrays, meta.get("flood", {}))
         e.process_model = ProcessModel.from_state(arrays, meta["process"])
         e.process_model.learning = True
+        if "sessions" in meta:
+            e.sessions = SessionModel.from_state(arrays, meta["sessions"])
+            e.sessions.learning = True
         e.learned_from, e.learned_to = meta["learned_from"], meta["learned_to"]
         e.first_ts = meta["first_ts"]
         e.err_max = meta["err_max"]
@@ -405,7 +417,8 @@ class DetectionEngine:
                             "pyod_method": self.pyod_method, "err_max": self.err_max,
                             "events_seen": self.events_seen, "events_learned": self.events_learned}
         for name, (a, m) in (("allowlist", self.allowlist.to_state()), ("cycle", self.cycle.learning_state()),
-                             ("process", self.process_model.to_state()), ("flood", self.flood.to_state())):
+                             ("process", self.process_model.to_state()), ("flood", self.flood.to_state()),
+                             ("sessions", self.sessions.to_state())):
             arrays.update(a)
             meta[name] = m
         arrays["ml.learn_matrix"] = (np.concatenate(self.learn_X) if self.learn_X
@@ -421,7 +434,7 @@ class DetectionEngine:
                             "budget": getattr(self, "budget", 1e-4), "events_learned": self.events_learned,
                             "learn_first_ts": self.first_ts, "learn_until_ns": self.learn_until_ns}
         for name, part in (("allowlist", self.allowlist), ("cycle", self.cycle), ("process", self.process_model),
-                           ("flood", self.flood)):
+                           ("flood", self.flood), ("sessions", self.sessions)):
             a, m = part.to_state()
             arrays.update(a)
             meta[name] = m
@@ -441,6 +454,8 @@ class DetectionEngine:
         e.cycle = CycleModel.from_state(arrays, meta["cycle"])
         e.flood = FloodModel.from_state(arrays, meta.get("flood", {}))
         e.process_model = ProcessModel.from_state(arrays, meta["process"])
+        if "sessions" in meta:  # states saved before the session model learn nothing here
+            e.sessions = SessionModel.from_state(arrays, meta["sessions"])
         e.learned_from, e.learned_to = meta["learned_from"], meta["learned_to"]
         e.err_max = meta["err_max"]
         e.budget = meta["budget"]
