@@ -39,7 +39,8 @@ from parsers.events import KIND_PDU, KIND_POINT, EventBatch  # noqa: E402
 # which rows each part of the engine works on (docs/detection.md, "Speed")
 SEES = {"features": "every event (PDUs into channel-second windows)", "allowlist": "every PDU row",
         "process": "every point row", "cycle": "PDU rows per channel + windows", "parser": "one row per channel-second",
-        "river": "one row per channel-second", "pyod": "one row per channel-second"}
+        "river": "one row per channel-second", "pyod": "one row per channel-second",
+        "sessions": "PDU rows grouped by session"}
 
 
 def generate(duration: str, seed: int, directory: Path) -> Path:
@@ -104,7 +105,8 @@ def run(batches, learn_fraction: float, detectors=DETECTORS) -> dict:
     mon_cpu += time.process_time() - c0
     windows_monitored = engine.features.windows - engine.learn_n
     seen = {"features": mon_ev, "allowlist": rows["pdu"], "process": rows["point"], "cycle": rows["pdu"],
-            "parser": windows_monitored, "river": windows_monitored, "pyod": windows_monitored}
+            "parser": windows_monitored, "river": windows_monitored, "pyod": windows_monitored,
+            "sessions": rows["pdu"]}
     parts = {}
     busy_at_monitor = busy_at_monitor or {}
     monitor_busy = {k: v - busy_at_monitor.get(k, 0.0) for k, v in engine.busy_s.items()}

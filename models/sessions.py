@@ -87,9 +87,64 @@ RULES = ("second_session", "seq_jump", "response_without_request", "operate_with
          "unconfirmed_command", "flow_control")
 
 
+def mechanics(ev: EventBatch) -> np.ndarray:
+    """Rows that are link or transport mechanics rather than functions: IEC-104 S-frames and
+    STARTDT/STOPDT/TESTFR U-frames (acknowledgements and keep-alives sent when k, w and t1-t3 say so),
+    DNP3 link-only frames (function 1000+) and application CONFIRM (0).  This model checks them (k, w,
+    act/con); an allow-list of functions should not count them as functions.
+
+    >>> from parsers.events import EventBuilder, StreamContext
+    >>> b = EventBuilder(); ctx = StreamContext()
+    >>> for proto, fc in ((PROTO_IEC104, 512), (PROTO_IEC104, 517), (PROTO_IEC104, 45), (PROTO_DNP3, 0),
+    ...                   (PROTO_DNP3, 1009), (PROTO_DNP3, 5), (PROTO_MODBUS, 0)):
+    ...     _ = b.pdu(ctx, proto, function=fc)
+    >>> mechanics(b.build()).tolist()
+    [True, True, False, True, True, False, False]
+    """
+    fn, proto = ev.function, ev.protocol
+    iec = (proto == PROTO_IEC104) & (fn >= FUNC_S) & (fn <= 518)
+    dnp = (proto == PROTO_DNP3) & ((fn == 0) | (fn >= 1000))
+    return (ev.kind == KIND_PDU) & (iec | dnp)
+
+
 def _who(proto: int, server: bool) -> str:
     return {PROTO_MODBUS: ("client", "server"), PROTO_DNP3: ("master", "outstation"),
             PROTO_IEC104: ("controlling station", "controlled station")}.get(proto, ("client", "server"))[int(server)]
+
+
+class _Groups:
+    """One protocol's sessions in a batch: their keys, live state and learned channel (None when the
+    channel was never learned), and for each of their rows (sorted by session, in order) its session."""
+
+    __slots__ = ("keys", "sess", "chan", "grp")
+
+    def __init__(self, keys, sess, chan, grp):
+        self.keys, self.sess, self.chan, self.grp = keys, sess, chan, grp
+
+
+def _starts(grp: np.ndarray) -> np.ndarray:
+    """Rows that begin their session's run (``grp`` sorted)."""
+    first = np.ones(grp.shape[0], bool)
+    first[1:] = grp[1:] != grp[:-1]
+    return first
+
+
+def _ends(grp: np.ndarray) -> np.ndarray:
+    """Positions of the last row of each session's run (``grp`` sorted)."""
+    last = np.ones(grp.shape[0], bool)
+    last[:-1] = grp[1:] != grp[:-1]
+    return np.flatnonzero(last)
+
+
+def _ffill(mask: np.ndarray, grp: np.ndarray) -> np.ndarray:
+    """For each row, the position of the latest row at or before it in the same session where ``mask``
+    holds; -1 when none.
+
+    >>> _ffill(np.array([0, 1, 0, 0, 1, 0], bool), np.array([0, 0, 0, 1, 1, 1])).tolist()
+    [-1, 1, 1, -1, 4, 4]
+    """
+    pos = np.maximum.accumulate(np.where(mask, np.arange(mask.shape[0]), -1))
+    return np.where((pos >= 0) & (grp[np.maximum(pos, 0)] == grp), pos, -1)
 
 
 class _Session:
@@ -148,44 +203,50 @@ class SessionModel:
 
     # -- one batch -----------------------------------------------------------------------------
     def _scan(self, ev: EventBatch) -> list:
+        """All sessions of a batch at once, protocol by protocol: each session's rows contiguous and in order."""
         if len(ev) == 0:
             return []
-        keep = (ev.kind == KIND_PDU) & np.isin(ev.protocol, (PROTO_MODBUS, PROTO_DNP3, PROTO_IEC104)) & (ev.function >= 0)
+        keep = (ev.kind == KIND_PDU) & (ev.function >= 0) & (ev.protocol >= PROTO_MODBUS) & (ev.protocol <= PROTO_IEC104)
         if not keep.any():
             return []
-        ev = ev.select(keep)
-        self.now_ns = max(self.now_ns, int(ev.ts.max()))
+        idx = np.flatnonzero(keep)  # rows below are positions in ``ev`` (no copy of the batch)
+        ts, proto = ev.ts[idx], ev.protocol[idx]
+        self.now_ns = max(self.now_ns, int(ts.max()))
         if not self.learning and self.warm_until_ns < 0:  # first batch after a reload: sessions already ran
-            self.warm_until_ns = int(ev.ts.min()) + 60 * NS
-        req = ev.direction == DIR_REQUEST
-        client = np.where(req, ev.src, ev.dst).astype(np.int64)
-        server = np.where(req, ev.dst, ev.src).astype(np.int64)
-        cport = np.where(req, ev.sport, ev.dport).astype(np.int64)
-        sport = np.where(req, ev.dport, ev.sport).astype(np.int64)
-        unit = np.where(ev.protocol == PROTO_DNP3, ev.unit, -1).astype(np.int64)
-        proto = ev.protocol.astype(np.int64)
-        keys = np.stack([proto, client, cport, server, sport, unit], axis=1)
-        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+            self.warm_until_ns = int(ts.min()) + 60 * NS
+        req = ev.direction[idx] == DIR_REQUEST
+        src, dst, sp, dp = ev.src[idx], ev.dst[idx], ev.sport[idx], ev.dport[idx]
+        keys = np.stack([proto.astype(np.int64), np.where(req, src, dst).astype(np.int64),
+                         np.where(req, sp, dp).astype(np.int64), np.where(req, dst, src).astype(np.int64),
+                         np.where(req, dp, sp).astype(np.int64),
+                         np.where(proto == PROTO_DNP3, ev.unit[idx], -1).astype(np.int64)], axis=1)
+        uniq, inv = np.unique(keys, axis=0, return_inverse=True)  # sorted: each protocol's sessions together
         inv = inv.ravel()
         order = np.argsort(inv, kind="stable")
-        bounds = np.r_[0, np.cumsum(np.bincount(inv, minlength=uniq.shape[0]))]
+        counts = np.bincount(inv, minlength=uniq.shape[0])
+        bounds = np.r_[0, np.cumsum(counts)]
+        ts_sorted = ts[order]
+        gkeys = [tuple(k) for k in uniq.tolist()]
+        gfirst = ts_sorted[bounds[:-1]].tolist()
+        gsess = [self._session(k, t) for k, t in zip(gkeys, gfirst)]
         out: list = []
+        protos = uniq[:, 0]
+        for proto, fn in ((PROTO_MODBUS, self._modbus), (PROTO_DNP3, self._dnp3), (PROTO_IEC104, self._iec104)):
+            gs = np.flatnonzero(protos == proto)
+            if gs.shape[0] == 0:
+                continue
+            g0, g1 = int(gs[0]), int(gs[-1]) + 1
+            sel = order[bounds[g0]:bounds[g1]]
+            grp = inv[sel] - g0
+            rows = idx[sel]
+            out += fn(_Groups(gkeys[g0:g1], gsess[g0:g1], [self._channel(k) for k in gkeys[g0:g1]], grp), ev, rows)
         touched = set()
-        for g in range(uniq.shape[0]):
-            rows = order[bounds[g]:bounds[g + 1]]
-            key = tuple(int(x) for x in uniq[g])
-            s = self._session(key, int(ev.ts[rows[0]]))
-            p = key[0]
-            if p == PROTO_MODBUS:
-                out += self._modbus(key, s, ev, rows)
-            elif p == PROTO_DNP3:
-                out += self._dnp3(key, s, ev, rows)
-            else:
-                out += self._iec104(key, s, ev, rows)
-            s.last = int(ev.ts[rows[-1]])
-            s.rows += rows.shape[0]
-            self._conn(key, s)
-            touched.add((key[0], key[3], key[4]))
+        lasts = ts_sorted[bounds[1:] - 1].tolist()
+        for k, s, t, n in zip(gkeys, gsess, lasts, counts.tolist()):
+            s.last = t
+            s.rows += n
+            self._conn(k, s)
+            touched.add((k[0], k[3], k[4]))
         for server_key in touched:
             out += self._concurrency(server_key)
         return out
@@ -211,139 +272,173 @@ class SessionModel:
         return c
 
     # -- shared pieces -------------------------------------------------------------------------
-    def _steps(self, key, s: _Session, seq: np.ndarray, mod: int, ts: np.ndarray, what: str) -> list:
-        """Request sequence numbers of a session: learn how they count, flag jumps after learning."""
-        if seq.shape[0] == 0:
+    def _steps(self, G: "_Groups", grp, seq, ts, mod: int, what: str) -> list:
+        """Request sequence numbers (``seq`` of the request rows, by session): learn how each channel
+        counts, flag jumps after learning."""
+        n = seq.shape[0]
+        if n == 0:
             return []
-        prev = np.r_[s.req_seq, seq[:-1]]
+        state = np.array([s.req_seq for s in G.sess], dtype=np.int64)
+        prev = np.empty(n, np.int64)
+        prev[1:] = seq[:-1]
+        first = _starts(grp)
+        prev[first] = state[grp[first]]
         known = prev >= 0
         step = (seq - prev) % mod
-        s.req_seq = int(seq[-1])
-        c = self._channel(key)
-        if c is None:
-            return []
+        ends = _ends(grp)
+        for g, v in zip(grp[ends].tolist(), seq[ends].tolist()):
+            G.sess[g].req_seq = v
+        ng = len(G.sess)
         if self.learning:
-            st = step[known]
-            c["steps"] += int(st.shape[0])
-            c["unit_steps"] += int(np.count_nonzero(st <= 1))
-            small = st[st < mod // 2]
-            if small.shape[0]:
-                c["max_step"] = max(c["max_step"], int(small.max()))
+            steps = np.bincount(grp[known], minlength=ng).tolist()
+            unit = np.bincount(grp[known & (step <= 1)], minlength=ng).tolist()
+            mx = np.zeros(ng, np.int64)
+            small = known & (step < mod // 2)
+            np.maximum.at(mx, grp[small], step[small])
+            for g, c in enumerate(G.chan):
+                if c is not None and steps[g]:
+                    c["steps"] += steps[g]
+                    c["unit_steps"] += unit[g]
+                    c["max_step"] = max(c["max_step"], int(mx[g]))
             return []
-        if c["steps"] < MIN_LEARNED or c["unit_steps"] < CONFORM * c["steps"]:
-            return []  # this channel's stack does not simply count up: nothing to hold it to
-        allowed = max(1, c["max_step"])
-        bad = np.flatnonzero(known & (step > allowed))
-        if bad.shape[0] == 0:
-            return []
-        i = int(bad[0])
-        back = int(step[i]) >= mod // 2
-        jump = f"went back by {mod - int(step[i])}" if back else f"jumped by {int(step[i])}"
-        return [self._finding(
-            "seq_jump", key, ts[bad], "medium", "T0830",
-            f"{what} {jump} (from {int(prev[i])} to {int(seq[i])}) inside an established session; while learning "
-            f"this channel counted up by at most {allowed}: frames injected into or replayed on the session",
-            fields={"from": int(prev[i]), "to": int(seq[i]), "learned_max_step": allowed})]
+        allowed = np.array([max(1, c["max_step"]) if c is not None and c["steps"] >= MIN_LEARNED and
+                            c["unit_steps"] >= CONFORM * c["steps"] else mod for c in G.chan], dtype=np.int64)
+        bad = known & (step > allowed[grp])
+        out = []
+        for g in (np.unique(grp[bad]).tolist() if bad.any() else ()):  # the channel counts up; this jumped
+            rows = np.flatnonzero(bad & (grp == g))
+            i = int(rows[0])
+            back = int(step[i]) >= mod // 2
+            jump = f"went back by {mod - int(step[i])}" if back else f"jumped by {int(step[i])}"
+            out.append(self._finding(
+                "seq_jump", G.keys[g], ts[rows], "medium", "T0830",
+                f"{what} {jump} (from {int(prev[i])} to {int(seq[i])}) inside an established session; while "
+                f"learning this channel counted up by at most {int(allowed[g])}: frames injected into or replayed "
+                "on the session", fields={"from": int(prev[i]), "to": int(seq[i]), "learned_max_step": int(allowed[g])}))
+        return out
 
-    def _tail(self, s: _Session, d, seq, fn, fir, ts, ok) -> np.ndarray:
-        """The session's kept rows followed by this batch's rows (columns direction, seq, function, FIR, ts,
-        well-formed)."""
-        now = np.stack([d, seq, fn, fir, ts, ok], axis=1).astype(np.int64)
-        allr = np.concatenate([s.tail, now]) if s.tail.shape[0] else now
-        s.tail = allr[-TAIL:]
-        return allr
+    def _combined(self, G: "_Groups", grp, cols: np.ndarray):
+        """Each session's kept rows, then this batch's rows (``cols``: direction, seq, function, FIR, ts,
+        well-formed), sorted by session; the kept rows become each session's last TAIL rows.  Returns
+        (rows, session of each, which are this batch's)."""
+        tails = [s.tail for s in G.sess]
+        lens = [t.shape[0] for t in tails]
+        if sum(lens):
+            allr = np.concatenate(tails + [cols])
+            agrp = np.concatenate([np.repeat(np.arange(len(tails)), lens), grp])
+            cur = np.r_[np.zeros(sum(lens), bool), np.ones(cols.shape[0], bool)]
+            o = np.argsort(agrp, kind="stable")
+            allr, agrp, cur = allr[o], agrp[o], cur[o]
+        else:
+            allr, agrp, cur = cols, grp, np.ones(cols.shape[0], bool)
+        b = np.r_[0, np.cumsum(np.bincount(agrp, minlength=len(tails)))].tolist()
+        for g, s in enumerate(G.sess):
+            if b[g + 1] > b[g]:
+                s.tail = allr[max(b[g], b[g + 1] - TAIL):b[g + 1]]
+        return allr, agrp, cur
 
-    def _judged(self, key, s: _Session, isreq: np.ndarray) -> np.ndarray | None:
-        """Which of a session's rows in this batch may be judged as responses: None when none can.
+    def _judged(self, G: "_Groups", grp, isreq) -> np.ndarray | None:
+        """Which of this batch's rows may be judged as responses (None: none).
 
         Requests must be visible (seen before in the session, in this batch, or on the channel while
         learning: a capture of one direction only shows no requests).  A session that began before
         we looked (after a reload) is judged from its first request on."""
-        before = s.req_seen
-        first = np.flatnonzero(isreq)
-        if first.shape[0]:
-            s.req_seen = True
-        if self.learning:
+        has_req = np.bincount(grp[isreq], minlength=len(G.sess)).tolist()
+        ok_g = np.zeros(len(G.sess), bool)
+        late = []
+        for g, s in enumerate(G.sess):
+            before = s.req_seen
+            if has_req[g]:
+                s.req_seen = True
+            c = G.chan[g]
+            ok_g[g] = bool(before or has_req[g] or (c is not None and c["requests"] > 0))
+            if before is None:
+                late.append(g)
+        if self.learning or not ok_g.any():
             return None
-        c = self.channels.get((key[0], key[1], key[3], key[4]))
-        if not (before or first.shape[0] or (c is not None and c["requests"] > 0)):
-            return None
-        ok = np.ones(isreq.shape[0], bool)
-        if before is None:
-            ok[: first[0] if first.shape[0] else ok.shape[0]] = False
+        ok = ok_g[grp]
+        for g in late:  # rows before the session's first request are not judged
+            rows = np.flatnonzero(grp == g)
+            q = rows[isreq[rows]]
+            ok[rows[rows < (q[0] if q.shape[0] else rows[-1] + 1)]] = False
         return ok
 
     # -- Modbus/TCP ----------------------------------------------------------------------------
-    def _modbus(self, key, s: _Session, ev: EventBatch, rows: np.ndarray) -> list:
-        out = []
+    def _modbus(self, G: "_Groups", ev: EventBatch, rows: np.ndarray) -> list:
+        grp = G.grp
         d, seq, ts, fn = ev.direction[rows], ev.seq[rows].astype(np.int64), ev.ts[rows], ev.function[rows]
         isreq = d == DIR_REQUEST
-        out += self._steps(key, s, seq[isreq], 1 << 16, ts[isreq], "the Modbus transaction id")
-        prior = s.tail.shape[0]
-        allr = self._tail(s, d, seq, fn, np.zeros_like(seq), ts, np.ones_like(seq))
-        c = self._channel(key)
-        if c is not None and self.learning:
-            c["requests"] += int(np.count_nonzero(isreq))
-        judged = self._judged(key, s, isreq)
+        out = self._steps(G, grp[isreq], seq[isreq], ts[isreq], 1 << 16, "the Modbus transaction id")
+        if self.learning:
+            nreq = np.bincount(grp[isreq], minlength=len(G.sess)).tolist()
+            for c, k in zip(G.chan, nreq):
+                if c is not None:
+                    c["requests"] += k
+        one = np.ones(seq.shape[0], np.int64)
+        allr, agrp, cur = self._combined(G, grp, np.stack([d, seq, fn, 0 * one, ts, one], axis=1).astype(np.int64))
+        judged = self._judged(G, grp, isreq)
         if judged is None:
             return out
-        # a response is answered if the row before it with the same transaction id (and function) is a request
-        o = np.lexsort((np.arange(allr.shape[0]), allr[:, 2], allr[:, 1]))
-        a = allr[o]
-        same = np.r_[False, (a[1:, 1] == a[:-1, 1]) & (a[1:, 2] == a[:-1, 2])]
-        prev_req = np.r_[False, a[:-1, 0] == DIR_REQUEST]
-        bad_sorted = (a[:, 0] == DIR_RESPONSE) & ~(same & prev_req)
+        # a response is answered if the row before it with the same session, transaction id and function is
+        # a request
+        o = np.lexsort((np.arange(allr.shape[0]), allr[:, 2], allr[:, 1], agrp))
+        a, ga = allr[o], agrp[o]
+        same = np.zeros(a.shape[0], bool)
+        same[1:] = (a[1:, 1] == a[:-1, 1]) & (a[1:, 2] == a[:-1, 2]) & (ga[1:] == ga[:-1])
+        prev_req = np.zeros(a.shape[0], bool)
+        prev_req[1:] = a[:-1, 0] == DIR_REQUEST
         bad = np.zeros(allr.shape[0], bool)
-        bad[o] = bad_sorted
-        bad = bad[prior:] & judged
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
+        bad[o] = (a[:, 0] == DIR_RESPONSE) & ~(same & prev_req)
+        bad = bad[cur] & judged
+        for g in (np.unique(grp[bad]).tolist() if bad.any() else ()):
+            r = np.flatnonzero(bad & (grp == g))
+            i = int(r[0])
+            k = G.keys[g]
             out.append(self._finding(
-                "response_without_request", key, ts[bad], "high", "T0856",
-                f"Modbus responses from {ip_text(key[3])} to {ip_text(key[1])} answer no outstanding request "
+                "response_without_request", k, ts[r], "high", "T0856",
+                f"Modbus responses from {ip_text(k[3])} to {ip_text(k[1])} answer no outstanding request "
                 f"(transaction id {int(seq[i])}, function {int(fn[i])}): injected or replayed responses "
                 "(spoofed reporting)", fields={"transaction_id": int(seq[i]), "function": int(fn[i])}))
         return out
 
     # -- DNP3 ----------------------------------------------------------------------------------
-    def _dnp3(self, key, s: _Session, ev: EventBatch, rows: np.ndarray) -> list:
-        out = []
-        fn = ev.function[rows].astype(np.int64)
-        app = fn < 1000  # link-only frames (1000+) are link mechanics
-        rows = rows[app]
+    def _dnp3(self, G: "_Groups", ev: EventBatch, rows: np.ndarray) -> list:
+        app = ev.function[rows] < 1000  # link-only frames (1000+) are link mechanics
+        rows, grp = rows[app], G.grp[app]
         if rows.shape[0] == 0:
-            return out
-        fn = fn[app]
+            return []
+        fn = ev.function[rows].astype(np.int64)
         d, seq, ts = ev.direction[rows], ev.seq[rows].astype(np.int64), ev.ts[rows]
         fir = (ev.subfunction[rows] & DNP3_FIR) != 0
         # requests that expect a response: everything but CONFIRM (0) and DIRECT_OPERATE_NR (6)
         isreq = (d == DIR_REQUEST) & (fn != 0)
-        out += self._steps(key, s, seq[isreq], 16, ts[isreq], "the DNP3 application sequence number of requests")
-        c = self._channel(key)
-        if c is not None and self.learning:
-            c["requests"] += int(np.count_nonzero(isreq))
-        out += self._select_operate(key, s, c, fn, ev, rows, ts)
-        prior = s.tail.shape[0]
+        out = self._steps(G, grp[isreq], seq[isreq], ts[isreq], 16, "the DNP3 application sequence number of requests")
+        if self.learning:
+            nreq = np.bincount(grp[isreq], minlength=len(G.sess)).tolist()
+            for c, k in zip(G.chan, nreq):
+                if c is not None:
+                    c["requests"] += k
+        ops = np.flatnonzero((fn >= DNP3_SELECT) & (fn <= DNP3_DIRECT_NR))
+        if ops.shape[0]:
+            out += self._select_operate(G, grp, fn, ev, rows, ts, ops)
         answer = isreq & (fn != DNP3_DIRECT_NR)
-        allr = self._tail(s, np.where(answer, DIR_REQUEST, np.where(fn == 129, DIR_RESPONSE, 2)), seq, fn, fir, ts,
-                          ev.status[rows] == STATUS_OK)
-        judged = self._judged(key, s, answer)
+        kind = np.where(answer, DIR_REQUEST, np.where(fn == 129, DIR_RESPONSE, 2))
+        allr, agrp, cur = self._combined(G, grp, np.stack(
+            [kind, seq, fn, fir, ts, ev.status[rows] == STATUS_OK], axis=1).astype(np.int64))
+        judged = self._judged(G, grp, answer)
         if judged is None:
             return out
         # a solicited response's first fragment carries the SEQ of the request it answers (IEEE 1815
         # 4.2.2.4.4): one of the last two requests, and only one first fragment per request
         n = allr.shape[0]
         is_r = allr[:, 0] == DIR_REQUEST
-        idx = np.where(is_r, np.arange(n), -1)
-        last = np.maximum.accumulate(idx)
-        prev_idx = np.where(is_r, -1, last)  # for responses: the latest request before
-        # the request before that one
-        before = np.full(n, -1)
+        prev_idx = np.where(is_r, -1, _ffill(is_r, agrp))  # for responses: the latest request before
         req_pos = np.flatnonzero(is_r)
+        before_of_req = np.full(n, -1)
         if req_pos.shape[0] > 1:
-            before_of_req = np.full(n, -1)
-            before_of_req[req_pos[1:]] = req_pos[:-1]
-            before = np.where(prev_idx >= 0, before_of_req[np.maximum(prev_idx, 0)], -1)
+            same = agrp[req_pos[1:]] == agrp[req_pos[:-1]]
+            before_of_req[req_pos[1:]] = np.where(same, req_pos[:-1], -1)
+        before = np.where(prev_idx >= 0, before_of_req[np.maximum(prev_idx, 0)], -1)
         resp = (allr[:, 0] == DIR_RESPONSE) & (allr[:, 3] == 1)
         s1 = np.where(prev_idx >= 0, allr[np.maximum(prev_idx, 0), 1], -2)
         s2 = np.where(before >= 0, allr[np.maximum(before, 0), 1], -2)
@@ -354,27 +449,27 @@ class SessionModel:
         cum = np.cumsum(resp & (allr[:, 1] == s1))
         since = cum - np.where(prev_idx >= 0, cum[np.maximum(prev_idx, 0)], 0)
         dup = resp & (allr[:, 1] == s1) & (since > 1)
-        bad = ((resp & ~ok) | dup)[prior:] & judged
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            want = int(s1[prior + i])
+        bad = ((resp & ~ok) | dup)[cur] & judged
+        want_all = s1[cur]
+        for g in (np.unique(grp[bad]).tolist() if bad.any() else ()):
+            r = np.flatnonzero(bad & (grp == g))
+            i = int(r[0])
+            k, want = G.keys[g], int(want_all[i])
             out.append(self._finding(
-                "response_without_request", key, ts[bad], "high", "T0856",
-                f"DNP3 outstation {key[5]} at {ip_text(key[3])} sent {ip_text(key[1])} solicited responses that answer "
+                "response_without_request", k, ts[r], "high", "T0856",
+                f"DNP3 outstation {k[5]} at {ip_text(k[3])} sent {ip_text(k[1])} solicited responses that answer "
                 f"no request (SEQ {int(seq[i])}, " + (f"the last request had SEQ {want}" if want >= 0 else
                                                     "no request before it") + "): injected or replayed responses "
-                "(spoofed reporting)", fields={"seq": int(seq[i]), "request_seq": want, "outstation": key[5]}))
+                "(spoofed reporting)", fields={"seq": int(seq[i]), "request_seq": want, "outstation": k[5]}))
         return out
 
-    def _select_operate(self, key, s: _Session, c, fn, ev, rows, ts) -> list:
-        out = []
-        ops = np.flatnonzero(np.isin(fn, (DNP3_SELECT, DNP3_OPERATE, DNP3_DIRECT, DNP3_DIRECT_NR)))
-        if ops.shape[0] == 0:
-            return out
+    def _select_operate(self, G: "_Groups", grp, fn, ev, rows, ts, ops) -> list:
         obj, addr = ev.object[rows], ev.address[rows]
-        limit = max(self.select_timeout_s, 2 * c["select_s"]) if c is not None else self.select_timeout_s
-        lone, direct = [], []
+        lone: dict = {}
+        direct: dict = {}
         for i in ops.tolist():  # commands are few: one at a time, in order
+            g = int(grp[i])
+            s, c = G.sess[g], G.chan[g]
             f, t = int(fn[i]), int(ts[i])
             if f == DNP3_SELECT:
                 s.sel = (t, int(obj[i]), int(addr[i]))
@@ -383,148 +478,156 @@ class SessionModel:
             elif f == DNP3_OPERATE:
                 sel, s.sel = s.sel, None
                 matched = sel is not None and sel[1:] == (int(obj[i]), int(addr[i]))
+                limit = max(self.select_timeout_s, 2 * c["select_s"]) if c is not None else self.select_timeout_s
                 if matched and c is not None and self.learning:
                     c["select_s"] = max(c["select_s"], (t - sel[0]) / NS)
                 elif not self.learning and not (matched and (t - sel[0]) / NS <= limit):
-                    lone.append(i)
-            else:
-                if c is not None and self.learning:
-                    c["direct"] += 1
-                elif c is not None and c["select"] > 0 and c["direct"] == 0:
-                    direct.append(i)
-        if lone:
-            i = lone[0]
+                    lone.setdefault(g, []).append((i, limit))
+            elif c is not None and self.learning:
+                c["direct"] += 1
+            elif c is not None and c["select"] > 0 and c["direct"] == 0:
+                direct.setdefault(g, []).append(i)
+        out = []
+        for g, hits in lone.items():
+            (i, limit), k = hits[0], G.keys[g]
             out.append(self._finding(
-                "operate_without_select", key, ts[lone], "high", "T0855",
-                f"DNP3 OPERATE from {ip_text(key[1])} to outstation {key[5]} at {ip_text(key[3])} (object group "
+                "operate_without_select", k, ts[[h for h, _ in hits]], "high", "T0855",
+                f"DNP3 OPERATE from {ip_text(k[1])} to outstation {k[5]} at {ip_text(k[3])} (object group "
                 f"{int(obj[i])}, index {int(addr[i])}) without a matching SELECT in the {limit:g} s before it: "
                 "the select-before-operate check was bypassed (unauthorised command)",
                 fields={"object": int(obj[i]), "index": int(addr[i]), "select_timeout_s": limit}))
-        if direct:
-            i = direct[0]
+        for g, hits in direct.items():
+            i, k, c = hits[0], G.keys[g], G.chan[g]
             out.append(self._finding(
-                "direct_operate", key, ts[direct], "medium", "T0855",
+                "direct_operate", k, ts[hits], "medium", "T0855",
                 f"DNP3 {'DIRECT_OPERATE_NR' if int(fn[i]) == DNP3_DIRECT_NR else 'DIRECT_OPERATE'} from "
-                f"{ip_text(key[1])} to outstation {key[5]} at {ip_text(key[3])} (object group {int(obj[i])}, index "
+                f"{ip_text(k[1])} to outstation {k[5]} at {ip_text(k[3])} (object group {int(obj[i])}, index "
                 f"{int(addr[i])}); this channel used SELECT/OPERATE ({c['select']} selects) and never direct operate "
                 "while learning", fields={"object": int(obj[i]), "index": int(addr[i]), "function": int(fn[i])}))
         return out
 
     # -- IEC 60870-5-104 -----------------------------------------------------------------------
-    def _iec104(self, key, s: _Session, ev: EventBatch, rows: np.ndarray) -> list:
+    def _iec104(self, G: "_Groups", ev: EventBatch, rows: np.ndarray) -> list:
         out = []
+        grp = G.grp
         fn = ev.function[rows].astype(np.int64)
         d, ts = ev.direction[rows].astype(np.int64), ev.ts[rows]
         ns, nr = ev.seq[rows].astype(np.int64), ev.ack[rows].astype(np.int64)
-        c = self._channel(key)
         # N(S) out of order: the parser's own flags
         rs = ev.reason[rows]
-        flagged = np.flatnonzero((rs == REASON_SEQ_GAP) | (rs == REASON_SEQ_REPEAT))
-        if flagged.shape[0] and not self.learning:
-            i = int(flagged[0])
-            what = "repeats an earlier N(S)" if rs[i] == REASON_SEQ_REPEAT else "skips N(S) ahead"
-            out.append(self._finding(
-                "seq_jump", key, ts[flagged], "medium", "T0830",
-                f"IEC-104 {_who(PROTO_IEC104, bool(d[i] == DIR_RESPONSE))} {ip_text(key[3] if d[i] else key[1])} "
-                f"sent an I-frame that {what} (N(S) {int(ns[i])}): a replayed or injected APDU in the session",
-                fields={"ns": int(ns[i]), "reason": "seq_repeat" if rs[i] == REASON_SEQ_REPEAT else "seq_gap"}))
-        out += self._iec_counters(key, s, c, fn, d, ts, ns, nr)
-        out += self._iec_handshakes(key, s, c, fn, d, ts, ev, rows)
+        flagged = (rs == REASON_SEQ_GAP) | (rs == REASON_SEQ_REPEAT)
+        if flagged.any() and not self.learning:
+            for g in np.unique(grp[flagged]).tolist():
+                r = np.flatnonzero(flagged & (grp == g))
+                i, k = int(r[0]), G.keys[g]
+                what = "repeats an earlier N(S)" if rs[i] == REASON_SEQ_REPEAT else "skips N(S) ahead"
+                out.append(self._finding(
+                    "seq_jump", k, ts[r], "medium", "T0830",
+                    f"IEC-104 {_who(PROTO_IEC104, bool(d[i] == DIR_RESPONSE))} {ip_text(k[3] if d[i] else k[1])} "
+                    f"sent an I-frame that {what} (N(S) {int(ns[i])}): a replayed or injected APDU in the session",
+                    fields={"ns": int(ns[i]), "reason": "seq_repeat" if rs[i] == REASON_SEQ_REPEAT else "seq_gap"}))
+        out += self._iec_counters(G, grp, fn, d, ts, ns, nr)
+        hs = np.flatnonzero(((fn >= 513) & (fn <= 518)) |
+                            (((fn >= IEC_COMMANDS.start) & (fn < IEC_COMMANDS.stop)) |
+                             ((fn >= IEC_SYSTEM.start) & (fn < IEC_SYSTEM.stop))) &
+                            np.isin(ev.cause[rows], (COT_ACT, COT_ACTCON, COT_DEACT, COT_DEACTCON, COT_ACTTERM) +
+                                    COT_NEGATIVE))
+        if hs.shape[0]:
+            out += self._iec_handshakes(G, grp, fn, d, ts, ev.cause[rows], ev.address[rows], hs)
         return out
 
-    def _iec_counters(self, key, s: _Session, c, fn, d, ts, ns, nr) -> list:
+    def _iec_counters(self, G: "_Groups", grp, fn, d, ts, ns, nr) -> list:
         """N(R) against the peer's N(S); k and w (IEC 60870-5-104 §5.5).
 
-        ``s.iec`` carries, per side (0 controlling, 1 controlled), the next N(S) it will send
+        ``_Session.iec`` carries, per side (0 controlling, 1 controlled), the next N(S) it will send
         (``iec[side]``) and the last N(R) it sent (``iec[2 + side]``), -1 while unknown."""
-        out = []
+        ng = len(G.sess)
+        st = np.array([s.iec for s in G.sess], dtype=np.int64).reshape(ng, 4)
+        new = st.copy()
         is_i = (fn < FUNC_S) & (ns >= 0)
         has_nr = (nr >= 0) & ((fn == FUNC_S) | is_i)
-        n = fn.shape[0]
-        pos = np.arange(n)
-        st = s.iec
-        rel: dict = {"ahead": [], "back": []}
-        k_max = w_max = 0
-        k_rows: list = []
-        w_rows: list = []
-        k_lim = max(IEC_K, c["k"] if c else 0)
-        w_lim = max(IEC_W, c["w"] if c else 0)
-        nxt = [st[0], st[1]]
+        ends = _ends(grp)
+        eg = grp[ends]
+        k_lim = np.array([max(IEC_K, c["k"] if c else 0) for c in G.chan], dtype=np.int64)
+        w_lim = np.array([max(IEC_W, c["w"] if c else 0) for c in G.chan], dtype=np.int64)
+        k_max = np.zeros(ng, np.int64)
+        w_max = np.zeros(ng, np.int64)
+        bad = {"ahead": np.zeros(grp.shape[0], bool), "back": np.zeros(grp.shape[0], bool),
+               "k": np.zeros(grp.shape[0], bool), "w": np.zeros(grp.shape[0], bool)}
         for me in (0, 1):
             peer = 1 - me
             p_i = is_i & (d == peer)
-            # the peer's next N(S) at each row (its latest I-frame at or before the row)
-            li = np.maximum.accumulate(np.where(p_i, pos, -1))
-            peer_next = np.where(li >= 0, (ns[np.maximum(li, 0)] + 1) % IEC_MOD, st[peer])
-            # my N(R) at each row (my latest acknowledgement at or before it)
+            li = _ffill(p_i, grp)  # the peer's latest I-frame at or before each row
+            peer_next = np.where(li >= 0, (ns[np.maximum(li, 0)] + 1) % IEC_MOD, st[grp, peer])
             m_ack = (d == me) & has_nr
-            la = np.maximum.accumulate(np.where(m_ack, pos, -1))
-            acked = np.where(la >= 0, nr[np.maximum(la, 0)], st[2 + me])
+            la = _ffill(m_ack, grp)  # my latest acknowledgement at or before each row
+            acked = np.where(la >= 0, nr[np.maximum(la, 0)], st[grp, 2 + me])
             mine = np.flatnonzero(m_ack)
             if mine.shape[0]:
-                pn = peer_next[mine]
+                pn, mg = peer_next[mine], grp[mine]
                 fwd = (nr[mine] - pn) % IEC_MOD
-                ahead = (pn >= 0) & (fwd > 0) & (fwd < IEC_HALF)  # acknowledges frames never sent
-                prev = np.r_[st[2 + me], nr[mine][:-1]]
+                bad["ahead"][mine[(pn >= 0) & (fwd > 0) & (fwd < IEC_HALF)]] = True  # acknowledges frames never sent
+                prev = np.empty(mine.shape[0], np.int64)
+                prev[1:] = nr[mine][:-1]
+                f0 = _starts(mg)
+                prev[f0] = st[mg[f0], 2 + me]
                 bwd = (prev - nr[mine]) % IEC_MOD
-                back = (prev >= 0) & (bwd > 0) & (bwd < IEC_HALF)
-                rel["ahead"] += mine[ahead].tolist()
-                rel["back"] += mine[back].tolist()
+                bad["back"][mine[(prev >= 0) & (bwd > 0) & (bwd < IEC_HALF)]] = True
                 # w: I-frames I had received and not acknowledged when I acknowledged
                 lag = np.where((pn >= 0) & (prev >= 0), (pn - prev) % IEC_MOD, 0)
                 lag = np.where(lag < IEC_HALF, lag, 0)
-                w_max = max(w_max, int(lag.max()))
-                w_rows += mine[lag > w_lim].tolist()
-                st[2 + me] = int(nr[mine][-1])
+                np.maximum.at(w_max, mg, lag)
+                bad["w"][mine[lag > w_lim[mg]]] = True
             # k: the peer's I-frames not yet acknowledged by me, right after each one it sent
             sent = np.flatnonzero(p_i)
             if sent.shape[0]:
                 a = acked[sent]
                 un = np.where(a >= 0, (ns[sent] + 1 - a) % IEC_MOD, 0)
                 un = np.where(un < IEC_HALF, un, 0)
-                k_max = max(k_max, int(un.max()))
-                k_rows += sent[un > k_lim].tolist()
-                nxt[peer] = int((ns[sent[-1]] + 1) % IEC_MOD)
-        st[0], st[1] = nxt
+                np.maximum.at(k_max, grp[sent], un)
+                bad["k"][sent[un > k_lim[grp[sent]]]] = True
+            new[eg, peer] = peer_next[ends]
+            new[eg, 2 + me] = acked[ends]
+        for g, s in enumerate(G.sess):
+            s.iec = new[g].tolist()
         if self.learning:
-            if c is not None:
-                c["k"], c["w"] = max(c["k"], k_max), max(c["w"], w_max)
-            return out
-        for kind, idx in rel.items():
-            if not idx:
-                continue
-            i = idx[0]
-            who = _who(PROTO_IEC104, bool(d[i] == DIR_RESPONSE))
-            text = ("acknowledges I-frames its peer never sent" if kind == "ahead" else
-                    "acknowledges fewer I-frames than it already had (N(R) went back)")
-            out.append(self._finding(
-                "seq_jump", key, ts[idx], "medium", "T0830",
-                f"IEC-104 {who} {ip_text(key[3] if d[i] else key[1])} {text} (N(R) {int(nr[i])}): an injected or "
-                "replayed APDU in the session", fields={"nr": int(nr[i]), "check": f"nr_{kind}"}))
-        if k_rows:
-            out.append(self._finding(
-                "flow_control", key, ts[sorted(k_rows)], "medium", "T0830",
-                f"IEC-104 session {ip_text(key[1])} - {ip_text(key[3])} had more than {k_lim} I-frames "
-                f"unacknowledged (k: standard {IEC_K}, learned {c['k'] if c else '-'}): a sender that ignores flow "
-                "control, such as a tool injecting APDUs", fields={"k_limit": k_lim}))
-        if w_rows:
-            out.append(self._finding(
-                "flow_control", key, ts[sorted(w_rows)], "low", "T0830",
-                f"IEC-104 session {ip_text(key[1])} - {ip_text(key[3])}: a receiver acknowledged more than {w_lim} "
-                f"I-frames at once (w: standard {IEC_W}, learned {c['w'] if c else '-'})", fields={"w_limit": w_lim}))
+            for g, c in enumerate(G.chan):
+                if c is not None:
+                    c["k"], c["w"] = max(c["k"], int(k_max[g])), max(c["w"], int(w_max[g]))
+            return []
+        out = []
+        for kind, mask in bad.items():
+            for g in (np.unique(grp[mask]).tolist() if mask.any() else ()):
+                r = np.flatnonzero(mask & (grp == g))
+                i, k, c = int(r[0]), G.keys[g], G.chan[g]
+                if kind in ("ahead", "back"):
+                    text = ("acknowledges I-frames its peer never sent" if kind == "ahead" else
+                            "acknowledges fewer I-frames than it already had (N(R) went back)")
+                    out.append(self._finding(
+                        "seq_jump", k, ts[r], "medium", "T0830",
+                        f"IEC-104 {_who(PROTO_IEC104, bool(d[i] == DIR_RESPONSE))} {ip_text(k[3] if d[i] else k[1])} "
+                        f"{text} (N(R) {int(nr[i])}): an injected or replayed APDU in the session",
+                        fields={"nr": int(nr[i]), "check": f"nr_{kind}"}))
+                elif kind == "k":
+                    out.append(self._finding(
+                        "flow_control", k, ts[r], "medium", "T0830",
+                        f"IEC-104 session {ip_text(k[1])} - {ip_text(k[3])} had more than {int(k_lim[g])} I-frames "
+                        f"unacknowledged (k: standard {IEC_K}, learned {c['k'] if c else '-'}): a sender that "
+                        "ignores flow control, such as a tool injecting APDUs", fields={"k_limit": int(k_lim[g])}))
+                else:
+                    out.append(self._finding(
+                        "flow_control", k, ts[r], "low", "T0830",
+                        f"IEC-104 session {ip_text(k[1])} - {ip_text(k[3])}: a receiver acknowledged more than "
+                        f"{int(w_lim[g])} I-frames at once (w: standard {IEC_W}, learned {c['w'] if c else '-'})",
+                        fields={"w_limit": int(w_lim[g])}))
         return out
 
-    def _iec_handshakes(self, key, s: _Session, c, fn, d, ts, ev, rows) -> list:
+    def _iec_handshakes(self, G: "_Groups", grp, fn, d, ts, cause, addr, hs) -> list:
         """U-format act/con and command activation/confirmation (IEC 60870-5-104 §5.3, -101 §7.2.3)."""
-        out = []
-        cause = ev.cause[rows].astype(np.int64)
-        addr = ev.address[rows]
-        hs = np.flatnonzero(((fn >= 513) & (fn <= 518)) |
-                            (((fn >= IEC_COMMANDS.start) & (fn < IEC_COMMANDS.stop)) |
-                             ((fn >= IEC_SYSTEM.start) & (fn < IEC_SYSTEM.stop))) &
-                            np.isin(cause, (COT_ACT, COT_ACTCON, COT_DEACT, COT_DEACTCON, COT_ACTTERM) + COT_NEGATIVE))
-        orphan = []
+        orphan: dict = {}
         for i in hs.tolist():  # handshakes are few
+            g = int(grp[i])
+            s, c = G.sess[g], G.chan[g]
             f, t, side = int(fn[i]), int(ts[i]), int(d[i])
             if f in U_ACT_CON:
                 s.pending_u[(f, side)] = t
@@ -536,14 +639,13 @@ class SessionModel:
                     if self.learning and c is not None:
                         c["con_s"] = max(c["con_s"], (t - p) / NS)
                 elif not self.learning:
-                    orphan.append((i, f"{U_NAMES[act]} con without a {U_NAMES[act]} act"))
+                    orphan.setdefault(g, []).append((i, f"{U_NAMES[act]} con without a {U_NAMES[act]} act"))
                 continue
             cot = int(cause[i])
             ioa = int(addr[i]) if f in IEC_COMMANDS else 0
             if cot in (COT_ACT, COT_DEACT):
-                if side == DIR_REQUEST:
-                    if len(s.pending_act) < 64:
-                        s.pending_act[(f, ioa)] = [t, False, cot]
+                if side == DIR_REQUEST and len(s.pending_act) < 64:
+                    s.pending_act[(f, ioa)] = [t, False, cot]
                 continue
             if side != DIR_RESPONSE:
                 continue
@@ -558,20 +660,22 @@ class SessionModel:
                         c["confirmed"].append(f)
             elif cot == COT_ACTTERM and p is not None:
                 del s.pending_act[(f, ioa)]
-            elif not self.learning and not (p is not None and cot in (COT_ACTCON, COT_DEACTCON)):
+            elif not self.learning:
                 name = {COT_ACTCON: "activation confirmation", COT_DEACTCON: "deactivation confirmation",
                         COT_ACTTERM: "activation termination"}[cot]
-                orphan.append((i, f"{name} of type {f} (IOA {ioa}) for a command never sent on this connection"))
-        # confirmations that were answered long ago stay until ACT_TERM: drop them after t1 so they stay bounded
-        for k in [k for k, v in s.pending_act.items() if v[1] and ts[-1] - v[0] > 600 * NS]:
-            del s.pending_act[k]
-        if orphan:
-            i, text = orphan[0]
+                orphan.setdefault(g, []).append(
+                    (i, f"{name} of type {f} (IOA {ioa}) for a command never sent on this connection"))
+        for s in G.sess:  # confirmed activations wait for ACT_TERM; bounded: gone after ten minutes
+            for k in [k for k, v in s.pending_act.items() if v[1] and s.last - v[0] > 600 * NS]:
+                del s.pending_act[k]
+        out = []
+        for g, hits in orphan.items():
+            (i, text), k = hits[0], G.keys[g]
             out.append(self._finding(
-                "response_without_request", key, ts[[o for o, _ in orphan]], "high", "T0856",
+                "response_without_request", k, ts[[h for h, _ in hits]], "high", "T0856",
                 f"IEC-104 {_who(PROTO_IEC104, bool(d[i] == DIR_RESPONSE))} "
-                f"{ip_text(key[3] if d[i] == DIR_RESPONSE else key[1])} sent {text} (to "
-                f"{ip_text(key[1] if d[i] == DIR_RESPONSE else key[3])}): a spoofed or replayed confirmation",
+                f"{ip_text(k[3] if d[i] == DIR_RESPONSE else k[1])} sent {text} (to "
+                f"{ip_text(k[1] if d[i] == DIR_RESPONSE else k[3])}): a spoofed or replayed confirmation",
                 fields={"type": int(fn[i]), "cause": int(cause[i])}))
         return out
 
@@ -631,32 +735,30 @@ class SessionModel:
                 self.concurrency[sk] = max(self.concurrency.get(sk, 0), 1)
             return []
         ks = list(conns)
-        span = np.array([conns[k][:2] for k in ks], dtype=np.int64)
-        f, l = span[:, 0], span[:, 1]
+        spans = [conns[k] for k in ks]
+        same_host = sk[0] == PROTO_MODBUS  # a Modbus server serves many clients: only a host's own second session
         # session j began while session i was talking, and i talked again after (a reconnect never does)
-        inside = (f[None, :] > f[:, None]) & (f[None, :] < l[:, None])
-        if sk[0] == PROTO_MODBUS:  # a Modbus server serves many clients: only a host's own second session counts
-            host = np.array([k[0] for k in ks], dtype=np.int64)
-            inside &= host[None, :] == host[:, None]
-        count = 1 + inside.sum(axis=0)
+        inside = [[i for i in range(len(ks)) if spans[i][0] < spans[j][0] < spans[i][1] and
+                   (not same_host or ks[i][0] == ks[j][0])] for j in range(len(ks))]
+        count = [1 + len(x) for x in inside]
         if self.learning:
-            self.concurrency[sk] = max(self.concurrency.get(sk, 0), int(count.max()))
+            self.concurrency[sk] = max(self.concurrency.get(sk, 0), max(count))
             return []
         allowed = self.concurrency.get(sk)
         if allowed is None:
             allowed = 1  # one master per outstation / controlling station per controlled station
         out = []
-        for j in np.flatnonzero(count > allowed).tolist():
-            if conns[ks[j]][2]:
+        for j in [j for j, n in enumerate(count) if n > allowed]:
+            if spans[j][2]:
                 continue
-            conns[ks[j]][2] = True
-            i = int(np.flatnonzero(inside[:, j])[0])
+            spans[j][2] = True
+            i = inside[j][0]
             (c_new, p_new), (c_old, p_old) = ks[j], ks[i]
             proto = sk[0]
             same = "the same host" if c_new == c_old else "another host"
             out.append(Finding(
                 rule="sessions.second_session", detector=self.name,
-                severity="medium" if proto == PROTO_MODBUS else "high", first_ts=int(f[j]), last_ts=int(l[j]),
+                severity="medium" if proto == PROTO_MODBUS else "high", first_ts=spans[j][0], last_ts=spans[j][1],
                 src=c_new, dst=sk[1], protocol=proto, sport=p_new, dport=sk[2],
                 entity=f"{ip_text(c_new)}:{p_new}>{ip_text(sk[1])}:{sk[2]}/{proto}",
                 message=(f"a second {protocol_text(proto)} {_who(proto, False)} session to {_who(proto, True)} "
