@@ -267,7 +267,7 @@ class SessionModel:
         ck = (key[0], key[1], key[3], key[4])
         c = self.channels.get(ck)
         if c is None and self.learning and len(self.channels) < self.max_channels:
-            c = self.channels[ck] = {"steps": 0, "unit_steps": 0, "max_step": 0, "requests": 0, "select": 0,
+            c = self.channels[ck] = {"steps": 0, "unit_steps": 0, "max_step": 0, "select": 0,
                                      "direct": 0, "select_s": 0.0, "k": 0, "w": 0, "con_s": 0.0, "confirmed": []}
         return c
 
@@ -303,7 +303,8 @@ class SessionModel:
             return []
         allowed = np.array([max(1, c["max_step"]) if c is not None and c["steps"] >= MIN_LEARNED and
                             c["unit_steps"] >= CONFORM * c["steps"] else mod for c in G.chan], dtype=np.int64)
-        bad = known & (step > allowed[grp])
+        # back to 0 or 1 is a counter that wrapped (some clients count in 8 bits) or restarted
+        bad = known & (step > allowed[grp]) & (seq > 1)
         out = []
         for g in (np.unique(grp[bad]).tolist() if bad.any() else ()):  # the channel counts up; this jumped
             rows = np.flatnonzero(bad & (grp == g))
@@ -340,9 +341,10 @@ class SessionModel:
     def _judged(self, G: "_Groups", grp, isreq) -> np.ndarray | None:
         """Which of this batch's rows may be judged as responses (None: none).
 
-        Requests must be visible (seen before in the session, in this batch, or on the channel while
-        learning: a capture of one direction only shows no requests).  A session that began before
-        we looked (after a reload) is judged from its first request on."""
+        Requests must be visible in the session itself (seen before or in this batch): a capture of one
+        direction, requests the parser could not read, or a device on the server port that opens the
+        connection and talks first show none.  A session that began before we looked (after a
+        reload) is judged from its first request on."""
         has_req = np.bincount(grp[isreq], minlength=len(G.sess)).tolist()
         ok_g = np.zeros(len(G.sess), bool)
         late = []
@@ -350,8 +352,7 @@ class SessionModel:
             before = s.req_seen
             if has_req[g]:
                 s.req_seen = True
-            c = G.chan[g]
-            ok_g[g] = bool(before or has_req[g] or (c is not None and c["requests"] > 0))
+            ok_g[g] = bool(before or has_req[g])
             if before is None:
                 late.append(g)
         if self.learning or not ok_g.any():
@@ -369,11 +370,6 @@ class SessionModel:
         d, seq, ts, fn = ev.direction[rows], ev.seq[rows].astype(np.int64), ev.ts[rows], ev.function[rows]
         isreq = d == DIR_REQUEST
         out = self._steps(G, grp[isreq], seq[isreq], ts[isreq], 1 << 16, "the Modbus transaction id")
-        if self.learning:
-            nreq = np.bincount(grp[isreq], minlength=len(G.sess)).tolist()
-            for c, k in zip(G.chan, nreq):
-                if c is not None:
-                    c["requests"] += k
         one = np.ones(seq.shape[0], np.int64)
         allr, agrp, cur = self._combined(G, grp, np.stack([d, seq, fn, 0 * one, ts, one], axis=1).astype(np.int64))
         judged = self._judged(G, grp, isreq)
@@ -413,11 +409,6 @@ class SessionModel:
         # requests that expect a response: everything but CONFIRM (0) and DIRECT_OPERATE_NR (6)
         isreq = (d == DIR_REQUEST) & (fn != 0)
         out = self._steps(G, grp[isreq], seq[isreq], ts[isreq], 16, "the DNP3 application sequence number of requests")
-        if self.learning:
-            nreq = np.bincount(grp[isreq], minlength=len(G.sess)).tolist()
-            for c, k in zip(G.chan, nreq):
-                if c is not None:
-                    c["requests"] += k
         ops = np.flatnonzero((fn >= DNP3_SELECT) & (fn <= DNP3_DIRECT_NR))
         if ops.shape[0]:
             out += self._select_operate(G, grp, fn, ev, rows, ts, ops)

@@ -70,6 +70,28 @@ def test_modbus_transaction_id_jump_and_unanswered_response():
     assert rules(f) == ["response_without_request"] and f[0].severity == "high" and f[0].technique == "T0856"
 
 
+def test_modbus_counter_that_wraps_in_eight_bits_is_not_a_jump():
+    r = Rows()
+    modbus_poll(r, 0, 60, tid0=150)
+    m = learned(r)
+    for i in range(30):  # 210 ... 255, then 0: the client counts in one octet
+        t, tid = 60 + i, (210 + i) % 256
+        r.pdu(PROTO_MODBUS, t, DIR_REQUEST, (MASTER, 40000), (SERVER, 502), 3, seq=tid)
+        r.pdu(PROTO_MODBUS, t + 0.01, DIR_RESPONSE, (MASTER, 40000), (SERVER, 502), 3, seq=tid)
+    assert m.findings(r.build()) == []
+
+
+def test_modbus_session_showing_no_request_is_not_judged():
+    """A device on the server port that opens the connection and talks first, or requests the parser
+    could not read: a session without a visible request has nothing to match its responses against."""
+    r = Rows()
+    modbus_poll(r, 0, 60)
+    m = learned(r)
+    for i in range(5):
+        r.pdu(PROTO_MODBUS, 60 + i, DIR_RESPONSE, (MASTER, 40009), (SERVER, 502), 1, seq=1)
+    assert m.findings(r.build()) == []
+
+
 def test_modbus_responses_only_capture_is_not_judged():
     """A capture that shows one direction only has no requests to match: nothing is flagged."""
     r = Rows()
