@@ -34,7 +34,8 @@ flow_control             IEC-104 k (unacknowledged I-frames, 12) or w (I-frames 
                          maximum of the channel
 ======================== ==========================================================================
 
-S-frames and U-frames are link mechanics here (acknowledgements and keep-alives), never functions.
+S-frames and U-frames are link mechanics here (acknowledgements and keep-alives, as
+:func:`models.function_classes.is_mechanics` says), checked for what they are, never as functions.
 Every finding names the client and the server.  State is bounded: at most ``max_sessions``
 sessions (least recently seen evicted), ``max_channels`` learned channels, a fixed tail per
 session.
@@ -85,26 +86,6 @@ KEEP_CONN_S = 3600.0  # connections remembered per server for the concurrency te
 
 RULES = ("second_session", "seq_jump", "response_without_request", "operate_without_select", "direct_operate",
          "unconfirmed_command", "flow_control")
-
-
-def mechanics(ev: EventBatch) -> np.ndarray:
-    """Rows that are link or transport mechanics rather than functions: IEC-104 S-frames and
-    STARTDT/STOPDT/TESTFR U-frames (acknowledgements and keep-alives sent when k, w and t1-t3 say so),
-    DNP3 link-only frames (function 1000+) and application CONFIRM (0).  This model checks them (k, w,
-    act/con); an allow-list of functions should not count them as functions.
-
-    >>> from parsers.events import EventBuilder, StreamContext
-    >>> b = EventBuilder(); ctx = StreamContext()
-    >>> for proto, fc in ((PROTO_IEC104, 512), (PROTO_IEC104, 517), (PROTO_IEC104, 45), (PROTO_DNP3, 0),
-    ...                   (PROTO_DNP3, 1009), (PROTO_DNP3, 5), (PROTO_MODBUS, 0)):
-    ...     _ = b.pdu(ctx, proto, function=fc)
-    >>> mechanics(b.build()).tolist()
-    [True, True, False, True, True, False, False]
-    """
-    fn, proto = ev.function, ev.protocol
-    iec = (proto == PROTO_IEC104) & (fn >= FUNC_S) & (fn <= 518)
-    dnp = (proto == PROTO_DNP3) & ((fn == 0) | (fn >= 1000))
-    return (ev.kind == KIND_PDU) & (iec | dnp)
 
 
 def _who(proto: int, server: bool) -> str:
