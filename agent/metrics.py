@@ -45,6 +45,7 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from models.function_classes import CLASS_NAMES, N_CLASSES, function_class
+from models.sessions import RULES as SESSION_RULES
 from parsers.events import KIND_PDU, PROTOCOL_NAMES, REASON_NAMES
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,7 @@ KNOWN_RULES = (
     "cycle.latency", "cycle.period", "cycle.burst", "cycle.inactive", "cycle.flood",
     "process.out_of_range", "process.fast_change", "process.stuck", "process.new_point", "process.inconsistent",
     "parser.errors", "ml.river", "ml.pyod", "inventory.new_asset",
-    *(f"sessions.{r}" for r in ("second_session", "seq_jump", "response_without_request", "operate_without_select",
-                                "direct_operate", "unconfirmed_command", "flow_control")),
+    *(f"sessions.{r}" for r in SESSION_RULES),
 )
 #: Alert rule names are code-defined ("allowlist.new_talker", ...), but a label must stay bounded
 #: even if a rule name were ever built from data: after this many distinct names, "other".

@@ -131,8 +131,7 @@ def _ffill(mask: np.ndarray, grp: np.ndarray) -> np.ndarray:
 class _Session:
     """What one session carries from batch to batch (small, fixed size)."""
 
-    __slots__ = ("first", "last", "tail", "req_seq", "req_seen", "sel", "pending_act", "pending_u", "iec",
-                 "reported", "rows")
+    __slots__ = ("first", "last", "tail", "req_seq", "req_seen", "sel", "pending_act", "pending_u", "iec", "rows")
 
     def __init__(self, t: int):
         self.first = self.last = t
@@ -142,11 +141,10 @@ class _Session:
         self.req_seq = -1  # the last request's sequence number (Modbus tid / DNP3 app SEQ)
         self.req_seen = False  # a request was seen in this session
         self.sel: tuple | None = None  # DNP3: last SELECT (ts, object, address)
-        self.pending_act: dict = {}  # IEC-104: (type, ioa) -> activation ts
-        self.pending_u: dict = {}  # IEC-104: act function -> (ts, side)
+        self.pending_act: dict = {}  # IEC-104: (type, ioa) -> [activation ts, confirmed, cause]
+        self.pending_u: dict = {}  # IEC-104: (U act function, side that sent it) -> ts
         # IEC-104 per side (0 controlling, 1 controlled): next N(S) to send, last N(R) sent
         self.iec = [-1, -1, -1, -1]
-        self.reported = False
 
 
 class SessionModel:
