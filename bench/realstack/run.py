@@ -19,8 +19,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
-    DEVICES, MASTER, Capture, Labels, PayloadRecorder, Timing, log, port_open, spawn_role, stop, wait_port,
+from common import (
+    DEVICES,
+    MASTER,
+    Capture,
+    Labels,
+    PayloadRecorder,
+    Timing,
+    log,
+    port_open,
+    spawn_role,
+    stop,
+    wait_port,
 )
 
 PROTOCOLS = ("modbus", "dnp3", "iec104")
@@ -46,7 +56,9 @@ def record(proto: str, timing: Timing, seed: int, out: Path) -> tuple[Path, Path
     ctx = Context(proto, timing, random.Random(seed))
     master = recorder = None
     if port_open(host, port):
-        raise SystemExit(f"realstack {proto}: something already listens on {host}:{port} (another harness run?)")
+        raise SystemExit(
+            f"realstack {proto}: something already listens on {host}:{port} (another harness run?)"
+        )
     server = spawn_role(proto, "server", seed, timing, out)
     try:
         wait_port(host, port)  # before the capture starts: the probe is the harness's, not the plant's
@@ -97,13 +109,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--protocol", default="all", choices=PROTOCOLS + ("all",))
     ap.add_argument("--benign", type=float, default=600.0, help="benign lead-in, seconds (default 600)")
-    ap.add_argument("--gap", type=float, default=45.0, help="benign seconds between attack stages (default 45)")
-    ap.add_argument("--tail", type=float, default=75.0, help="benign seconds after the last stage (default 75)")
+    ap.add_argument(
+        "--gap", type=float, default=45.0, help="benign seconds between attack stages (default 45)"
+    )
+    ap.add_argument(
+        "--tail", type=float, default=75.0, help="benign seconds after the last stage (default 75)"
+    )
     ap.add_argument("--flood", type=float, default=10.0, help="flood stage length, seconds (default 10)")
-    ap.add_argument("--command-every", type=float, default=150.0,
-                    help="mean seconds between the operator's commands (default 150)")
-    ap.add_argument("--scale", type=float, default=1.0,
-                    help="multiply every duration above (not the polling periods) by this, e.g. 0.05 for a test")
+    ap.add_argument(
+        "--command-every",
+        type=float,
+        default=150.0,
+        help="mean seconds between the operator's commands (default 150)",
+    )
+    ap.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every duration above (not the polling periods) by this, e.g. 0.05 for a test",
+    )
     ap.add_argument("--out", type=Path, default=Path("realstack-out"))
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--role", choices=("server", "master"), help=argparse.SUPPRESS)
@@ -124,9 +148,24 @@ def main(argv=None) -> int:
     # each protocol in its own process: three captures recorded at the same time
     import subprocess
 
-    passthrough = ["--benign", str(args.benign), "--gap", str(args.gap), "--tail", str(args.tail), "--flood",
-                   str(args.flood), "--command-every", str(args.command_every), "--scale", str(args.scale),
-                   "--out", str(args.out), "--seed", str(args.seed)]
+    passthrough = [
+        "--benign",
+        str(args.benign),
+        "--gap",
+        str(args.gap),
+        "--tail",
+        str(args.tail),
+        "--flood",
+        str(args.flood),
+        "--command-every",
+        str(args.command_every),
+        "--scale",
+        str(args.scale),
+        "--out",
+        str(args.out),
+        "--seed",
+        str(args.seed),
+    ]
     procs = [subprocess.Popen([sys.executable, __file__, "--protocol", p] + passthrough) for p in protos]
     try:
         codes = [p.wait() for p in procs]
