@@ -109,13 +109,37 @@ def master(seed: int, command_every: float) -> None:
         io_address=IOA_BREAKER_CMD, type=c104.Type.C_SC_NA_1, command_mode=c104.CommandMode.SELECT_AND_EXECUTE
     )
     sp = st.add_point(io_address=IOA_SETPOINT, type=c104.Type.C_SE_NC_1)
+    last_i = [time.time()]
+
+    def on_raw(connection: c104.Connection, data: bytes) -> None:
+        if len(data) > 2 and data[2] & 1 == 0:  # an I-frame from the RTU: data transfer is running
+            last_i[0] = time.time()
+
+    conn.on_receive_raw(callable=on_raw)
     client.start()
     next_gi = time.time() + GI_EVERY
     next_cmd = time.time() + rng.uniform(0.3, 0.7) * command_every
     while True:
         time.sleep(0.5)
         try:
-            if not conn.is_connected:
+            if conn.state == c104.ConnectionState.OPEN_MUTED:
+                # in one run of five c104 opened the connection without its STARTDT (cause not
+                # found): the RTU then sends nothing and closes on the first command.  Start data
+                # transfer as the Init would have, with the GI that follows it
+                lg.warning("connection open without STARTDT: unmuting")
+                if conn.unmute():
+                    conn.interrogation(
+                        common_address=CA, cause=c104.Cot.ACTIVATION, qualifier=c104.Qoi.STATION
+                    )
+                continue
+            if conn.state != c104.ConnectionState.OPEN:
+                last_i[0] = time.time()
+                continue
+            if time.time() - last_i[0] > 30:  # open, yet nothing for 30 s: start over with a fresh Init
+                lg.warning("no I-frame from the RTU for 30 s: reconnecting")
+                conn.disconnect()
+                conn.connect()
+                last_i[0] = time.time()
                 continue
             if time.time() >= next_gi:
                 conn.interrogation(common_address=CA, cause=c104.Cot.ACTIVATION, qualifier=c104.Qoi.STATION)
