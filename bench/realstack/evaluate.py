@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("dir", type=Path, help="output directory of run.py")
     ap.add_argument("--learn", default="600s", help="learning window passed to eval (default 600s)")
     ap.add_argument("--json", type=Path, help="also write every protocol's eval result here")
+    ap.add_argument("--markdown", action="store_true", help="print the stage table as Markdown")
     ap.add_argument("extra", nargs="*", help="more eval options, after --")
     args = ap.parse_args(argv)
     results, rows = {}, []
@@ -77,9 +78,14 @@ def main(argv=None) -> int:
             )
     if not results:
         raise SystemExit(f"evaluate: no <proto>.pcap with labels in {args.dir}")
-    print(f"{'protocol':8} {'stage':22} {'detected':8} {'<=end+10s':9} {'TTD s':>7}  rules")
-    for proto, stage, det, target, ttd, rules in rows:
-        print(f"{proto:8} {stage:22} {det:8} {target:9} {ttd:>7}  {rules}")
+    if args.markdown:
+        print("| protocol | stage | detected | <=end+10s | TTD s | rules |\n|---|---|---|---|---|---|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        print(f"{'protocol':8} {'stage':22} {'detected':8} {'<=end+10s':9} {'TTD s':>7}  rules")
+        for proto, stage, det, target, ttd, rules in rows:
+            print(f"{proto:8} {stage:22} {det:8} {target:9} {ttd:>7}  {rules}")
     print()
     print(
         f"{'protocol':8} {'detected':>9} {'<=end+10s':>9} {'false':>6} {'benign h':>9} {'false/h':>8}  false-alert rules"
