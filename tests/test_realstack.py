@@ -65,21 +65,9 @@ def _record(out: Path, *args: str, timeout: float) -> None:
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("realstack")
-    # ~80 s for all three at once: 30 s of polling, commands every ~15 s, short gaps and flood
-    _record(
-        out,
-        "--benign",
-        "30",
-        "--gap",
-        "3",
-        "--tail",
-        "5",
-        "--flood",
-        "2",
-        "--command-every",
-        "15",
-        timeout=300,
-    )
+    # ~75 s for all three at once: 25 s of polling, commands every ~12 s, short gaps and flood
+    timing = {"--benign": 25, "--gap": 2, "--tail": 5, "--flood": 2, "--command-every": 12}
+    _record(out, *(str(x) for kv in timing.items() for x in kv), timeout=300)
     return out
 
 
