@@ -76,6 +76,11 @@ def row_keys(ev: EventBatch) -> dict:
                   req & ev.is_write),
         "read": (hash_columns(3, client, server, ev.protocol, ev.unit, ev.function, ev.object, ev.address, ev.count),
                  has_addr & ~ev.is_write),
+        # the point a write targets whatever the function (SELECT then OPERATE of one point is one item),
+        # and the (pair, function, object) whose written address range is learned
+        "write_point": (hash_columns(9, client, server, ev.protocol, ev.unit, ev.object, ev.address), req & ev.is_write),
+        "write_range": (hash_columns(10, client, server, ev.protocol, ev.unit, ev.function, ev.object),
+                        req & ev.is_write & (ev.address >= 0)),
         # the same items for the client with any server of the protocol (its role)
         "talker_role": (hash_columns(7, client, ev.protocol), np.ones(len(ev), bool)),
         "function_role": (hash_columns(4, client, ev.protocol, ev.direction, ev.function, sub), np.ones(len(ev), bool)),
@@ -159,6 +164,7 @@ class AllowList:
         self.tables = {t: Table() for t in TABLES + ROLE_TABLES}
         self.reported: set = set()  # review items already reported in monitoring
         self.overflow = 0  # items not learned because their table was full
+        self.write_ranges: dict[int, list] = {}  # (pair, function, object) -> [lowest, highest] address written
 
     # -- learning ------------------------------------------------------------------------------
     def learn(self, ev: EventBatch) -> None:
@@ -166,6 +172,16 @@ class AllowList:
         if len(ev) == 0:
             return
         keys = row_keys(ev)
+        rk, rm = keys.pop("write_range")
+        keys.pop("write_point")
+        if rm.any():  # written address range per (pair, function, object): few keys, a dict is fine
+            rows = np.flatnonzero(rm)
+            for key, a in zip(rk[rows].tolist(), ev.address[rows].tolist()):
+                lo_hi = self.write_ranges.get(key)
+                if lo_hi is not None:
+                    lo_hi[0], lo_hi[1] = min(lo_hi[0], a), max(lo_hi[1], a)
+                elif len(self.write_ranges) < self.capacity:
+                    self.write_ranges[key] = [a, a]
         for name, (k, m) in keys.items():
             if m.any():
                 rows = np.flatnonzero(m)
@@ -223,10 +239,29 @@ class AllowList:
                 # a trusted pair's rare reads, writes and diagnostics (an operator's occasional setpoint, a
                 # clock sync) wait silently for review in `baseline show`; its rare controls still alert
                 prov &= ~pair_ok[rows] | control[rows]
+            if ti == 2:
+                # an operator commanding the neighbour of a breaker it commands (same trusted pair, same
+                # trusted function, same object, an address within the learned range widened by its span
+                # or 2) is operations, not a new target; a far address or a new function still alerts
+                fst = self._status("function", keys["function"][0][rows])
+                fn_ok = (fst == STATUS_TRUSTED) | (fst == STATUS_APPROVED)
+                near = self._near_written(keys["write_range"][0][rows], ev.address[rows])
+                quiet = pair_ok[rows] & fn_ok & near
+                new &= ~quiet
+                prov &= ~quiet
             out[rows[new]] = ti
             p = rows[prov & ~new]
             prov_out[p] = np.where(prov_out[p] < 0, 4 + ti, prov_out[p])
         return np.where(out >= 0, out, prov_out)
+
+    def _near_written(self, range_keys: np.ndarray, address: np.ndarray) -> np.ndarray:
+        out = np.zeros(range_keys.shape[0], bool)
+        for i, (k, a) in enumerate(zip(range_keys.tolist(), address.tolist())):
+            lo_hi = self.write_ranges.get(k)
+            if lo_hi is not None and a >= 0:
+                pad = max(lo_hi[1] - lo_hi[0], 2)
+                out[i] = lo_hi[0] - pad <= a <= lo_hi[1] + pad
+        return out
 
     def _status(self, name: str, keys: np.ndarray) -> np.ndarray:
         """Status of each key in a table; never-seen keys read as revoked."""
@@ -255,7 +290,8 @@ class AllowList:
             tk = np.empty(hit.shape[0], np.int64)
             for ci in np.unique(cls[hit][review]).tolist():
                 m = cls[hit] == ci
-                tk[m] = hash_columns(ci, keys["talker" if ci == CODE_NEW_PEER else TABLES[ci % 4]][0][hit[m]])
+                table = "talker" if ci == CODE_NEW_PEER else "write_point" if ci % 4 == 2 else TABLES[ci % 4]
+                tk[m] = hash_columns(ci, keys[table][0][hit[m]])
             seen = review & np.isin(tk, np.fromiter(self.reported, np.int64, len(self.reported)))
             if len(self.reported) > self.capacity:  # bounded (a known client sweeping new peers)
                 self.reported.clear()
@@ -322,7 +358,7 @@ class AllowList:
                 f"{', '.join(servers)} answered {c} with {ptxt} {ftxt}"
             never = "this function was never used between them during the baseline"
         elif table == "write":
-            entity = f"{c}/{proto}/w{fn}.{int(ev.object[r])}.{addr}"
+            entity = f"{c}/{proto}/w.{int(ev.object[r])}.{addr}"  # SELECT and OPERATE of a point: one incident
             what = f"{c} wrote address {addr} on {', '.join(servers)} unit {unit} with {ptxt} {ftxt}"
             never = "this host never wrote there during the baseline"
         else:
@@ -379,7 +415,8 @@ class AllowList:
 
     def to_state(self) -> tuple[dict, dict]:
         arrays, meta = {}, {"min_count": self.min_count, "min_span_s": self.min_span_s, "info": {},
-                            "capacity": self.capacity, "overflow": self.overflow}
+                            "capacity": self.capacity, "overflow": self.overflow,
+                            "write_ranges": {str(k): v for k, v in self.write_ranges.items()}}
         for name, t in self.tables.items():
             arrays.update(t.to_arrays(f"allowlist.{name}"))
             meta["info"][name] = {str(k): v for k, v in t.info.items()}
@@ -390,6 +427,7 @@ class AllowList:
         al = cls(min_count=meta["min_count"], min_span_s=meta["min_span_s"],
                  capacity=meta.get("capacity", 20_000))
         al.overflow = int(meta.get("overflow", 0))
+        al.write_ranges = {int(k): list(v) for k, v in meta.get("write_ranges", {}).items()}
         for name in TABLES + ROLE_TABLES:
             al.tables[name] = Table.from_arrays(arrays, f"allowlist.{name}", meta["info"].get(name, {}))
         return al

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from parsers.events import DIR_REQUEST, KIND_POINT, EventBatch
+from parsers.events import DIR_REQUEST, KIND_POINT, PROTO_DNP3, PROTO_IEC104, EventBatch
 
 from .features import NS, KeyTable, hash_columns
 from .findings import Finding, ip_text, protocol_text
@@ -264,8 +264,12 @@ class ProcessModel:
         if follow.any():
             np.minimum.at(self.points.s["min"], slot[follow], v[follow])
             np.maximum.at(self.points.s["max"], slot[follow], v[follow])
-        new = ~pknown & ~rknown
         space = point_space(ev)
+        # a new point is a value a device reports: a written value is the allow-list's (new write target)
+        # and a command's echo (DNP3 g12 CROB / g41 analog output, IEC-104 types 45-69) is no process value
+        echo = ((ev.protocol == PROTO_DNP3) & np.isin(ev.object, (12, 41))) | \
+            ((ev.protocol == PROTO_IEC104) & (ev.object >= 45) & (ev.object <= 69))
+        new = ~pknown & ~rknown & ~written & ~echo
         out = []
         for rule, mask, sev, tech in (("out_of_range", oor, "high", "T0836"), ("fast_change", fast, "medium", "T0836"),
                                       ("stuck", stuck, "medium", "T0856"), ("new_point", new, "medium", "T0861")):
