@@ -459,6 +459,19 @@ class Agent:
     def new_engine(self):
         return new_engine(self.cfg)
 
+    def _ecs_identity(self) -> tuple[dict, str | None]:
+        """ECS ``observer`` (agent name, host, version, capture interface) and ``labels.site`` of the
+        records; the names come from the config's fleet identity (``[agent] name/site``) when it has one."""
+        ident = getattr(self.cfg, "agent", None)
+        name = getattr(ident, "name", "") or None
+        site = getattr(ident, "site", "") or getattr(self.cfg, "site", "") or None
+        key = (name, site, self.iface)
+        if getattr(self, "_ecs_key", None) != key:
+            from .sinks import default_observer
+
+            self._ecs_key, self._ecs = key, (default_observer(name=name, interface=self.iface), site)
+        return self._ecs
+
     def _tune(self, eng) -> None:
         tune_engine(eng, self.cfg)
 
@@ -671,7 +684,8 @@ class Agent:
         # closes (a SIEM keeps the latest record per id).  Records are made here, not in the export
         # thread, so each one shows the alert as it was at that moment; popping the closed ones also
         # keeps the engine's list of them bounded.
-        records = [a.to_ecs() for a in alerts] + [a.to_ecs() for a in self.engine.pop_closed()]
+        obs, site = self._ecs_identity()
+        records = [a.to_ecs(obs, site) for a in alerts + self.engine.pop_closed()]
         if records:
             q_out.put(records)  # blocks when export is behind: capture keeps going, the capture queue absorbs it
         if self.endpoint is not None:

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from models.alerts import Alert
+from models.alerts import Alert, observer_fields, record_techniques
 
 
 class AlertLog:
@@ -28,19 +28,29 @@ class AlertLog:
     """
 
     def __init__(self, path: str | os.PathLike, max_bytes: int = 64 << 20, backups: int = 5, fsync: bool = True,
-                 identity=None):
-        self.identity = identity  # agent.site.SiteIdentity: observer.name/hostname, labels.site
+                 identity=None, observer: dict | None = None, site: str | None = None, truncate: bool = False):
+        # ``identity`` (agent.site.SiteIdentity) stamps observer.name/hostname and labels.site; ``observer`` is
+        # the rest of the ECS observer (default: this host, otwatch's version).  ``path`` "-" is standard
+        # output (no rotation, no fsync); ``truncate`` starts the file afresh (a replay's output) where the
+        # agent's log appends.
+        self.identity = identity
         self.path = Path(path)
         self.max_bytes = int(max_bytes)
         self.backups = int(backups)
         self.fsync = fsync
         self.written = 0
+        self.observer = observer if observer is not None else default_observer()
+        self.site = site
+        if str(path) == "-":
+            self.max_bytes, self.fsync = 0, False
+            self._fh = os.fdopen(os.dup(1), "wb", buffering=0)
+            return
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "ab", buffering=0)
+        self._fh = open(self.path, "wb" if truncate else "ab", buffering=0)
 
     def write(self, alert: Alert | dict) -> None:
-        rec = alert.to_ecs() if isinstance(alert, Alert) else alert
+        rec = alert.to_ecs(self.observer, self.site) if isinstance(alert, Alert) else alert
         if self.identity is not None:
             rec = self.identity.stamp(rec)
         line = (json.dumps(rec, separators=(",", ":"), default=_jsonable) + "\n").encode()
@@ -73,6 +83,14 @@ class AlertLog:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def default_observer(name: str | None = None, interface: str | None = None) -> dict:
+    """The ECS observer of this agent: host name (or the configured agent name), otwatch's version, and
+    the capture interface when live."""
+    from . import __version__
+
+    return observer_fields(name=name or None, version=__version__, interface=interface or None)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -162,7 +180,7 @@ def rfc5424(alert: Alert | dict, *, facility: int = 16, hostname: str | None = N
         "start": rec.get("event", {}).get("start"), "end": rec.get("event", {}).get("end"),
         "count": ow.get("count"),
         "site": rec.get("labels", {}).get("site"), "agent": rec.get("observer", {}).get("name"),
-        "technique": (rec.get("threat", {}).get("technique") or [{}])[0].get("id"),
+        "technique": next(iter(record_techniques(rec)), None),
     }
     sd = "[" + " ".join([_sd_name(sd_id)] + [f'{_sd_name(k)}="{_sd_value(v)}"' for k, v in params.items()
                                              if v not in (None, "")]) + "]"

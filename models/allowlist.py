@@ -380,7 +380,9 @@ class AllowList:
             src=int(client[r]), dst=int(server[r]) if len(servers) == 1 else 0,
             protocol=proto, entity=entity, message=f"{what}; {never}", technique=technique,
             count=int(rows.shape[0]), fields=fields, provisional=provisional,
-            sport=int(ev.sport[r]), dport=int(ev.dport[r]))
+            # src/dst are client/server whichever way the PDU went: the ports must follow them
+            sport=int(ev.sport[r] if ev.direction[r] == DIR_REQUEST else ev.dport[r]),
+            dport=int(ev.dport[r] if ev.direction[r] == DIR_REQUEST else ev.sport[r]))
 
     # -- review --------------------------------------------------------------------------------
     def entries(self) -> list[dict]:

@@ -66,3 +66,74 @@ def shared_dir() -> Path:
     if not shared_available():
         pytest.skip("needs ../shared/pcaps (public captures; present in CI, not in a fresh clone)")
     return SHARED_PCAPS
+
+
+# --- every ECS alert record the tests make is checked against docs/alert.schema.json ---------------
+_ALERT_VALIDATOR = None
+
+
+def alert_schema_errors(rec: dict) -> list[str]:
+    """Why ``rec`` (an ECS alert record, as written: through JSON) breaks docs/alert.schema.json."""
+    global _ALERT_VALIDATOR
+    import json
+
+    import jsonschema
+
+    if _ALERT_VALIDATOR is None:
+        schema = json.loads((ROOT / "docs" / "alert.schema.json").read_text())
+        _ALERT_VALIDATOR = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    from agent.sinks import _jsonable
+
+    try:
+        doc = json.loads(json.dumps(rec, default=_jsonable, allow_nan=False))
+    except ValueError as exc:
+        return [f"not JSON: {exc}"]
+    return [f"{'/'.join(map(str, e.absolute_path)) or '(record)'}: {e.message}"
+            for e in _ALERT_VALIDATOR.iter_errors(doc)]
+
+
+@pytest.fixture(autouse=True)
+def _alert_records_match_schema(request, monkeypatch):
+    if request.node.get_closest_marker("alert_schema_exempt"):
+        return
+    from models.alerts import Alert
+
+    to_ecs = Alert.to_ecs
+
+    def checked(self, *args, **kwargs):
+        rec = to_ecs(self, *args, **kwargs)
+        errors = alert_schema_errors(rec)
+        assert not errors, f"alert {self.rule} breaks docs/alert.schema.json: {errors}"
+        return rec
+
+    monkeypatch.setattr(Alert, "to_ecs", checked)
+
+
+def stix_validation_errors(bundle: dict) -> list[str]:
+    """What the OASIS ``stix2-validator`` (errors, not warnings) finds wrong with a STIX 2.1 bundle."""
+    import json
+
+    from stix2validator import ValidationOptions, validate_string
+
+    results = validate_string(json.dumps(bundle), ValidationOptions(version="2.1"))
+    results = results if isinstance(results, list) else [results]
+    return [f"{r.object_id}: {e}" for r in results for e in r.errors] + \
+        [f"{r.object_id}: not valid" for r in results if not r.is_valid and not r.errors]
+
+
+@pytest.fixture(autouse=True)
+def _stix_bundles_validate(monkeypatch):
+    """Every bundle the tests make in-process goes through stix2-validator."""
+    try:
+        import agent.export_cmd as export_cmd
+    except ImportError:
+        return
+    make = export_cmd.bundle
+
+    def checked(records):
+        b = make(records)
+        errors = stix_validation_errors(b)
+        assert not errors, errors
+        return b
+
+    monkeypatch.setattr(export_cmd, "bundle", checked)

@@ -19,7 +19,7 @@ import pytest
 from agent.export_cmd import IANA_SERVICE, SCO_NAMESPACE, bundle
 from agent.sinks import DEFAULT_SD_ID, SYSLOG_SEVERITY, AlertLog, AlertSinks, SyslogSink, rfc5424
 from models.alerts import ATTACK_ICS, Alert
-from tests.conftest import PROJECT_PCAPS, ROOT
+from tests.conftest import PROJECT_PCAPS, ROOT, stix_validation_errors
 
 SCENARIO = {  # scenario -> (rule, detector, severity, ATT&CK for ICS technique)
     "mitm": ("cycle.latency", "cycle", "medium", "T0830"),
@@ -64,7 +64,9 @@ def test_alert_log_writes_whole_ecs_lines_and_rotates(tmp_path):
         for line in lines[:-1]:
             rec = json.loads(line)
             assert rec["event"]["kind"] == "alert" and rec["@timestamp"].endswith("Z")
-            assert {"source", "destination", "rule", "message", "otwatch"} <= rec.keys()
+            assert {"source", "rule", "message", "otwatch", "observer", "ecs"} <= rec.keys()
+            dst = rec["otwatch"]["entity"].split(">")[1].split("/")[0]  # "" for a scan of many hosts
+            assert rec.get("destination", {}).get("ip", "") == dst  # never an empty ip field
         assert f.stat().st_size <= one * 3 + 200
     assert log.written == 3 * len(alerts)
 
@@ -126,6 +128,7 @@ def check_message(got: dict, alert: Alert, facility: int = 16) -> None:
     assert p.get("technique") == alert.technique
 
 
+@pytest.mark.alert_schema_exempt  # a protocol name full of quotes and brackets, to test the escaping
 def test_rfc5424_escapes_structured_data_and_truncates_header_fields():
     a = scenario_alerts()[0]
     a.rule = 'x.' + "r" * 40
@@ -243,7 +246,13 @@ REQUIRED = {  # STIX 2.1 required properties per type (beyond type/id)
     "sighting": {"spec_version", "created", "modified", "sighting_of_ref"},
     "relationship": {"spec_version", "created", "modified", "relationship_type", "source_ref", "target_ref"},
     "ipv4-addr": {"value"}, "ipv6-addr": {"value"}, "network-traffic": {"protocols"},
+    "extension-definition": {"spec_version", "created", "modified", "name", "created_by_ref", "schema", "version",
+                             "extension_types"},
 }
+
+
+def stix_dt(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def refs_of(obj: dict) -> list[str]:
@@ -267,6 +276,7 @@ def test_export_cli_writes_a_valid_deterministic_stix_bundle(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
     b = json.loads(out.read_text())
+    assert not stix_validation_errors(b)
     assert b["type"] == "bundle" and STIX_ID.match(b["id"]) and "spec_version" not in b
     objs = {o["id"]: o for o in b["objects"]}
     assert len(objs) == len(b["objects"])
@@ -289,16 +299,22 @@ def test_export_cli_writes_a_valid_deterministic_stix_bundle(tmp_path):
             assert o["id"] == f"{o['type']}--{want}"
     incidents = [o for o in b["objects"] if o["type"] == "incident"]
     assert len(incidents) == len(alerts)
-    by_alert = {i["x_otwatch_alert_id"]: i for i in incidents}
+    (ext_def,) = [o for o in b["objects"] if o["type"] == "extension-definition"]
+    assert ext_def["extension_types"] == ["property-extension"]
+    # otwatch's own properties only inside the declared extension, never as loose x_ properties
+    assert not [k for o in b["objects"] for k in o if k.startswith("x_")]
+    by_alert = {i["extensions"][ext_def["id"]]["alert_id"]: i for i in incidents}
     for a in alerts:
         rec = a.to_ecs()
         inc = by_alert[rec["event"]["id"]]
-        assert inc["name"] == a.rule and inc["description"] == a.message and inc["x_otwatch_severity"] == a.severity
+        ext = inc["extensions"][ext_def["id"]]
+        assert inc["name"] == a.rule and inc["description"] == a.message and ext["severity"] == a.severity
+        assert ext["extension_type"] == "property-extension" and ext["count"] == a.count
         rel = [o for o in b["objects"] if o["type"] == "relationship" and o["source_ref"] == inc["id"]]
         observed = [objs[r["target_ref"]] for r in rel if r["target_ref"].startswith("observed-data--")]
         assert len(observed) == 1
         od = observed[0]
-        assert od["first_observed"] == rec["event"]["start"] and od["number_observed"] == a.count
+        assert stix_dt(od["first_observed"]) == stix_dt(rec["event"]["start"]) and od["number_observed"] == a.count
         values = {objs[r].get("value") for r in od["object_refs"]}
         assert values == {a.src, a.dst} - {""} | ({None} if a.dst else set())
         traffic = [objs[r] for r in od["object_refs"] if r.startswith("network-traffic--")]
