@@ -31,6 +31,9 @@ SUBCOMMANDS = {
     "run": ("agent.daemon", "run the monitoring agent on a network interface (SPAN port)"),
     "config": ("agent.config_cmd", "check or show the effective configuration"),
     "assets": ("agent.assets_cmd", "list assets and conversations seen in captures"),
+    "alerts": ("agent.alerts_cmd", "show an alert log as a table, filtered by severity, rule, host, time"),
+    "rules": ("agent.rules_cmd", "list the alert rules: severity, ATT&CK technique and tactic, tuning"),
+    "report": ("agent.report", "write a self-contained HTML report of captures: plots, attacks, alerts"),
 }
 
 

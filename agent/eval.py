@@ -9,6 +9,7 @@ hour of benign monitored traffic and event-level precision, recall and F1.  ``--
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -76,7 +77,9 @@ def add_arguments(p) -> None:
                    help=f"comma-separated subset of {','.join(DETECTORS)} (ablation)")
     p.add_argument("--grace", type=float, default=GRACE_S,
                    help=f"seconds after an attack its effects may alert (default {GRACE_S:g})")
-    p.add_argument("--alerts", metavar="FILE", help="also write the alerts as JSON lines")
+    p.add_argument("--alerts", metavar="FILE", help="also write the alerts as JSON lines (- for standard output; "
+                   "overwritten unless --append)")
+    p.add_argument("--append", action="store_true", help="append to the --alerts file instead of overwriting it")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--ablation", action="store_true",
                    help="run each detector alone and all together; print one row per run")
@@ -266,22 +269,23 @@ def run(args) -> int:
         return 0
     if args.alerts:
         from .sinks import AlertLog
-        with AlertLog(args.alerts, fsync=False) as log:
+        with AlertLog(args.alerts, fsync=False, truncate=not args.append) as log:
             for o in outs:
                 for rec in o["alerts"]:
                     log.write(rec)
+    out = sys.stderr if args.alerts == "-" else sys.stdout  # standard output holds the alert records
     results = [o["result"] for o in outs]
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"results": results, "total": total(results)},
-                         default=str))
+                         default=str), file=out)
     else:
-        print("\n\n".join(format_result(r) for r in results))
+        print("\n\n".join(format_result(r) for r in results), file=out)
         if len(results) > 1:
             t = total(results)
             fa = t["false_alerts_per_hour"]
             print(f"\n{t['captures']} captures: detected {t['detected']}/{t['scenarios']} scenarios, "
                   f"{t['false_alerts']} false alerts in {t['benign_hours'] * 3600:.0f} s of benign monitoring "
-                  f"= {'-' if fa is None else f'{fa:.2f}'} per hour")
+                  f"= {'-' if fa is None else f'{fa:.2f}'} per hour", file=out)
     sys.stdout.flush()
     return 0
 
@@ -296,7 +300,12 @@ def add_detection_arguments(p) -> None:
                         "(200s, 2h), then monitor")
     g.add_argument("--learn-until", metavar="TIME", default=None,
                    help="learn up to this absolute time (epoch seconds or ISO 8601, UTC unless a zone is given)")
-    g.add_argument("--alerts", metavar="FILE", default=None, help="write every alert as one JSON line (ECS)")
+    g.add_argument("--alerts", metavar="FILE", default=None,
+                   help="write every alert as one JSON line (ECS); - for standard output (the summary then goes "
+                        "to standard error); the file is overwritten unless --append")
+    g.add_argument("--append", action="store_true", help="append to the --alerts file instead of overwriting it")
+    g.add_argument("--print-alerts", action=argparse.BooleanOptionalAction, default=None,
+                   help="print each alert as it opens, one line (default: on when standard output is a terminal)")
     g.add_argument("--state", metavar="DIR", default=None,
                    help="load what was learned from DIR if saved there, else learn and save it there")
 
@@ -307,7 +316,7 @@ class ReplayDetection:
     seen: one record per alert, one ``event.id`` per record."""
 
     def __init__(self, learn_s: float | None, alerts_path: str | None, state_dir: str | None,
-                 learn_until_s: float | None = None, identity=None):
+                 learn_until_s: float | None = None, identity=None, append: bool = False, print_to=None):
         from models import state as state_io
 
         self.state_dir = state_dir
@@ -324,10 +333,12 @@ class ReplayDetection:
         self.log = None
         if alerts_path:
             from .sinks import AlertLog
-            self.log = AlertLog(alerts_path, identity=identity)
+            self.log = AlertLog(alerts_path, identity=identity, truncate=not append)
+        self.print_to = print_to  # a text stream: each alert as one line when it opens
+        self.observer = None
 
     @classmethod
-    def from_args(cls, args):
+    def from_args(cls, args, print_to=None):
         until = getattr(args, "learn_until", None)
         if not (getattr(args, "learn", None) or until or getattr(args, "alerts", None) or getattr(args, "state", None)):
             return None
@@ -336,21 +347,36 @@ class ReplayDetection:
         from .site import SiteIdentity
 
         return cls(parse_duration(args.learn) if args.learn else None, args.alerts, args.state,
-                   parse_time(until) if until else None, identity=SiteIdentity.from_args(args))
+                   parse_time(until) if until else None, identity=SiteIdentity.from_args(args),
+                   append=getattr(args, "append", False), print_to=print_to)
 
     def on_events(self, ev, first_frame_ns: int | None = None) -> None:
         if first_frame_ns is not None:
             self.engine.start_clock(first_frame_ns)  # --learn counts from the first frame
-        self.engine.process(ev)
+        self._print(self.engine.process(ev))
         for a in self.engine.pop_closed():
             self._write(a)
+
+    def _print(self, opened) -> None:
+        if self.print_to is None or not opened:
+            return
+        from .alerts_cmd import format_line
+
+        if self.observer is None:
+            from .sinks import default_observer
+
+            self.observer = default_observer()
+        for a in opened:
+            self.print_to.write("\r\033[K" if self.print_to.isatty() else "")  # over a progress bar
+            self.print_to.write(format_line(a.to_ecs(self.observer)) + "\n")
+        self.print_to.flush()
 
     def _write(self, a) -> None:
         if self.log is not None:
             self.log.write(a)
 
     def finish(self) -> dict:
-        self.engine.finish()
+        self._print(self.engine.finish())
         for a in self.engine.pop_closed():
             self._write(a)
         if self.log is not None:

@@ -45,7 +45,7 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from models.function_classes import CLASS_NAMES, N_CLASSES, function_class
-from models.sessions import RULES as SESSION_RULES
+from models.rules import RULES
 from parsers.events import KIND_PDU, PROTOCOL_NAMES, REASON_NAMES
 
 log = logging.getLogger(__name__)
@@ -67,19 +67,10 @@ MODES = ("learn", "monitor")
 #: (protocol, role) label pairs of otwatch_assets: each protocol's own words for its two roles.
 ASSET_ROLES = (("modbus", "client"), ("modbus", "server"), ("dnp3", "master"), ("dnp3", "outstation"),
                ("iec104", "controlling"), ("iec104", "controlled"), ("other", "none"))
-#: Rule names the detectors raise (models/allowlist.py TABLES incl. "peer", models/cycle.py,
-#: models/process.py, models/engine.py): their by-rule series are created at 0 up front, so the
-#: first alert of a rule shows in increase().  A rule missing here is still counted, from its
-#: first alert on; tests/test_metrics.py checks this list against a real engine run.
-KNOWN_RULES = (
-    *(f"allowlist.{p}{t}" for p in ("new_", "provisional_") for t in ("talker", "peer", "function", "write",
-                                                                     "read")),
-    "allowlist.learning_overflow",
-    "cycle.latency", "cycle.period", "cycle.burst", "cycle.inactive", "cycle.flood",
-    "process.out_of_range", "process.fast_change", "process.stuck", "process.new_point", "process.inconsistent",
-    "parser.errors", "ml.river", "ml.pyod", "inventory.new_asset",
-    *(f"sessions.{r}" for r in SESSION_RULES),
-)
+#: Rule names the detectors raise (the catalogue, models/rules.py): their by-rule series are created at 0 up
+#: front, so the first alert of a rule shows in increase().  A rule missing there is still counted, from its
+#: first alert on; tests/test_metrics.py checks the catalogue against a real engine run.
+KNOWN_RULES = tuple(RULES)
 #: Alert rule names are code-defined ("allowlist.new_talker", ...), but a label must stay bounded
 #: even if a rule name were ever built from data: after this many distinct names, "other".
 RULE_LABEL_LIMIT = 64

@@ -163,7 +163,10 @@ def run(args) -> int:
         exporter = MetricsEndpoint.from_args(args)
     from .eval import ReplayDetection, format_detection
 
-    detection = ReplayDetection.from_args(args)
+    to_stdout = getattr(args, "alerts", None) == "-"  # the records own standard output; people read stderr
+    out = sys.stderr if to_stdout else sys.stdout
+    show = args.print_alerts if args.print_alerts is not None else (out.isatty() and not args.json)
+    detection = ReplayDetection.from_args(args, print_to=out if show else None)
     if exporter is not None and detection is not None:
         exporter.attach(detection.engine)  # alerts opened, detection time, model health, scores
 
@@ -193,11 +196,11 @@ def run(args) -> int:
     if det is not None:
         s["detection"] = det
     if args.json:
-        print(json.dumps(s, sort_keys=False, default=str))
+        print(json.dumps(s, sort_keys=False, default=str), file=out)
     else:
-        print(format_summary(s))
+        print(format_summary(s), file=out)
         if det is not None:
-            print(format_detection(det))
+            print(format_detection(det), file=out)
     if exporter is not None:
         sys.stdout.flush()
         try:

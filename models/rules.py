@@ -47,6 +47,7 @@ TECHNIQUES = {
     "T0836": ("Modify Parameter", ("TA0106",)),
     "T0843": ("Program Download", ("TA0109",)),
     "T0846": ("Remote System Discovery", ("TA0102",)),
+    "T0848": ("Rogue Master", ("TA0108",)),
     "T0855": ("Unauthorized Command Message", ("TA0106",)),
     "T0856": ("Spoof Reporting Message", ("TA0103", "TA0106")),
     "T0858": ("Change Operating Mode", ("TA0103", "TA0104")),
@@ -148,6 +149,33 @@ RULES_LIST = [
          "More malformed/unknown PDUs, CRC or sequence errors in one second than ever while learning: injected, "
          "replayed or corrupted frames.", "Learn on the same links (noisy serial gateways show errors).",
          "T0830 when sequence/CRC errors are part of it."),
+    Rule("sessions.second_session", "sessions", "high", ("T0848",),
+         "A server gets a session from another host or port while the one it had is still talking (more "
+         "concurrent sessions than learned, else one; a Modbus server's clients are counted host by host).",
+         "Learn while every master/HMI that may connect does (redundant masters, engineering tools).",
+         "Medium for Modbus, where several clients are common."),
+    Rule("sessions.seq_jump", "sessions", "medium", ("T0830",),
+         "Modbus transaction ids or DNP3 request sequence numbers jump inside a session whose channel always "
+         "counted up by one while learning; IEC-104 N(S) gaps/repeats, N(R) acknowledging frames never sent.",
+         "Channels that did not count up by one while learning are not judged."),
+    Rule("sessions.response_without_request", "sessions", "high", ("T0856",),
+         "A response that answers no outstanding request (Modbus transaction id, DNP3 sequence number, IEC-104 "
+         "confirmation or termination for no activation): an injected or spoofed answer.",
+         "Protocol rule, not learned: a gap in the capture can cause it (see the reassembly gap counters)."),
+    Rule("sessions.operate_without_select", "sessions", "high", ("T0855",),
+         "DNP3 OPERATE with no SELECT of the same object on the association within the select timeout (10 s, "
+         "or twice the longest learned).", "Protocol rule; the timeout widens to what was learned."),
+    Rule("sessions.direct_operate", "sessions", "medium", ("T0855",),
+         "DNP3 DIRECT_OPERATE on a channel that used SELECT/OPERATE while learning and never DIRECT_OPERATE.",
+         "Learn while the plant's usual control sequences run."),
+    Rule("sessions.unconfirmed_command", "sessions", "medium", ("T0855",),
+         "An IEC-104 command activation of a type the station confirmed while learning, or a STARTDT/STOPDT/TESTFR "
+         "act, without confirmation within t1 (15 s, or 3x the longest learned) while the connection kept "
+         "talking.", "The timeout widens to what was learned."),
+    Rule("sessions.flow_control", "sessions", "medium", ("T0830",),
+         "IEC-104 k (unacknowledged I-frames) or w (I-frames before an acknowledgement) beyond both the "
+         "standard's default (12, 8) and the channel's learned maximum.", "Learned per channel.",
+         "Low for the w side."),
     Rule("ml.river", "river", "medium", ("T0869", "T0814", "T0830"),
          "River Half-Space Trees score a channel's one-second window above the calibrated threshold; the alert "
          "lists the features furthest from the baseline.",
