@@ -378,13 +378,15 @@ def warm_up(cfg: config_mod.Config) -> None:
     from .pipeline import Pipeline
 
     d = cfg.detection.detectors
-    try:
-        if "river" in d:
-            from river import anomaly, preprocessing  # noqa: F401
-        if "pyod" in d:
-            from pyod.models.iforest import IForest  # noqa: F401
-    except ImportError as exc:  # the engine reports it when it needs them
-        log.warning("detector library missing: %s", exc)
+    from .extras import missing_detectors
+
+    missing = missing_detectors(d)
+    if missing:  # now, not when learning ends days later
+        raise InputError("detection.detectors: " + "; ".join(missing.values()))
+    if "river" in d:
+        from river import anomaly, preprocessing  # noqa: F401
+    if "pyod" in d:
+        from pyod.models.iforest import IForest  # noqa: F401
     from models.engine import DetectionEngine
 
     if cfg.capture.compiled_parsers:

@@ -20,6 +20,7 @@ from models.scoring import GRACE_S, read_labels, score_alerts
 from parsers.events import EventBatch
 
 from .errors import InputError
+from .extras import missing_detectors
 from .pipeline import Pipeline
 from .replay import check_files, replay_files
 
@@ -73,8 +74,8 @@ def add_arguments(p) -> None:
                         "default: up to 1 s before the first labelled attack")
     p.add_argument("--learn-until", metavar="TIME", default=None,
                    help="learn up to this absolute time (epoch seconds or ISO 8601, UTC unless a zone is given)")
-    p.add_argument("--detectors", default=",".join(DETECTORS),
-                   help=f"comma-separated subset of {','.join(DETECTORS)} (ablation)")
+    p.add_argument("--detectors", default=None,
+                   help=f"comma-separated subset of {','.join(DETECTORS)} (ablation; default: all installed)")
     p.add_argument("--grace", type=float, default=GRACE_S,
                    help=f"seconds after an attack its effects may alert (default {GRACE_S:g})")
     p.add_argument("--alerts", metavar="FILE", help="also write the alerts as JSON lines (- for standard output; "
@@ -86,6 +87,15 @@ def add_arguments(p) -> None:
     from . import parallel
 
     parallel.add_arguments(p)
+
+
+def default_detectors() -> tuple:
+    """Every detector whose library is installed; the score-based ones left out say so once."""
+    missing = missing_detectors(DETECTORS)
+    if missing:
+        print(f"otwatch: note: {', '.join(missing)} skipped (not installed: pip install 'otwatch[ml]')",
+              file=sys.stderr)
+    return tuple(d for d in DETECTORS if d not in missing)
 
 
 class Batches(list):
@@ -231,10 +241,16 @@ def total(results: list[dict]) -> dict:
 def run(args) -> int:
     paths = check_files(args.captures)  # exist, readable, pcap or pcapng files
     label_paths = labels_for(paths, args.labels)
-    detectors = tuple(d.strip() for d in args.detectors.split(",") if d.strip())
-    bad = [d for d in detectors if d not in DETECTORS]
-    if bad:
-        raise InputError(f"unknown detector(s) {', '.join(bad)}; choose from {', '.join(DETECTORS)}")
+    if args.detectors is None:
+        detectors = default_detectors()
+    else:
+        detectors = tuple(d.strip() for d in args.detectors.split(",") if d.strip())
+        bad = [d for d in detectors if d not in DETECTORS]
+        if bad:
+            raise InputError(f"unknown detector(s) {', '.join(bad)}; choose from {', '.join(DETECTORS)}")
+        missing = missing_detectors(detectors)
+        if missing:
+            raise InputError("; ".join(missing.values()))
     for lp in label_paths:
         if not lp.is_file():
             raise InputError(f"{lp}: no such labels file")
@@ -329,7 +345,8 @@ class ReplayDetection:
         elif learn_until_s is not None:
             self.engine = DetectionEngine(learn_seconds=None, learn_until_ns=int(learn_until_s * 1e9))
         else:
-            self.engine = DetectionEngine(learn_seconds=learn_s if learn_s is not None else 600.0)
+            self.engine = DetectionEngine(learn_seconds=learn_s if learn_s is not None else 600.0,
+                                          detectors=default_detectors())
         self.log = None
         if alerts_path:
             from .sinks import AlertLog
