@@ -82,6 +82,7 @@ def add_arguments(p) -> None:
                    "overwritten unless --append)")
     p.add_argument("--append", action="store_true", help="append to the --alerts file instead of overwriting it")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--html", metavar="FILE", help="also write the HTML report (as `otwatch report`) to FILE")
     p.add_argument("--ablation", action="store_true",
                    help="run each detector alone and all together; print one row per run")
     from . import parallel
@@ -289,6 +290,12 @@ def run(args) -> int:
             for o in outs:
                 for rec in o["alerts"]:
                     log.write(rec)
+    if args.html:  # the report of the first capture: a pass of its own, for the plots and the inventory
+        from .report import collect, write_report
+
+        data = collect([paths[0]], str(label_paths[0]), learn_s, detectors, grace_s=args.grace,
+                       learn_until_s=learn_until)
+        write_report(data, args.html)
     out = sys.stderr if args.alerts == "-" else sys.stdout  # standard output holds the alert records
     results = [o["result"] for o in outs]
     if args.json:

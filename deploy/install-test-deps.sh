@@ -1,7 +1,8 @@
 #!/bin/sh
 # System tools the tests use: tshark (reference dissector), prometheus + promtool (real server for
 # the metrics tests), prometheus-alertmanager + amtool (the fleet tests), tcpreplay and iproute2 (live-capture tests in network namespaces), graphviz
-# (communication-map rendering), systemd-analyze (the unit file check).
+# (communication-map rendering), systemd-analyze (the unit file check), chromium (the HTML report
+# rendered headless).
 # Installs only what is missing; uses sudo when not root.
 set -e
 need="$*"  # extra packages named by the caller (the Makefile asks for python3-venv when missing)
@@ -17,6 +18,7 @@ command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
 command -v prometheus-alertmanager >/dev/null 2>&1 || need="$need prometheus-alertmanager"
 command -v amtool >/dev/null 2>&1 || need="$need prometheus-alertmanager"
 command -v editcap >/dev/null 2>&1 || need="$need wireshark-common"
+command -v chromium >/dev/null 2>&1 || need="$need chromium"
 fi
 [ -z "$need" ] && exit 0
 SUDO=""
