@@ -60,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     # Find the subcommand first so only its module is imported.
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = _build_parser(command if command in SUBCOMMANDS else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # words after options: a subcommand may take them as more of its positional list
+        dest = getattr(importlib.import_module(SUBCOMMANDS[args.command][0]), "INTERMIXED", None) \
+            if args.command else None
+        if dest is None or any(a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, dest).extend(extra)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="otwatch: %(levelname)s: %(name)s: %(message)s",

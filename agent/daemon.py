@@ -98,6 +98,10 @@ def _info(msg: str, *args, **fields) -> None:
     log.info(msg, *args, extra={"fields": fields})
 
 
+# an alert's severity -> the level it is logged at in the journal
+JOURNAL_LEVEL = {"low": logging.INFO, "medium": logging.WARNING, "high": logging.ERROR, "critical": logging.CRITICAL}
+
+
 # -- the state key and checkpoints ------------------------------------------------------------------
 def read_key(path: Path, create: bool = True) -> bytes:
     """The HMAC key (at least 16 bytes); created (mode 0600, 32 random bytes hex) when missing and
@@ -714,6 +718,7 @@ class Agent:
                 with self._lock:
                     self.alert_log.write(alert)
                 self.alerts_written += 1
+                self._journal(alert)
                 return
             except OSError as exc:
                 if self.endpoint is not None:
@@ -721,6 +726,22 @@ class Agent:
                 log.error("alert log write failed (%s), attempt %d", exc, attempt + 1)
                 time.sleep(0.5)
         self.alerts_lost += 1
+
+    def _journal(self, rec: dict) -> None:
+        """Each alert once in the agent's own log (the journal), at the level matching its severity:
+        when it opens (its closing record, same id, is not repeated there)."""
+        ev_id = rec["event"]["id"]
+        logged = self.__dict__.setdefault("_journaled", set())
+        if ev_id in logged:
+            return
+        if len(logged) >= 100_000:  # bounded: an id forgotten here is at most logged twice
+            logged.clear()
+        logged.add(ev_id)
+        ow = rec.get("otwatch", {})
+        level = JOURNAL_LEVEL.get(ow.get("severity"), logging.INFO)
+        log.log(level, "alert %s: %s", rec["rule"]["name"], rec.get("message", ""),
+                extra={"fields": {"event": "alert", "id": ev_id, "rule": rec["rule"]["name"],
+                                  "severity": ow.get("severity")}})
 
     # -- checkpoints and reload -------------------------------------------------------------------
     def checkpoint(self, why: str) -> None:
@@ -736,12 +757,34 @@ class Agent:
         _info("checkpoint written (%s)", why, event="checkpoint", path=str(where),
               seconds=round(time.perf_counter() - t0, 3))
 
+    def apply_review(self, why: str) -> None:
+        """The operator's approvals and revocations (``otwatch baseline approve`` writes them to the
+        signed review file) applied to the running baseline: at load, on SIGHUP, before each checkpoint."""
+        from models import review
+        from models.state import StateError
+
+        try:
+            decided = review.read(self.cfg.state.directory, self.checkpoints.key)
+        except StateError as exc:
+            log.error("baseline review refused: %s", exc, extra={"fields": {"event": "review_refused"}})
+            return
+        if not decided:
+            return
+        applied, unknown = review.apply(self.engine.allowlist, decided)
+        if (applied, len(unknown)) != getattr(self, "_review_seen", None):
+            self._review_seen = (applied, len(unknown))
+            _info("baseline review applied (%s): %d decisions, %d for entries not in this baseline", why, applied,
+                  len(unknown), event="review", applied=applied, unknown=len(unknown))
+
     def _save_state(self, directory, key) -> None:
+        self.apply_review("checkpoint")
         self.engine.save_progress(directory, key=key)  # the finished baseline, or learning so far
         self.inventory.save(directory, key)
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config file; apply what can change while running, keep learned state."""
+        """SIGHUP: re-read the config file; apply what can change while running, keep learned state;
+        apply the operator's baseline review."""
+        self.apply_review("reload")
         if not self.config_path:
             _info("reload: no config file (started with --iface only); nothing to reload", event="reload")
             return
@@ -805,6 +848,7 @@ class Agent:
                                                          idle_timeout_s=lim.flow_idle_timeout),
                                  compiled=self.cfg.capture.compiled_parsers)
         self.engine = self.load_state()
+        self.apply_review("start")
         self.inventory = self.load_inventory()
         if self.endpoint is not None:
             self.endpoint.metrics.set_mode(self.engine.mode)

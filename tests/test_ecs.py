@@ -155,3 +155,27 @@ def test_replay_alerts_overwrite_append_and_stdout(tmp_path):
     with AlertLog(path) as log:  # the agent's log (and --append) adds to the file
         log.write(once[0])
     assert len(records(path)) == len(once) + 1
+
+
+def test_the_agent_journals_each_alert_once_at_its_level(tmp_path, caplog):
+    import logging
+
+    from agent import config as config_mod
+    from agent.daemon import Agent
+
+    agent = Agent(config_mod.parse_text(""))
+    agent.alert_log = AlertLog(tmp_path / "a.jsonl")
+    recs = []
+    for sev in ("low", "medium", "high", "critical"):
+        a = Alert(rule="cycle.burst", detector="cycle", severity=sev, first_ts=0, last_ts=0, src="10.0.0.1",
+                  dst="10.0.0.2", protocol="modbus", entity=sev, message=f"{sev} burst")
+        recs.append(a.to_ecs())
+        a.status = "closed"
+        recs.append(a.to_ecs())  # the closing record of the same incident
+    with caplog.at_level(logging.INFO, logger="otwatch.daemon"):
+        for r in recs:
+            agent._write_alert(r)
+    got = [(r.levelname, r.getMessage()) for r in caplog.records if "burst" in r.getMessage()]
+    assert got == [("INFO", "alert cycle.burst: low burst"), ("WARNING", "alert cycle.burst: medium burst"),
+                   ("ERROR", "alert cycle.burst: high burst"), ("CRITICAL", "alert cycle.burst: critical burst")]
+    assert len(records(tmp_path / "a.jsonl")) == 8
