@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import math
 import os
 import re
 import tomllib
@@ -310,6 +311,8 @@ def _convert(value, meta: dict):
         return sorted(set(value))
     else:  # pragma: no cover - a field declared with a kind this function does not know
         raise AssertionError(kind)
+    if isinstance(out, float) and not math.isfinite(out):  # TOML has nan and inf; no setting means them
+        raise ValueError
     if "min" in meta and out < meta["min"] or "max" in meta and out > meta["max"]:
         raise ValueError
     return out
@@ -356,40 +359,56 @@ def _line_of(text: str | None, section: str, key: str | None) -> str:
     return ""
 
 
-def from_dict(doc: dict, text: str | None = None) -> Config:
-    """Check a parsed TOML document against the sections; the first problem raises InputError."""
+def line_number(text: str | None, section: str, key: str | None) -> int | None:
+    """The line where ``[section]`` or its ``key`` is written (tomllib gives no positions)."""
+    m = re.search(r"\d+", _line_of(text, section, key))
+    return int(m.group()) if m else None
+
+
+def from_dict(doc: dict, text: str | None = None, problems: list | None = None) -> Config:
+    """Check a parsed TOML document against the sections.  The first problem raises InputError, or,
+    given a ``problems`` list, every problem is appended to it as ``(line, message)`` and checking goes on."""
+    def problem(message: str, section: str, key: str | None) -> None:
+        if problems is None:
+            raise InputError(message + _line_of(text, section, key))
+        problems.append((line_number(text, section, key), message))
+
     cfg = Config()
     for section, table in doc.items():
         cls = SECTIONS.get(section)
         if cls is None:
-            raise InputError(f"{section}: unknown section (expected one of: {', '.join(SECTIONS)})"
-                             + _line_of(text, section, None))
+            problem(f"{section}: unknown section (expected one of: {', '.join(SECTIONS)})", section, None)
+            continue
         if not isinstance(table, dict):
-            raise InputError(f"{section}: expected a [{section}] table, got {_show(table)}")
+            problem(f"{section}: expected a [{section}] table, got {_show(table)}", section, None)
+            continue
         fields = {f.name: f for f in dataclasses.fields(cls)}
         obj = getattr(cfg, section)
         for key, value in table.items():
             f = fields.get(key)
             if f is None:
-                raise InputError(f"{section}.{key}: unknown key (expected one of: {', '.join(fields)})"
-                                 + _line_of(text, section, key))
+                problem(f"{section}.{key}: unknown key (expected one of: {', '.join(fields)})", section, key)
+                continue
             try:
                 setattr(obj, key, _convert(value, f.metadata))
             except (ValueError, TypeError):
-                raise InputError(f"{section}.{key}: expected {_expected(f.metadata)}, got {_show(value)}"
-                                 + _line_of(text, section, key)) from None
-    _check_together(cfg)
+                problem(f"{section}.{key}: expected {_expected(f.metadata)}, got {_show(value)}", section, key)
+    for section, key, message in _check_together(cfg):
+        problem(message, section, key)
     return cfg
 
 
-def _check_together(cfg: Config) -> None:
-    """Rules across keys."""
+def _check_together(cfg: Config) -> list[tuple[str, str, str]]:
+    """Rules across keys: (section, key, message) for each broken one."""
+    out = []
     m = cfg.metrics
     if bool(m.tls_cert) != bool(m.tls_key):
-        raise InputError("metrics.tls_cert: expected tls_cert and tls_key together, got only one of them")
+        out.append(("metrics", "tls_cert" if m.tls_cert else "tls_key",
+                    "metrics.tls_cert: expected tls_cert and tls_key together, got only one of them"))
     if cfg.capture.ring_block_size < cfg.capture.snaplen + 64:
-        raise InputError(f"capture.ring_block_size: expected at least snaplen + 64 "
-                         f"({cfg.capture.snaplen + 64}), got {cfg.capture.ring_block_size}")
+        out.append(("capture", "ring_block_size", f"capture.ring_block_size: expected at least snaplen + 64 "
+                    f"({cfg.capture.snaplen + 64}), got {cfg.capture.ring_block_size}"))
+    return out
 
 
 def parse_text(text: str, origin: str = "config") -> Config:

@@ -730,6 +730,8 @@ class Agent:
     def _journal(self, rec: dict) -> None:
         """Each alert once in the agent's own log (the journal), at the level matching its severity:
         when it opens (its closing record, same id, is not repeated there)."""
+        if not isinstance(rec, dict):
+            rec = rec.to_ecs(*self._ecs_identity())
         ev_id = rec["event"]["id"]
         logged = self.__dict__.setdefault("_journaled", set())
         if ev_id in logged:
