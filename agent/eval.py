@@ -82,6 +82,7 @@ def add_arguments(p) -> None:
                    "overwritten unless --append)")
     p.add_argument("--append", action="store_true", help="append to the --alerts file instead of overwriting it")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     p.add_argument("--html", metavar="FILE", help="also write the HTML report (as `otwatch report`) to FILE")
     p.add_argument("--ablation", action="store_true",
                    help="run each detector alone and all together; print one row per run")
@@ -106,17 +107,19 @@ class Batches(list):
     first_frame_ns: int | None = None
 
 
-def load_batches(capture) -> Batches:
+def load_batches(capture, progress=None) -> Batches:
     parts = Batches()
     pipeline = Pipeline()
-    replay_files([Path(capture)], pipeline, None, on_events=lambda ev: parts.append(ev) if len(ev) else None)
+    replay_files([Path(capture)], pipeline, progress, on_events=lambda ev: parts.append(ev) if len(ev) else None)
+    if progress is not None:
+        progress.close()
     parts.first_frame_ns = pipeline.stats.first_ts
     return parts
 
 
 def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETECTORS, grace_s: float = GRACE_S,
              engine_kwargs: dict | None = None, batches: list | None = None,
-             learn_until_s: float | None = None) -> tuple[dict, DetectionEngine]:
+             learn_until_s: float | None = None, progress=None) -> tuple[dict, DetectionEngine]:
     labels = read_labels(labels_path)
     kw = dict(engine_kwargs or {})
     if learn_until_s is not None:
@@ -127,7 +130,7 @@ def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETEC
     else:
         engine = DetectionEngine(learn_seconds=learn_s or 600.0, detectors=detectors, **kw)
     t0 = time.perf_counter()
-    parts = load_batches(capture) if batches is None else batches
+    parts = load_batches(capture, progress) if batches is None else batches
     t1 = time.perf_counter()
     first_frame = getattr(parts, "first_frame_ns", None)
     if first_frame is not None:
@@ -223,8 +226,13 @@ def eval_capture(task: dict) -> dict:
     if task["ablation"]:
         return {"rows": ablation(task["capture"], task["labels"], task["learn_s"], task["grace"],
                                  learn_until_s=task["learn_until_s"])}
+    progress = None
+    if task.get("progress"):
+        from .progress import Progress
+
+        progress = Progress(Path(task["capture"]).stat().st_size, stream=sys.stderr)
     result, engine = evaluate(task["capture"], task["labels"], task["learn_s"], tuple(task["detectors"]),
-                              task["grace"], learn_until_s=task["learn_until_s"])
+                              task["grace"], learn_until_s=task["learn_until_s"], progress=progress)
     records = [a.to_ecs() for a in engine.alerts] if task["alerts"] else []
     return {"result": result, "alerts": records}
 
@@ -269,12 +277,14 @@ def run(args) -> int:
         label_paths = label_paths * len(paths)
     from . import parallel
 
+    jobs = parallel.jobs_of(args)
+    show = not args.no_progress and (len(paths) == 1 or jobs <= 1) and not args.scheduler  # one bar at a time
     tasks = [{"capture": str(p), "labels": str(lp), "learn_s": learn_s, "learn_until_s": learn_until,
               "detectors": list(detectors), "grace": args.grace, "ablation": bool(getattr(args, "ablation", False)),
-              "alerts": bool(args.alerts)}
+              "alerts": bool(args.alerts), "progress": show}
              for p, lp in zip(paths, label_paths)]
     ml = tasks[0]["ablation"] or {"river", "pyod"} & set(detectors)
-    outs = parallel.run_tasks(eval_capture, tasks, parallel.jobs_of(args), args.scheduler,
+    outs = parallel.run_tasks(eval_capture, tasks, jobs, args.scheduler,
                               preload=parallel.ML_MODULES if ml else ())
     if tasks[0]["ablation"]:
         if args.json:

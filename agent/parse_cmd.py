@@ -41,6 +41,7 @@ def add_arguments(p) -> None:
     from . import parallel
 
     parallel.add_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
 
 def records(events: EventBatch, book):
@@ -146,9 +147,16 @@ def run(args) -> int:
             else:
                 out.write(json.dumps(rec, separators=(",", ":")) + "\n")
 
+    progress = None
+    if not args.no_progress and (out is not sys.stdout or not sys.stdout.isatty()):  # not over the records
+        from .progress import Progress
+
+        progress = Progress(sum(p.stat().st_size for p in paths), stream=sys.stderr)
     try:
-        files = replay_files(paths, pipeline, on_events=emit)
+        files = replay_files(paths, pipeline, progress, on_events=emit)
     finally:
+        if progress is not None:
+            progress.close()
         if out is not sys.stdout:
             out.close()
     for f in files["files"]:

@@ -16,9 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+from parsers.frames import FrameBatch
+
 from .errors import InputError
 from .pipeline import Pipeline
-from .progress import Progress
+from .progress import PIECE_FRAMES, Progress
 from .sources import CaptureReader, sniff_format
 
 
@@ -38,18 +40,28 @@ def add_arguments(p) -> None:
     parallel.add_arguments(p)
 
 
-def replay_files(files, pipeline: Pipeline, progress: Progress | None = None, on_events=None) -> dict:
+def replay_files(files, pipeline: Pipeline, progress: Progress | None = None, on_events=None,
+                 on_frames=None) -> dict:
     """Run every file through ``pipeline``; return per-file notes (truncation, corruption)."""
     notes = []
     done_bytes = 0
+    frames = 0
+    show = progress is not None and progress.enabled
     for path in files:
         reader = CaptureReader(path)
+        before = 0
         for batch in reader:
-            events = pipeline.process(batch)
-            if on_events is not None:
-                on_events(events)
-            if progress is not None:
-                progress.update(done_bytes + reader.bytes_read)
+            read = reader.bytes_read - before  # the read block this batch came from
+            for lo, piece in pieces(batch, PIECE_FRAMES if show else 0):
+                if on_frames is not None:
+                    on_frames(piece)
+                events = pipeline.process(piece)
+                if on_events is not None:
+                    on_events(events)
+                frames += len(piece)
+                if show:
+                    progress.update(done_bytes + before + read * (lo + len(piece)) / max(len(batch), 1), frames)
+            before = reader.bytes_read
         done_bytes += reader.bytes_read
         note = {"file": str(path), "format": reader.format, "frames": reader.frames}
         if reader.truncated:
@@ -63,6 +75,20 @@ def replay_files(files, pipeline: Pipeline, progress: Progress | None = None, on
     if on_events is not None:
         on_events(events)
     return {"files": notes}
+
+
+def pieces(batch: FrameBatch, size: int):
+    """``(first index, frames)`` of ``batch`` in pieces of ``size`` frames (all of it when ``size`` is 0),
+    numbered as in the source, sharing its buffer."""
+    n = len(batch)
+    if not size or n <= size:
+        yield 0, batch
+        return
+    for lo in range(0, n, size):
+        hi = min(lo + size, n)
+        yield lo, FrameBatch(buf=batch.buf, ts=batch.ts[lo:hi], offset=batch.offset[lo:hi], caplen=batch.caplen[lo:hi],
+                             wirelen=batch.wirelen[lo:hi], linktype=batch.linktype[lo:hi], iface=batch.iface[lo:hi],
+                             first_frame=batch.first_frame + lo)
 
 
 def summary(pipeline: Pipeline, elapsed: float, files: dict) -> dict:

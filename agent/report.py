@@ -83,32 +83,24 @@ def collect(paths, labels_path=None, learn_s=None, detectors=None, progress=None
     from .assets_cmd import format_dot
     from .eval import default_detectors, evaluate
     from .pipeline import Pipeline
-    from .replay import summary
+    from .replay import replay_files, summary
     from .sinks import default_observer
-    from .sources import CaptureReader
 
     t0 = time.perf_counter()
     data = ReportData(captures=[str(p) for p in paths])
     pipeline = Pipeline()
     inventory = AssetInventory().attach(pipeline)
     parts: list[EventBatch] = []
-    total = sum(Path(p).stat().st_size for p in paths)
-    done = 0
-    for path in paths:
-        reader = CaptureReader(path)
-        for batch in reader:
-            _add_counts(data.frame_seconds, batch.ts // 1_000_000_000)
-            ev = pipeline.process(batch)
-            inventory.observe_events(ev)
-            if len(ev):
-                parts.append(ev)
-            if progress is not None:
-                progress.update(done + reader.bytes_read)
-        done += reader.bytes_read
-    ev = pipeline.finish()
-    inventory.observe_events(ev)
-    if len(ev):
-        parts.append(ev)
+
+    def on_events(ev):
+        inventory.observe_events(ev)
+        if len(ev):
+            parts.append(ev)
+
+    replay_files(paths, pipeline, progress, on_events=on_events,
+                 on_frames=lambda b: _add_counts(data.frame_seconds, b.ts // 1_000_000_000))
+    if progress is not None:
+        progress.close()
     inventory.refresh_identities()
     if pipeline.stats.frames == 0:
         raise InputError("no frames could be read from the captures")

@@ -60,7 +60,7 @@ def default_labels_path(pcap: Path) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .simulator.common import PROTOCOLS, SCENARIOS
 
-    parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.pcap", help="pcap file to write")
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.pcap", help="capture to write: pcapng when the name ends in .pcapng, else classic pcap")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS),
                         help=f"comma-separated subset of {','.join(PROTOCOLS)} (default: all, mixed in one capture)")
     parser.add_argument("--duration", default="30m", help="simulated plant time: 90s, 30m, 2h (default 30m)")
@@ -99,7 +99,15 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.output, labels):
         if not path.parent.is_dir():
             raise InputError(f"directory {str(path.parent)!r} does not exist")
-    result = simulate(args.output, labels, protocols, duration, args.seed, scenarios, start)
+    import sys
+
+    from .progress import Progress
+
+    progress = Progress(len(protocols) + 1, stream=sys.stderr)
+    try:
+        result = simulate(args.output, labels, protocols, duration, args.seed, scenarios, start, progress)
+    finally:
+        progress.close()
     summary = {"pcap": str(args.output), "labels": str(labels), "frames": result.frames, "bytes": result.pcap_bytes,
                "duration_s": duration, "seed": args.seed, "protocols": list(protocols),
                "attacks": [{"scenario": r["scenario"], "protocol": r["protocol"], "start_ts": r["start_ts"],

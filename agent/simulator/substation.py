@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .common import ATTACKER, OUTSTATIONS, PROTOCOLS, SCENARIOS, Attack, Context
-from .wire import write_pcap
+from .wire import write_pcap, write_pcapng
 
 ATTACK_WINDOW = (0.55, 0.95)
 MIN_SLOT = 40.0  # seconds each attack needs (the longest, spoofing and MITM, shrink to fit)
@@ -63,7 +63,7 @@ def build_networks(ctx: Context, protocols: tuple[str, ...], mixed: bool) -> dic
 
 
 def simulate(pcap: Path, labels: Path, protocols: tuple[str, ...], duration: float, seed: int,
-             scenarios: tuple[str, ...], start_epoch: float) -> Result:
+             scenarios: tuple[str, ...], start_epoch: float, progress=None) -> Result:
     began = time.perf_counter()
     protocols = tuple(p for p in PROTOCOLS if p in protocols)
     scenarios = tuple(s for s in SCENARIOS if s in scenarios)
@@ -72,11 +72,14 @@ def simulate(pcap: Path, labels: Path, protocols: tuple[str, ...], duration: flo
     attacks = plan_attacks(ctx, protocols, scenarios)
     for attack in attacks:
         networks[attack.protocol].inject(attack)
-    for network in networks.values():
+    for i, network in enumerate(networks.values()):
         network.run(duration)
+        if progress is not None:  # one step per protocol's network, then the writing
+            progress.update(i + 1, len(ctx.cap.records))
     records = ctx.cap.sorted_records()
     rows = label_rows(records, attacks)
-    size = write_pcap(pcap, [(r[0], r[2]) for r in records])
+    writer = write_pcapng if Path(pcap).suffix.lower() == ".pcapng" else write_pcap  # as the name asks
+    size = writer(pcap, [(r[0], r[2]) for r in records])
     write_labels(labels, rows)
     return Result(len(records), size, rows, attacks, time.perf_counter() - began)
 
