@@ -21,7 +21,8 @@ install: $(BIN)/otwatch
 demo: install
 	$(BIN)/otwatch replay $(DEMO_PCAP) --learn 15m --alerts demo-alerts.jsonl
 	@echo "alerts written to demo-alerts.jsonl (one ECS JSON record per line)"
-	$(BIN)/otwatch eval $(DEMO_PCAP) --labels $(DEMO_PCAP:.pcap=.labels.csv)
+	$(BIN)/otwatch eval $(DEMO_PCAP) --labels $(DEMO_PCAP:.pcap=.labels.csv) --html demo-report.html
+	@echo "report written to demo-report.html (open it in a browser)"
 
 test-deps:
 	@sh deploy/install-test-deps.sh

@@ -44,7 +44,7 @@ def _writable_dir(path: Path) -> str | None:
     return None
 
 
-def preflight(cfg, iface: str | None = None) -> list[tuple[str, str, str, str]]:
+def preflight(cfg, iface: str | None = None, from_file: bool = True) -> list[tuple[str, str, str, str]]:
     """The checks ``otwatch run`` makes at start (agent/daemon.py ``Agent.open`` and ``warm_up``), without
     opening anything: ``(level, section, key, message)`` with level ``error`` or ``warning``."""
     from .extras import missing_detectors
@@ -67,7 +67,11 @@ def preflight(cfg, iface: str | None = None) -> list[tuple[str, str, str, str]]:
         try:
             resolve_user(cfg.daemon.user, cfg.daemon.group)  # run drops root to this user
         except InputError as exc:
-            err("daemon", "group" if str(exc).startswith("daemon.group") else "user", str(exc))
+            if from_file or str(exc).startswith("daemon.group"):
+                err("daemon", "group" if str(exc).startswith("daemon.group") else "user", str(exc))
+            else:  # as run does without a config file
+                warn("daemon", "user", f"daemon.user: no user {cfg.daemon.user!r}: run without a config file "
+                     "drops root to 'nobody' instead")
     state_dir, key_path = Path(cfg.state.directory), cfg.key_path()
     if key_path.resolve().is_relative_to(state_dir.resolve()):
         err("state", "key_file", f"state.key_file: expected a path outside state.directory ({state_dir}), got "
@@ -152,7 +156,7 @@ def check(path: str | None, iface: str | None = None) -> tuple[list[str], list[s
 
     errors = [f"{at(line)}: {msg}" for line, msg in problems]
     warnings = []
-    for level, section, key, msg in preflight(cfg, iface):
+    for level, section, key, msg in preflight(cfg, iface, from_file=path is not None):
         if f"{section}.{key}" in bad_keys:
             continue  # already reported as a bad value; its default is what was checked
         line = config_mod.line_number(text, section, key) or config_mod.line_number(text, section, None)
