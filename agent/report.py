@@ -216,11 +216,12 @@ def rate_plot(data: ReportData, width: int = 960, height: int = 260) -> str:
                      f'class="series" data-series="{_e(name)}"/>')
         parts.append(f'<rect x="{width - right + 10}" y="{top + i * 18}" width="12" height="12" fill="{colour}"/>'
                      f'<text x="{width - right + 26}" y="{top + i * 18 + 10}" class="tick">{_e(name)}</text>')
-    for rec in data.alerts:
+    for rec in data.alerts:  # alerts per protocol: a tick in the protocol's colour where each opened
         x = axis.x(_ts(rec["@timestamp"]))
-        sev = rec["otwatch"]["severity"]
-        parts.append(f'<line x1="{x:.1f}" y1="{ybase}" x2="{x:.1f}" y2="{ybase + 6}" stroke="{SEVERITY_COLOUR[sev]}" '
-                     f'stroke-width="2" class="alert-mark"><title>{_e(rec["rule"]["name"])}</title></line>')
+        proto = rec["network"]["protocol"]
+        parts.append(f'<line x1="{x:.1f}" y1="{ybase}" x2="{x:.1f}" y2="{ybase + 7}" '
+                     f'stroke="{PROTOCOL_COLOUR.get(proto, "#555")}" stroke-width="2" class="alert-mark" '
+                     f'data-protocol="{_e(proto)}"><title>{_e(proto)}: {_e(rec["rule"]["name"])}</title></line>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -341,11 +342,14 @@ def _summary(data: ReportData) -> str:
         cards.append(("attacks detected", f"{data.result['detected']}/{len(data.result['scenarios'])}"))
     body = '<div class="cards">' + "".join(f'<div class="card"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in cards)
     body += "</div>"
+    per_proto = {}
+    for r in data.alerts:
+        per_proto[r["network"]["protocol"]] = per_proto.get(r["network"]["protocol"], 0) + 1
     rows = "".join(f"<tr><td>{_e(n)}</td><td class=num>{v['frames']:,}</td><td class=num>{v['bytes']:,}</td>"
-                   f"<td class=num>{v['pdus']:,}</td><td class=num>{v['points']:,}</td></tr>"
-                   for n, v in data.by_protocol.items())
-    body += ("<p></p><table><tr><th>protocol</th><th>frames</th><th>bytes</th><th>PDUs</th><th>points</th></tr>"
-             f"{rows}</table>")
+                   f"<td class=num>{v['pdus']:,}</td><td class=num>{v['points']:,}</td>"
+                   f"<td class=num>{per_proto.get(n, 0):,}</td></tr>" for n, v in data.by_protocol.items())
+    body += ("<p></p><table><tr><th>protocol</th><th>frames</th><th>bytes</th><th>PDUs</th><th>points</th>"
+             f"<th>alerts</th></tr>{rows}</table>")
     body += (f"<p>Captured {_e(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(data.first_ts)))} to "
              f"{_e(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(data.last_ts)))} UTC. "
              + (f"Learned until {_e(_clock(data.learn_until))}, monitored after. " if data.learn_until else "")
@@ -409,9 +413,9 @@ def render_html(data: ReportData, title: str | None = None) -> str:
         f"<h1>{_e(title)}</h1><small>otwatch {_e(__version__)}, made "
         f"{_e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))} in {data.elapsed_s:.1f} s</small>",
         _summary(data),
-        _section("traffic", "Frames and PDUs per second over capture time",
-                 rate_plot(data) + "<p><small>Ticks under the axis: alerts as they opened, coloured by severity; "
-                 "grey: the learning period.</small></p>"),
+        _section("traffic", "Frames, PDUs and alerts per protocol over capture time",
+                 rate_plot(data) + "<p><small>Lines: frames (all) and PDUs of each protocol per second.  Ticks under the axis: "
+                 "alerts as they opened, in their protocol's colour.  Grey: the learning period.</small></p>"),
         _section("timeline", "Alert timeline by severity",
                  timeline_plot(data) + ("<p><small>Shaded: labelled attacks.</small></p>" if data.labels else "")),
         _attacks(data),
