@@ -360,7 +360,8 @@ class ReplayDetection:
             except state_io.StateError as exc:
                 raise InputError(str(exc)) from None
         elif learn_until_s is not None:
-            self.engine = DetectionEngine(learn_seconds=None, learn_until_ns=int(learn_until_s * 1e9))
+            self.engine = DetectionEngine(learn_seconds=None, learn_until_ns=int(learn_until_s * 1e9),
+                                          detectors=default_detectors())
         else:
             self.engine = DetectionEngine(learn_seconds=learn_s if learn_s is not None else 600.0,
                                           detectors=default_detectors())

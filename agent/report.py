@@ -25,7 +25,7 @@ import numpy as np
 
 from models.alerts import SEVERITIES
 from models.rules import tactics_of, technique_name, technique_url
-from parsers.events import KIND_PDU, PROTOCOL_NAMES, EventBatch
+from parsers.events import KIND_PDU, PROTOCOL_NAMES
 
 from .errors import InputError
 
@@ -40,6 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--labels", metavar="LABELS.csv", help="labelled attacks: shaded on the timeline, scored")
     p.add_argument("--learn", metavar="DURATION", default=None,
                    help="learning window of capture time (default: up to the first labelled attack, else 10m)")
+    p.add_argument("--learn-until", metavar="TIME", default=None,
+                   help="learn up to this absolute time (epoch seconds or ISO 8601, UTC unless a zone is given)")
     p.add_argument("--detectors", default=None, help="comma-separated detectors (default: all installed)")
     p.add_argument("--title", default=None, help="report title (default: the capture names)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
@@ -74,14 +76,15 @@ def _add_counts(acc: dict, seconds: np.ndarray) -> None:
             acc[s] = acc.get(s, 0) + n
 
 
-def collect(paths, labels_path=None, learn_s=None, detectors=None, progress=None, grace_s=None) -> ReportData:
+def collect(paths, labels_path=None, learn_s=None, detectors=None, progress=None, grace_s=None,
+            learn_until_s=None) -> ReportData:
     """One pass over the captures (pipeline, inventory, per-second counts), then detection on the events."""
     from models.engine import DetectionEngine
     from models.inventory import AssetInventory
     from models.scoring import read_labels
 
     from .assets_cmd import format_dot
-    from .eval import default_detectors, evaluate
+    from .eval import Batches, default_detectors, evaluate
     from .pipeline import Pipeline
     from .replay import replay_files, summary
     from .sinks import default_observer
@@ -90,7 +93,7 @@ def collect(paths, labels_path=None, learn_s=None, detectors=None, progress=None
     data = ReportData(captures=[str(p) for p in paths])
     pipeline = Pipeline()
     inventory = AssetInventory().attach(pipeline)
-    parts: list[EventBatch] = []
+    parts = Batches()
 
     def on_events(ev):
         inventory.observe_events(ev)
@@ -102,6 +105,7 @@ def collect(paths, labels_path=None, learn_s=None, detectors=None, progress=None
     if progress is not None:
         progress.close()
     inventory.refresh_identities()
+    parts.first_frame_ns = pipeline.stats.first_ts  # learning windows count from the first frame
     if pipeline.stats.frames == 0:
         raise InputError("no frames could be read from the captures")
     s = summary(pipeline, time.perf_counter() - t0, {"files": []})
@@ -118,11 +122,16 @@ def collect(paths, labels_path=None, learn_s=None, detectors=None, progress=None
         from models.scoring import GRACE_S
 
         result, engine = evaluate(paths[0], labels_path, learn_s, detectors,
-                                  GRACE_S if grace_s is None else grace_s, batches=parts)
+                                  GRACE_S if grace_s is None else grace_s, batches=parts, learn_until_s=learn_until_s)
         result["capture"] = ", ".join(data.captures)
         data.result = result
     else:
-        engine = DetectionEngine(learn_seconds=learn_s or 600.0, detectors=detectors)
+        if learn_until_s is not None:
+            engine = DetectionEngine(learn_seconds=None, learn_until_ns=int(learn_until_s * 1e9), detectors=detectors)
+        else:
+            engine = DetectionEngine(learn_seconds=learn_s or 600.0, detectors=detectors)
+        if parts.first_frame_ns is not None:
+            engine.start_clock(parts.first_frame_ns)
         for b in parts:
             engine.process(b)
         engine.finish()
@@ -444,7 +453,7 @@ def write_report(data: ReportData, output: str, title: str | None = None) -> Non
 def run(args) -> int:
     from models.engine import DETECTORS
 
-    from .eval import parse_duration
+    from .eval import parse_duration, parse_time
     from .extras import missing_detectors
     from .progress import Progress
     from .replay import check_files
@@ -461,6 +470,9 @@ def run(args) -> int:
         if missing_detectors(detectors):
             raise InputError("; ".join(missing_detectors(detectors).values()))
     learn_s = parse_duration(args.learn) if args.learn else None
+    learn_until = parse_time(args.learn_until) if args.learn_until else None
+    if learn_s is not None and learn_until is not None:
+        raise InputError("--learn and --learn-until: give one of them")
     total = sum(p.stat().st_size for p in paths)
     progress = None if args.no_progress else Progress(total, stream=sys.stderr)
     if args.labels:
@@ -471,7 +483,7 @@ def run(args) -> int:
         except (KeyError, ValueError) as exc:
             raise InputError(f"{args.labels}: not a labels CSV ({exc})") from None
     try:
-        data = collect(paths, args.labels, learn_s, detectors, progress)
+        data = collect(paths, args.labels, learn_s, detectors, progress, learn_until_s=learn_until)
     finally:
         if progress is not None:
             progress.close()

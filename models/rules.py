@@ -138,6 +138,11 @@ RULES_LIST = [
     Rule("cycle.burst", "cycle", "medium", ("T0814", "T0836"),
          "A channel sends more PDUs in one second than twice (and 3 more than) its learned maximum.",
          "Learn over busy periods (start-up, operator sessions).", "High and T0836 when the burst writes."),
+    Rule("cycle.flood", "cycle", "high", ("T0814",),
+         "A client sends more requests in one second to a server than max(4x, +20) of what that pair, else that "
+         "server from all clients, else the plant's busiest pair did while learning (a host that never talked "
+         "is judged against its server).", "Learn over busy periods; 20 requests per second never count by "
+         "themselves."),
     Rule("cycle.inactive", "cycle", "medium", ("T0814",),
          "A regular channel is silent for more than 3 periods (or 1.5x its longest learned gap).",
          "Stopped pollers (maintenance) alert by design; the limit follows the learned gaps."),
