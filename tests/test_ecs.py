@@ -65,8 +65,17 @@ def test_replayed_alerts_follow_the_schema_and_roles(mixed_alerts):
             assert tid in RULES[rec["rule"]["name"]].techniques  # the catalogue lists what the rule raises
     # the several-servers case: no destination, every server in related.ip
     multi = [r for r in recs if len(r["otwatch"]["fields"].get("servers", [])) > 1]
-    assert multi and all("destination" not in r and set(r["otwatch"]["fields"]["servers"]) <= set(r["related"]["ip"])
-                         for r in multi)
+    assert all("destination" not in r and set(r["otwatch"]["fields"]["servers"]) <= set(r["related"]["ip"])
+               for r in multi)
+
+
+def test_an_alert_about_several_servers_names_them_all_and_no_empty_destination():
+    a = Alert(rule="allowlist.new_talker", detector="allowlist", severity="high", first_ts=0, last_ts=0,
+              src="10.0.0.66", dst="", protocol="iec104", entity="10.0.0.66/3", message="scan", technique="T0846",
+              sport=50000, dport=2404, fields={"servers": ["10.0.0.26", "10.0.0.27"]})
+    rec = a.to_ecs()
+    assert "destination" not in rec and rec["source"] == {"ip": "10.0.0.66", "port": 50000}
+    assert rec["related"]["ip"] == ["10.0.0.66", "10.0.0.26", "10.0.0.27"] and not alert_schema_errors(rec)
 
 
 def test_a_rolled_up_flood_has_no_source_address_but_a_valid_record():
