@@ -119,7 +119,7 @@ def preflight(cfg, iface: str | None = None, from_file: bool = True) -> list[tup
             warn("metrics", "listen", f"metrics.listen: {m.listen} is reachable from the network without {missing}: "
                  "anyone there can read what the agent sees (set tls_cert/tls_key and auth_file, or listen on "
                  "127.0.0.1)")
-    for d, why in missing_detectors(cfg.detection.detectors).items():
+    for why in missing_detectors(cfg.detection.detectors).values():
         err("detection", "detectors", f"detection.detectors: {why}")
     if cfg.capture.ports:
         ports = ", ".join(map(str, cfg.capture.ports))

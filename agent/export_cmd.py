@@ -22,6 +22,7 @@ rather than duplicate.  Every bundle the tests make passes ``stix2-validator``.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import uuid
 from pathlib import Path
@@ -127,7 +128,7 @@ def _clean(value):
         return out or None
     if isinstance(value, str):
         return value or None
-    if isinstance(value, float) and value != value:  # NaN
+    if isinstance(value, float) and not math.isfinite(value):  # NaN, infinity
         return None
     return value
 
