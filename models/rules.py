@@ -108,6 +108,12 @@ RULES_LIST = [
     Rule("allowlist.new_peer", "allowlist", "low", ("T0846",),
          "A known client talks its protocol to a server of that protocol it never talked to while learning "
          "(review item: one incident per client).", _TUNE_PROV),
+    Rule("allowlist.learning_overflow", "allowlist", "medium", ("T0814",),
+         "Learning saw more allow-list items than a table holds (`limits.max_baseline_entries`): a flood of "
+         "spoofed addresses or a scan while learning; the items past the cap were not learned (they alert when "
+         "used), so the baseline is incomplete.  Raised once, when learning ends.",
+         "Find the flood's source in the learning capture, then learn again; raise the cap only where memory "
+         "allows."),
     *(Rule(f"allowlist.provisional_{t}", "allowlist", "low", ("T0846", "T0855", "T0836"),
            f"A {t} entry learned only rarely or within one burst (provisional) is used in monitoring; reported "
            "once per entry, in one review incident per client.", _TUNE_PROV)
