@@ -466,16 +466,15 @@ class Agent:
         return new_engine(self.cfg)
 
     def _ecs_identity(self) -> tuple[dict, str | None]:
-        """ECS ``observer`` (agent name, host, version, capture interface) and ``labels.site`` of the
-        records; the names come from the config's fleet identity (``[agent] name/site``) when it has one."""
-        ident = getattr(self.cfg, "agent", None)
-        name = getattr(ident, "name", "") or None
-        site = getattr(ident, "site", "") or getattr(self.cfg, "site", "") or None
-        key = (name, site, self.iface)
-        if getattr(self, "_ecs_key", None) != key:
+        """ECS ``observer`` (agent name and host from the site identity, otwatch's version, the capture
+        interface) and ``labels.site`` of the records (the alert sinks stamp the same identity again)."""
+        ident = self.identity
+        if getattr(self, "_ecs", None) is None:
             from .sinks import default_observer
 
-            self._ecs_key, self._ecs = key, (default_observer(name=name, interface=self.iface), site)
+            obs = default_observer(name=ident.agent, interface=self.iface)
+            obs["hostname"] = ident.hostname
+            self._ecs = (obs, ident.site)
         return self._ecs
 
     def _tune(self, eng) -> None:
