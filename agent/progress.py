@@ -12,6 +12,7 @@ more than a moment.  Commands advance it by frames (``replay_files`` hands the p
 
 from __future__ import annotations
 
+import os
 import time
 
 PIECE_FRAMES = 4096  # frames handed to the pipeline at a time while a bar is shown
@@ -23,8 +24,12 @@ def clock(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, stream, delay_s: float = 0.5, interval_s: float = 0.2, width: int = 30,
-                 unit: str = "frames"):
+    def __init__(self, total: int, stream, delay_s: float | None = None, interval_s: float | None = None,
+                 width: int = 30, unit: str = "frames"):
+        # $OTWATCH_PROGRESS_DELAY: seconds before the bar shows and between redraws (tests set 0)
+        env = os.environ.get("OTWATCH_PROGRESS_DELAY")
+        delay_s = delay_s if delay_s is not None else float(env) if env else 0.5
+        interval_s = interval_s if interval_s is not None else float(env) if env else 0.2
         self.total = max(int(total), 1)
         self.stream = stream
         self.enabled = hasattr(stream, "isatty") and stream.isatty()
