@@ -24,12 +24,16 @@ import numpy as np
 from .batch import ChunkColumns, compiled, count_dropped, point_offsets, rows
 from .events import (
     DIR_REQUEST, DIR_RESPONSE, MB_COIL, MB_DISCRETE_INPUT, MB_HOLDING_REGISTER, MB_INPUT_REGISTER, PROTO_MODBUS,
-    REASON_UNPAIRED,
+    REASON_UNPAIRED, STATUS_EXCEPTION, STATUS_OK,
 )
+from .modbus import MAX_LENGTH
 
-# Point table per read function (MB-AP §4.3): FC 1 coils, 2 discrete inputs, 3 holding, 4 input.
-_READ_TABLE = np.array([-1, MB_COIL, MB_DISCRETE_INPUT, MB_HOLDING_REGISTER, MB_INPUT_REGISTER, MB_COIL,
-                        MB_HOLDING_REGISTER], dtype=np.int16)
+# Point table per function (MB-AP §4.3): FC 1 coils, 2 discrete inputs, 3 holding, 4 input registers;
+# the writes FC 5 and 15 coils, 6, 16 and 23 holding registers.
+_POINT_TABLE = np.full(24, -1, dtype=np.int16)
+_POINT_TABLE[[1, 2, 3, 4, 5, 6, 15, 16, 23]] = [MB_COIL, MB_DISCRETE_INPUT, MB_HOLDING_REGISTER, MB_INPUT_REGISTER,
+                                                MB_COIL, MB_HOLDING_REGISTER, MB_COIL, MB_HOLDING_REGISTER,
+                                                MB_HOLDING_REGISTER]
 #: after this many responses in one run that do not pair cleanly, the rest of the run goes ADU by ADU
 _MAX_SPLITS = 8
 
@@ -163,16 +167,31 @@ class _Run:
         self.unit = buf[adu_pos + 6].astype(np.int64)
         self.fc = buf[adu_pos + 7].astype(np.int64)
         self.w1 = cols.u16(adu_pos + 8)  # start address (requests, write echoes)
-        self.w2 = cols.u16(adu_pos + 10)  # quantity (reads) or value (single writes)
+        self.w2 = cols.u16(adu_pos + 10)  # quantity (reads, multiple writes) or value (single writes)
+        self.w3 = cols.u16(adu_pos + 12)  # FC 23 write start address
+        self.w4 = cols.u16(adu_pos + 14)  # FC 23 write quantity
         self.nbytes = buf[adu_pos + 8].astype(np.int64)  # byte count (read responses)
         self.flow = cols.flow[adu_chunk].astype(np.int64)
         self.role = chunk_role[adu_chunk]
         req = self.role == DIR_REQUEST
         fc, length = self.fc, self.length
+        self.exc = fc >= 0x80
+        self.fcm = fc & 0x7F  # function code without the exception bit
         single = ((fc == 5) | (fc == 6)) & (length == 6)
-        # What this path reads; any other ADU goes to the parser's own per-ADU code.
-        self.fast = np.where(req, ((fc >= 1) & (fc <= 4) & (length == 6)) | single,
-                             ((fc >= 1) & (fc <= 4)) | single)
+        sane = length <= MAX_LENGTH  # longer ADUs are counted too_large by the per-ADU code
+        # FC 15/16 (MB-AP §6.11, 6.12): address, quantity, byte count = the quantity's size, values.
+        nb_multi = buf[adu_pos + 12].astype(np.int64)
+        multi_req = (((fc == 15) & (nb_multi == (self.w2 + 7) >> 3)) | ((fc == 16) & (nb_multi == 2 * self.w2))) \
+            & (length == 7 + nb_multi)
+        # FC 23 (§6.17): read address, read quantity, write address, write quantity, byte count, values.
+        rw_req = (fc == 23) & (buf[adu_pos + 16] == 2 * self.w4) & (length == 11 + 2 * self.w4)
+        # What this path reads; any other ADU goes to the parser's own per-ADU code: requests with
+        # a bad length or the exception bit, other functions, malformed or unpaired responses (the
+        # pairing checks in _pair_and_emit), exception responses with trailing bytes.
+        self.fast = np.where(
+            req, ((fc >= 1) & (fc <= 4) & (length == 6)) | single | ((multi_req | rw_req) & sane),
+            ((fc >= 1) & (fc <= 4)) | single | ((((fc == 15) | (fc == 16)) & (length == 6))
+                                                | (fc == 23) | (self.exc & (length == 3))) & sane)
 
     def adus(self, a: int, b: int) -> None:
         slow = np.flatnonzero(~self.fast[a:b]) + a
@@ -214,7 +233,8 @@ class _Run:
         parser = self.parser
         sl = slice(a, b)
         m = b - a
-        flow, tid, fc, unit = self.flow[sl], self.tid[sl], self.fc[sl], self.unit[sl]
+        flow, tid, fc, unit = self.flow[sl], self.tid[sl], self.fcm[sl], self.unit[sl]
+        exc = self.exc[sl]
         req = self.role[sl] == DIR_REQUEST
         key = (flow << 16) | tid
         # Previous and next ADU with the same (flow, transaction id), in order.
@@ -248,14 +268,14 @@ class _Run:
         p = np.where(has_prev, prev, 0)
         from_run = has_prev & req[p]
         present = from_run | (~has_prev & in_table)
-        r_count = np.where(fc <= 4, self.w2[sl], 1)  # what a request asks for
+        r_count = np.where((fc == 5) | (fc == 6), 1, self.w2[sl])  # what a request asks for (or writes)
         c_fc = np.where(from_run, fc[p], t_fc)
         c_unit = np.where(from_run, unit[p], t_unit)
         c_addr = np.where(from_run, self.w1[sl][p], t_addr)
         c_count = np.where(from_run, r_count[p], t_count)
         matched = present & (c_fc == fc) & (c_unit == unit)
         resp = ~req
-        read_resp = resp & (fc <= 4)
+        read_resp = resp & ~exc & ((fc <= 4) | (fc == 23))
         nbytes = self.nbytes[sl]
         sized = np.where(fc > 2, (c_count == nbytes >> 1) & ((nbytes & 1) == 0), (c_count + 7) >> 3 == nbytes)
         bad = read_resp & ~(matched & (self.length[sl] == 3 + nbytes) & sized)
@@ -274,7 +294,7 @@ class _Run:
         stop = int(stop_at[0]) if stop_at.size else m
         if stop:
             self._write_back(a, stop, flow, tid, fc, unit, req, present, matched, in_table, prev, nxt, r_count)
-            self._emit(a, stop, req, c_addr, c_count)
+            self._emit(a, stop, req, exc, matched, c_addr, c_count)
         if stop < m and overflow[stop]:
             for j in range(a + stop, b):  # rare: more outstanding requests than the table keeps
                 self._slow(j)
@@ -301,35 +321,43 @@ class _Run:
                 table = pending[f] = {}
             table[int(tid[j])] = (int(fc[j]), int(unit[j]), int(w1[j]), int(r_count[j]))
 
-    def _emit(self, a, stop, req, c_addr, c_count) -> None:
+    def _emit(self, a, stop, req, exc, matched, c_addr, c_count) -> None:
         """The rows of ADUs a..a+stop-1 (PDU rows each followed by its point rows)."""
         out, cols = self.out, self.cols
         sl = slice(a, a + stop)
         k = slice(0, stop)
-        req = req[k]
-        fc, w1, w2, pos = self.fc[sl], self.w1[sl], self.w2[sl], self.pos[sl]
-        read = fc <= 4
-        read_resp = ~req & read
-        write_req = req & ~read
+        req, exc, matched, c_addr, c_count = req[k], exc[k], matched[k], c_addr[k], c_count[k]
+        fc, w1, w2, pos = self.fcm[sl], self.w1[sl], self.w2[sl], self.pos[sl]
+        read = (fc <= 4) | ((fc == 23) & ~req)  # a response carrying read values (FC 1-4, 23)
+        read_resp = ~req & ~exc & read
+        single = (fc == 5) | (fc == 6)
         chunk = self.chunk[sl]
-        # Points: the value a single write request writes; the values a read response returns.
-        n_points = np.where(read_resp, c_count[k], write_req.astype(np.int64))
+        # Points: the values a write request writes; the values a read response returns.
+        n_points = np.where(read_resp, c_count,
+                            np.where(req & ~read, np.where(single, 1, np.where(fc == 23, self.w4[sl], w2)), 0))
         owner = np.repeat(np.arange(stop), n_points)
         i = point_offsets(n_points)
-        p_fc = fc[owner]
-        data = pos[owner] + 9
-        registers = cols.u16(np.where(p_fc >= 3, data + 2 * i, 0))
-        bits = (cols.buf[np.where(p_fc <= 2, data + (i >> 3), 0)] >> (i & 7)) & 1
-        single = w2[owner]
-        coil = np.where(single == 0xFF00, 1, np.where(single == 0, 0, single))  # modbus.coil_value
-        value = np.where(p_fc == 5, coil, np.where(p_fc == 6, single, np.where(p_fc >= 3, registers, bits)))
+        p_fc, p_req = fc[owner], req[owner]
+        # where a point's values begin: after the byte count of a read response (pos + 9), of an
+        # FC 15/16 request (pos + 13), of an FC 23 request (pos + 17)
+        data = pos[owner] + np.where(p_req, np.where(p_fc == 23, 17, 13), 9)
+        is_bits = (p_fc <= 2) | (p_fc == 15)
+        registers = cols.u16(np.where(is_bits, 0, data + 2 * i))
+        bits = (cols.buf[np.where(is_bits, data + (i >> 3), 0)] >> (i & 7)) & 1
+        value = w2[owner]
+        coil = np.where(value == 0xFF00, 1, np.where(value == 0, 0, value))  # modbus.coil_value
+        value = np.where(p_fc == 5, coil, np.where(p_fc == 6, value, np.where(is_bits, bits, registers)))
+        first = np.where(p_req, np.where(p_fc == 23, self.w3[sl][owner], w1[owner]), c_addr[owner])
+        pdu_address = np.where(read_resp, c_addr, np.where(exc, np.where(matched, c_addr, -1), w1))
+        count = np.where(exc, 0, np.where(read_resp, c_count, np.where(single, 1, w2)))
+        is_write = ~exc & (single | (fc == 15) | (fc == 16) | ((fc == 23) & req))
         columns, row_owner = rows(
             cols, chunk, PROTO_MODBUS, out.next_pdu_id,
             {"direction": self.role[sl], "function": fc, "unit": self.unit[sl], "seq": self.tid[sl],
-             "address": np.where(read_resp, c_addr[k], w1), "count": np.where(read, np.where(req, w2, c_count[k]), 1),
-             "length": self.length[sl] + 6, "is_write": ~read},
+             "address": pdu_address, "count": count, "cause": np.where(exc, self.nbytes[sl], -1),
+             "length": self.length[sl] + 6, "is_write": is_write,
+             "status": np.where(exc, STATUS_EXCEPTION, STATUS_OK)},
             n_points,
-            {"address": np.where(req[owner], w1[owner], c_addr[k][owner]) + i, "value": value,
-             "object": _READ_TABLE[p_fc], "is_write": req[owner]})
+            {"address": first + i, "value": value, "object": _POINT_TABLE[p_fc], "is_write": p_req})
         out.next_pdu_id += stop
         out.add_columns(columns, None if cols.tags is None else cols.tags[chunk[row_owner]])
