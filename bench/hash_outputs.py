@@ -56,7 +56,14 @@ def fingerprint(path: Path, compiled: bool) -> dict:
     return out
 
 
+def _name(path: str) -> str:
+    """A capture's name independent of the checkout it was read from (its folder and file)."""
+    return "/".join(Path(path).parts[-2:])
+
+
 def compare(old: dict, new: dict) -> int:
+    old = {_name(k): v for k, v in old.items()}
+    new = {_name(k): v for k, v in new.items()}
     diffs = 0
     for f in sorted(set(old) | set(new)):
         if f not in old or f not in new:

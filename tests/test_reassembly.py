@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scapy.all import IP, TCP, Ether, raw
+from scapy.all import IP, TCP, UDP, Ether, raw
 
 from parsers.base import FROM_CLIENT, FROM_SERVER
 from parsers.decode import decode
@@ -180,3 +180,124 @@ def test_memory_bound_per_direction():
 
 def test_seq_diff_wraps():
     assert seq_diff(0, 2**32 - 1) == 1 and seq_diff(2**32 - 1, 0) == -1
+
+
+# -- the array path (in-order flows) against the per-segment path ------------------------------
+
+def _chunk_tuple(c):
+    return (c.data, c.gap, c.datagram, c.protocol, c.ts, c.frame, c.src, c.dst, c.sport, c.dport, c.flow,
+            c.transport, c.direction)
+
+
+def _both_ways(frames_batches, limits=None):
+    """Feed the same frame batches to a vectorised and a per-segment reassembler; return each one's
+    (chunks, closed, incidents) per batch, stats and final flow table (keys, ids, counters)."""
+    results = []
+    for vectorised in (False, True):
+        r = Reassembler(limits, vectorised=vectorised)
+        per_batch = []
+        for b in frames_batches:
+            d = decode(b)
+            rows = np.flatnonzero((d.l4 == 6) | (d.l4 == 17))
+            proto = np.ones(rows.size, np.uint8)
+            out = r.process(b, d, rows, proto, (d.dport[rows] == 502) | (d.dport[rows] == 20000))
+            r.expire(int(b.ts.max()), out)
+            per_batch.append(([_chunk_tuple(c) for c in out.chunks], list(out.closed), list(out.overlaps_different)))
+        end = r.flush_all()
+        per_batch.append(([_chunk_tuple(c) for c in end.chunks], list(end.closed), []))
+        table = [(k, f.id, f.client, f.frames, f.bytes, f.last_ts, f.overlaps_different,
+                  [(s.next_seq, s.last_ack, s.fin, s.recent) for s in f.streams]) for k, f in r.flows.items()]
+        results.append((per_batch, r.stats.as_dict(), table))
+    return results
+
+
+def _messy_frames(rng):
+    """Several connections: mostly in order, with handshakes, closes, retransmissions (same and
+    different content), overlaps, reordering, losses, UDP datagrams and mid-stream joins."""
+    frames = []
+    conns = []
+    for c in range(6):
+        cl = ("10.0.0.%d" % (10 + c), 40000 + c)
+        sv = ("10.0.1.%d" % (c % 3), 502 if c % 2 else 20000)
+        conns.append([cl, sv, int(rng.integers(0, 2**32)), int(rng.integers(0, 2**32)), c % 3 == 0])
+    def pkt(src, dst, seq, ack, flags, data):
+        return raw(Ether() / IP(src=src[0], dst=dst[0]) / TCP(sport=src[1], dport=dst[1], seq=seq % 2**32,
+                                                                 ack=ack % 2**32, flags=flags) / data)
+    for step in range(600):
+        c = int(rng.integers(0, len(conns)))
+        cl, sv, cs, ss, fresh = conns[c]
+        if fresh:  # a handshake first
+            frames += [pkt(cl, sv, cs, 0, "S", b""), pkt(sv, cl, ss, cs + 1, "SA", b"")]
+            cs, ss = cs + 1, ss + 1
+            conns[c][4] = False
+        frm_client = rng.random() < 0.5
+        src, dst = (cl, sv) if frm_client else (sv, cl)
+        seq, ack = (cs, ss) if frm_client else (ss, cs)
+        data = bytes(rng.integers(0, 256, int(rng.integers(0, 40))).astype(np.uint8))
+        r = rng.random()
+        frame = pkt(src, dst, seq, ack, "PA", data)
+        if r < 0.05 and data:  # retransmitted, maybe with other bytes
+            frames.append(frame)
+            frames.append(pkt(src, dst, seq, ack, "PA", data if rng.random() < 0.5 else bytes(reversed(data)) + b"x"))
+        elif r < 0.08 and data:  # reordered with the next segment of the same stream
+            nxt = bytes(rng.integers(0, 256, 10).astype(np.uint8))
+            frames.append(pkt(src, dst, seq + len(data), ack, "PA", nxt))
+            frames.append(frame)
+            data = data + nxt
+        elif r < 0.10 and data:  # lost
+            pass
+        elif r < 0.11:  # close, reopened later
+            frames += [pkt(cl, sv, cs, ss, "FA", b""), pkt(sv, cl, ss, cs + 1, "FA", b"")]
+            conns[c][4] = True
+            conns[c][2], conns[c][3] = int(rng.integers(0, 2**32)), int(rng.integers(0, 2**32))
+            continue
+        elif r < 0.13:  # a UDP datagram
+            frames.append(raw(Ether() / IP(src=src[0], dst=dst[0]) / UDP(sport=src[1], dport=dst[1]) / data))
+            continue
+        else:
+            frames.append(frame)
+        if frm_client:
+            conns[c][2] = cs + len(data)
+        else:
+            conns[c][3] = ss + len(data)
+    return frames
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_array_path_same_as_per_segment(seed):
+    rng = np.random.default_rng(seed)
+    frames = _messy_frames(rng)
+    batches, lo = [], 0
+    while lo < len(frames):
+        k = int(rng.integers(1, 120))
+        part = frames[lo: lo + k]
+        batches.append(FrameBatch.from_frames(part, ts=[(lo + i) * 1000 for i in range(len(part))], first_frame=lo + 1))
+        lo += k
+    slow, fast = _both_ways(batches)
+    assert slow[1]["overlaps_different"] > 0 and slow[1]["gaps"] > 0 and slow[1]["flows_closed"] > 0
+    for i, (a, b) in enumerate(zip(slow[0], fast[0])):
+        assert a == b, f"batch {i} differs"
+    assert slow[1] == fast[1]
+    assert slow[2] == fast[2]
+    # a small flow table: evictions come out the same too
+    slow, fast = _both_ways(batches, ReassemblyLimits(max_flows=3))
+    assert slow == fast and slow[1]["flows_evicted"] > 0
+
+
+def test_overlap_with_different_data_is_reported():
+    c = ISN_C + 1
+    frames = handshake() + [
+        seg("c", c, ISN_S + 1, "PA", b"ABCDEFGH"),
+        seg("c", c, ISN_S + 1, "PA", b"ABCDEFGH"),  # a plain retransmission: same bytes
+        seg("c", c + 4, ISN_S + 1, "PA", b"EFXX1234"),  # overlaps 4 bytes, 2 of them different
+        seg("c", c + 12, ISN_S + 1, "PA", b"5678"),
+    ]
+    r = Reassembler()
+    b = FrameBatch.from_frames(frames, ts=[i * 1000 for i in range(len(frames))])
+    d = decode(b)
+    out = r.process(b, d, np.arange(len(b)), np.ones(len(b), np.uint8), d.dport == 502)
+    assert r.stats.overlaps_different == 1 and r.stats.retransmitted == 1 and r.stats.overlaps == 1
+    assert len(out.overlaps_different) == 1 and r.last_overlaps_different is out.overlaps_different
+    ts, flow, src, dst, sport, dport = out.overlaps_different[0]
+    assert (ts, sport, dport) == (5000, 40000, 502) and flow == next(iter(r.flows.values())).id
+    assert b"".join(c.data for c in out.chunks if c.direction == FROM_CLIENT) == b"ABCDEFGH12345678"
