@@ -428,29 +428,61 @@ def _one_segment(th, key, n_data, transport, s, max_fragment):
 one_segment = compiled(_one_segment)
 
 
+def _abort(s, assembling, pend_head, pend_next, slow, n_slow):
+    """Stop assembling stream ``s``'s fragment: its segments so far go to the per-frame code
+    (which then keeps the fragment open exactly as ``feed`` would).  Returns the new n_slow."""
+    if assembling[s] >= 0:
+        j = pend_head[s]
+        while j >= 0:
+            slow[n_slow] = j
+            n_slow += 1
+            j = pend_next[j]
+        assembling[s] = -1
+        pend_head[s] = -1
+    return n_slow
+
+
+abort = compiled(_abort)
+
+
 def _walk_frames(buf, user, frame_pos, frame_kind, user_at, frame_stream, frame_gaps, transport, stream_gaps,
                  max_fragment, functions, groups, objects, qualifiers, int32_max):
     """Read the frames found by walk_links (in chunk order) as ``Dnp3Parser._link_frame`` would,
-    where that needs no state: link-only frames (clause 9.2.4.1.3) and one-segment fragments
-    (transport FIR and FIN, clause 8.2.1, see one_segment) whose application header and objects
-    (clause 4.2.2) are all well formed.  ``transport`` is what is known of each stream's transport
-    state (T_* rows), followed frame by frame; ``frame_gaps`` counts the gaps of the frame's
-    stream up to its chunk, ``stream_gaps`` those seen so far (a gap drops all fragments).
+    where that needs no state: link-only frames (clause 9.2.4.1.3), one-segment fragments
+    (transport FIR and FIN, clause 8.2.1, see one_segment) and fragments of several segments that
+    open and close within the batch (FIR, then each SEQ in turn, FIN; nothing else of the stream's
+    read by the per-frame code in between), whose application header and objects (clause 4.2.2)
+    are all well formed.  ``transport`` is what is known of each stream's transport state (T_*
+    rows), followed frame by frame; ``frame_gaps`` counts the gaps of the frame's stream up to its
+    chunk, ``stream_gaps`` those seen so far (a gap drops all fragments).
 
-    Returns the PDU rows of those frames (``fields``, one column per row, row F_FRAME is the frame),
-    how many, the other frames (for the per-frame code), how many, the points (``point`` rows as in
-    walk_objects, ``value``), how many, and the link-only frames with an unknown function.
+    Returns the PDU rows of those frames (``fields``, one column per row, row F_FRAME is the frame
+    -- for a fragment of several segments the one with FIN), how many, the other frames (for the
+    per-frame code, not in order), how many, the points (``point`` rows as in walk_objects,
+    ``value``), how many, and the link-only frames with an unknown function.
     """
     n = frame_pos.shape[0]
+    n_streams = transport.shape[1]
     fields = np.empty((18, n), np.int64)
     slow = np.empty(n, np.int64)
     cap = 2 * n + 64  # grown as needed: at most 8 points an octet (packed objects), others >= 1 octet
     point = np.empty((6, cap), np.int64)
     value = np.empty(cap, np.float64)
+    # fragments being assembled: per stream the (source, destination) key (-1: none), where its
+    # octets start in ``asm`` and the chain of its segments so far (pend_head, pend_next)
+    asm = np.empty(user.shape[0] + 16, np.uint8)
+    asm_used = 0
+    assembling = np.full(n_streams, -1, np.int64)
+    asm_start = np.zeros(n_streams, np.int64)
+    pend_head = np.full(n_streams, -1, np.int64)
+    pend_tail = np.full(n_streams, -1, np.int64)
+    pend_next = np.full(n, -1, np.int64)
     n_fast = n_slow = count = unknown = 0
     for i in range(n):
         pos = frame_pos[i]
+        stream = frame_stream[i]
         if frame_kind[i] != FRAME_OK:
+            n_slow = abort(stream, assembling, pend_head, pend_next, slow, n_slow)
             slow[n_slow] = i
             n_slow += 1
             continue
@@ -475,44 +507,95 @@ def _walk_frames(buf, user, frame_pos, frame_kind, user_at, frame_stream, frame_
             row[F_REASON] = REASON_NONE if known else REASON_UNKNOWN_FUNCTION
             n_fast += 1
             continue
-        stream = frame_stream[i]
         if frame_gaps[i] != stream_gaps[stream]:  # feed drops the fragments at a gap
+            n_slow = abort(stream, assembling, pend_head, pend_next, slow, n_slow)
             stream_gaps[stream] = frame_gaps[i]
             transport[T_OPEN, stream], transport[T_UNTRACKED, stream] = -1, 0
-        if not one_segment(np.int64(user[user_at[i]]), (src << 16) | dst, n_user - 1, transport, stream,
-                           max_fragment):
-            slow[n_slow] = i
-            n_slow += 1
-            continue
-        app, app_len = user_at[i] + 1, n_user - 1
-        fc = np.int64(user[app + 1]) if app_len >= 2 else 0
+        th = np.int64(user[user_at[i]])
+        key = (src << 16) | dst
+        was_open, was_seq, was_size = transport[T_OPEN, stream], transport[T_SEQ, stream], transport[T_SIZE, stream]
+        was_untracked = transport[T_UNTRACKED, stream]
+        n_data = n_user - 1
+        data = user
+        assembled = False
+        app, app_len = user_at[i] + 1, n_data
+        if not one_segment(th, key, n_data, transport, stream, max_fragment):
+            # part of a fragment of several segments: assembled here when it opens and closes
+            # within the batch with nothing in between for the per-frame code, else read there
+            seq = th & 0x3F
+            if assembling[stream] >= 0:
+                if (th & 0x40) or key != assembling[stream] or seq != was_seq or was_size + n_data > max_fragment:
+                    n_slow = abort(stream, assembling, pend_head, pend_next, slow, n_slow)
+                    slow[n_slow] = i
+                    n_slow += 1
+                    continue
+                asm[asm_used: asm_used + n_data] = user[app: app + n_data]
+                asm_used += n_data
+                pend_next[pend_tail[stream]] = i
+                pend_tail[stream] = i
+                if not th & 0x80:
+                    continue
+                # FIN: the whole fragment, read below from asm
+                data = asm
+                assembled = True
+                app = asm_start[stream]
+                app_len = asm_used - app
+                assembling[stream] = -1
+            elif (th & 0x40) and not (th & 0x80) and was_open < 0 and not was_untracked \
+                    and transport[T_OPEN, stream] == key:
+                assembling[stream] = key
+                asm_start[stream] = asm_used
+                asm[asm_used: asm_used + n_data] = user[app: app + n_data]
+                asm_used += n_data
+                pend_head[stream] = pend_tail[stream] = i
+                pend_next[i] = -1
+                continue
+            else:
+                n_slow = abort(stream, assembling, pend_head, pend_next, slow, n_slow)
+                slow[n_slow] = i
+                n_slow += 1
+                continue
+        fc = np.int64(data[app + 1]) if app_len >= 2 else 0
         flags = functions[_F_FLAGS, fc]
         response = flags & _FC_RESPONSE
-        if app_len < 2 or not flags & _FC_KNOWN or (response and app_len < 4):
-            slow[n_slow] = i
-            n_slow += 1
-            continue
+        ok = not (app_len < 2 or not flags & _FC_KNOWN or (response and app_len < 4))
         is_write, is_control = functions[_F_WRITE, fc], functions[_F_CONTROL, fc]
-        if count + 8 * app_len > cap:
-            cap = max(2 * cap, count + 8 * app_len)
-            point, value = grown(point, value, cap, count)
-        ok, g0, v0, i0, objects_counted, new_count = walk_objects(
-            user, app + (4 if response else 2), app + app_len, flags & _FC_HEADER_ONLY, groups, objects, qualifiers,
-            point, value, count, is_write, is_control)
+        g0 = v0 = i0 = objects_counted = 0
+        new_count = count
+        if ok:
+            if count + 8 * app_len > cap:
+                cap = max(2 * cap, count + 8 * app_len)
+                point, value = grown(point, value, cap, count)
+            ok, g0, v0, i0, objects_counted, new_count = walk_objects(
+                data, app + (4 if response else 2), app + app_len, flags & _FC_HEADER_ONLY, groups, objects,
+                qualifiers, point, value, count, is_write, is_control)
         if not ok:
-            slow[n_slow] = i
-            n_slow += 1
+            if assembled:  # every segment of the fragment to the per-frame code
+                j = pend_head[stream]
+                while j >= 0:
+                    slow[n_slow] = j
+                    n_slow += 1
+                    j = pend_next[j]
+                pend_head[stream] = -1
+            else:
+                n_slow = abort(stream, assembling, pend_head, pend_next, slow, n_slow)
+                slow[n_slow] = i
+                n_slow += 1
             continue
-        ac = np.int64(user[app])
+        if assembled:
+            pend_head[stream] = -1
+        ac = np.int64(data[app])
         row[F_FRAME], row[F_FUNCTION], row[F_SUB], row[F_SEQ] = i, fc, ac >> 4, ac & 0x0F
         row[F_DIRECTION] = DIR_RESPONSE if response else DIR_REQUEST
         row[F_UNIT], row[F_PEER] = (src, dst) if response else (dst, src)
         row[F_ADDRESS], row[F_COUNT], row[F_OBJECT], row[F_VARIATION] = i0, min(objects_counted, int32_max), g0, v0
-        row[F_QUALITY] = (np.int64(user[app + 2]) << 8) | user[app + 3] if response else -1
+        row[F_QUALITY] = (np.int64(data[app + 2]) << 8) | data[app + 3] if response else -1
         row[F_LENGTH], row[F_WRITE], row[F_CONTROL] = app_len, is_write, is_control
         row[F_STATUS], row[F_REASON], row[F_POINTS] = STATUS_OK, REASON_NONE, new_count - count
         count = new_count
         n_fast += 1
+    for st in range(n_streams):  # fragments still open at the end: the per-frame code keeps them
+        n_slow = abort(st, assembling, pend_head, pend_next, slow, n_slow)
     return fields, n_fast, slow, n_slow, point, value, count, unknown
 
 
