@@ -20,7 +20,10 @@ from operator import attrgetter
 
 import numpy as np
 
-from .events import EVENT_DTYPE, KIND_PDU, KIND_POINT, REASON_GAP, REASON_NONE, REASON_TRUNCATED, STATUS_OK
+from .events import (
+    CONTEXT_COLUMNS, EVENT_DTYPE, KIND_PDU, KIND_POINT, PDU_DEFAULTS, POINT_DEFAULTS, REASON_GAP, REASON_TRUNCATED,
+    SHARED_COLUMNS,
+)
 
 try:  # Numba is installed with PyOD; every compiled walk keeps its plain-Python twin as fallback.
     import numba
@@ -118,16 +121,7 @@ class ChunkColumns:
         return (b[pos].astype(np.int64) << 8) | b[pos + 1]
 
 
-# What a PDU row holds where the parser says nothing (EventBuilder.pdu's defaults), and a point row
-# (EventBuilder.point's).  Point rows copy the columns in _SHARED from their PDU.
-_PDU_DEFAULTS = {"subfunction": -1, "cause": -1, "unit": -1, "peer_unit": -1, "seq": -1, "ack": -1,
-                 "address": -1, "count": 0, "object": -1, "variation": -1, "value": np.nan, "quality": -1,
-                 "length": 0, "is_write": False, "is_control": False, "status": STATUS_OK, "reason": REASON_NONE}
-_POINT_DEFAULTS = {"subfunction": -1, "cause": -1, "ack": -1, "count": 1, "object": -1, "variation": -1,
-                   "quality": -1, "length": 0, "is_write": False, "is_control": False, "status": STATUS_OK,
-                   "reason": REASON_NONE}
-_CONTEXT = ("ts", "frame", "src", "dst", "sport", "dport", "flow", "transport")
-_SHARED = ("direction", "function", "unit", "peer_unit", "seq")
+# Defaults and shared columns: parsers.events.SCHEMA.
 _COLUMN_TYPES = [(name, EVENT_DTYPE[name]) for name in EVENT_DTYPE.names]
 
 
@@ -153,7 +147,7 @@ def rows(cols: ChunkColumns, chunk: np.ndarray, protocol: int, first_pdu_id: int
     point_row[pdu_row] = False
     point_row = np.flatnonzero(point_row)
     src_chunk = chunk[owner]
-    out = {name: getattr(cols, name)[src_chunk] for name in _CONTEXT}
+    out = {name: getattr(cols, name)[src_chunk] for name in CONTEXT_COLUMNS if name not in pdu}
     out["protocol"] = np.full(total, protocol, np.uint8)
     out["kind"] = np.full(total, KIND_POINT, np.uint8)
     out["kind"][pdu_row] = KIND_PDU
@@ -161,14 +155,14 @@ def rows(cols: ChunkColumns, chunk: np.ndarray, protocol: int, first_pdu_id: int
     for name, dtype in _COLUMN_TYPES:
         if name in out:
             continue
-        pv = pdu[name] if name in pdu else _PDU_DEFAULTS[name]
+        pv = pdu[name] if name in pdu else PDU_DEFAULTS[name]
         if name in point:
             qv = point[name]
-        elif name in _SHARED:
+        elif name in SHARED_COLUMNS:
             out[name] = np.asarray(pv, dtype=dtype)[owner] if np.ndim(pv) else np.full(total, pv, dtype)
             continue
         else:
-            qv = _POINT_DEFAULTS.get(name, np.nan)
+            qv = POINT_DEFAULTS[name]
         col = np.empty(total, dtype)
         col[pdu_row] = pv
         col[point_row] = qv
@@ -179,13 +173,13 @@ def rows(cols: ChunkColumns, chunk: np.ndarray, protocol: int, first_pdu_id: int
 def _pdu_rows(cols: ChunkColumns, chunk: np.ndarray, protocol: int, first_pdu_id: int, pdu: dict) -> dict:
     """``rows`` without point rows: every column straight from ``pdu`` or the defaults."""
     n = chunk.shape[0]
-    out = {name: getattr(cols, name)[chunk] for name in _CONTEXT}
+    out = {name: getattr(cols, name)[chunk] for name in CONTEXT_COLUMNS if name not in pdu}
     out["protocol"] = np.full(n, protocol, np.uint8)
     out["kind"] = np.full(n, KIND_PDU, np.uint8)
     out["pdu_id"] = np.arange(first_pdu_id, first_pdu_id + n)
     for name, dtype in _COLUMN_TYPES:
         if name not in out:
-            v = pdu[name] if name in pdu else _PDU_DEFAULTS[name]
+            v = pdu[name] if name in pdu else PDU_DEFAULTS[name]
             out[name] = np.ascontiguousarray(v, dtype=dtype) if np.ndim(v) else np.full(n, v, dtype)
     return out
 

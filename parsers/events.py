@@ -8,40 +8,10 @@ reads these columns without knowing which protocol wrote them.
 Strings are small integer codes (``protocol``, ``status``, ``reason``); the tables below turn them
 back into text at the edges (CLI output, alert messages).
 
-Columns (all NumPy, one value per row):
+Columns (all NumPy, one value per row): see ``SCHEMA`` below, the one table that defines them --
+the event dtype, the defaults of EventBuilder.pdu / .point and of the batch paths'
+``parsers.batch.rows`` all come from it; the table is printed here::
 
-========== ======= ==========================================================================
-name       dtype   meaning
-========== ======= ==========================================================================
-ts         int64   ns since the epoch of the frame that completed the PDU
-frame      int64   1-based number of that frame in its capture (Wireshark's frame.number)
-protocol   uint8   PROTO_MODBUS / PROTO_DNP3 / PROTO_IEC104
-src, dst   uint32  IPv4 addresses (IPv6 hosts are interned, see parsers.decode.AddressBook)
-sport,dport uint16 transport ports
-flow       uint32  flow id from reassembly (stable while the flow lives)
-transport  uint8   6 TCP, 17 UDP
-direction  uint8   DIR_REQUEST (master/client/controlling station -> outstation) or DIR_RESPONSE
-kind       uint8   KIND_PDU or KIND_POINT
-pdu_id     int64   running id of the PDU; point rows carry their PDU's id
-function   int16   Modbus FC (without 0x80), DNP3 application FC, IEC-104 type id or U/S code
-subfunction int32  Modbus FC 8 sub-function / FC 43 MEI type; -1 when none
-cause      int16   IEC-104 cause of transmission, Modbus exception code; -1 when none
-unit       int32   Modbus unit id, DNP3 outstation address, IEC-104 common address
-peer_unit  int32   DNP3 master address; -1 when none
-seq        int32   Modbus transaction id, DNP3 application SEQ, IEC-104 N(S) (S-frame: -1)
-ack        int32   IEC-104 N(R); -1 when none
-address    int64   start register / point index / IOA (point rows: the point's own address)
-count      int32   quantity requested / objects carried
-object     int16   point space: Modbus table (MB_COIL..), DNP3 group, IEC-104 type id
-variation  int16   DNP3 variation; -1 otherwise
-value      float64 the point value (NaN on PDU rows)
-quality    int32   DNP3 flags / IEC-104 quality descriptor / DNP3 IIN on responses; -1 none
-length     int32   PDU length in bytes (whole ADU/APDU/link frame)
-is_write   bool    the PDU changes device state (writes, set-points)
-is_control bool    the PDU operates the process or the device (commands, restarts, stops)
-status     uint8   STATUS_OK / STATUS_EXCEPTION / STATUS_MALFORMED / STATUS_UNKNOWN
-reason     uint8   REASON_* code saying why a row is not OK (REASON_NONE when it is)
-========== ======= ==========================================================================
 """
 
 from __future__ import annotations
@@ -88,22 +58,64 @@ REASON_CODES = {v: k for k, v in REASON_NAMES.items()}
 # Modbus point spaces (Modbus Application Protocol v1.1b3 §4.3 data model).
 MB_COIL, MB_DISCRETE_INPUT, MB_INPUT_REGISTER, MB_HOLDING_REGISTER = 0, 1, 3, 4
 
-EVENT_DTYPE = np.dtype(
-    [
-        ("ts", "i8"), ("frame", "i8"), ("protocol", "u1"), ("src", "u4"), ("dst", "u4"),
-        ("sport", "u2"), ("dport", "u2"), ("flow", "u4"), ("transport", "u1"), ("direction", "u1"),
-        ("kind", "u1"), ("pdu_id", "i8"), ("function", "i2"), ("subfunction", "i4"), ("cause", "i2"),
-        ("unit", "i4"), ("peer_unit", "i4"), ("seq", "i4"), ("ack", "i4"), ("address", "i8"),
-        ("count", "i4"), ("object", "i2"), ("variation", "i2"), ("value", "f8"), ("quality", "i4"),
-        ("length", "i4"), ("is_write", "?"), ("is_control", "?"), ("status", "u1"), ("reason", "u1"),
-    ]
+# -- the schema -------------------------------------------------------------------------------
+#
+# What a row holds where the parser says nothing: CONTEXT, the stream context of the chunk (parsers
+# copy it); SET, written by the builder (protocol, kind, pdu_id); SAME, a point row copies its
+# PDU's value; REQUIRED, the parser always gives it; else the value itself.
+CONTEXT, SET, SAME, REQUIRED = "context", "set", "same", "required"
+
+#: (name, dtype, PDU row default, point row default, meaning), in column order
+SCHEMA = (
+    ("ts", "i8", CONTEXT, CONTEXT, "ns since the epoch of the frame that completed the PDU"),
+    ("frame", "i8", CONTEXT, CONTEXT, "1-based number of that frame in its capture (Wireshark's frame.number)"),
+    ("protocol", "u1", SET, SET, "PROTO_MODBUS / PROTO_DNP3 / PROTO_IEC104"),
+    ("src", "u4", CONTEXT, CONTEXT, "IPv4 address (IPv6 hosts are interned, see parsers.decode.AddressBook)"),
+    ("dst", "u4", CONTEXT, CONTEXT, "IPv4 address"),
+    ("sport", "u2", CONTEXT, CONTEXT, "transport port"),
+    ("dport", "u2", CONTEXT, CONTEXT, "transport port"),
+    ("flow", "u4", CONTEXT, CONTEXT, "flow id from reassembly (stable while the flow lives)"),
+    ("transport", "u1", CONTEXT, CONTEXT, "6 TCP, 17 UDP"),
+    ("direction", "u1", CONTEXT, SAME,
+     "DIR_REQUEST (master/client/controlling station -> outstation) or DIR_RESPONSE"),
+    ("kind", "u1", SET, SET, "KIND_PDU or KIND_POINT"),
+    ("pdu_id", "i8", SET, SET, "running id of the PDU; point rows carry their PDU's id"),
+    ("function", "i2", REQUIRED, SAME, "Modbus FC (without 0x80), DNP3 application FC, IEC-104 type id or U/S code"),
+    ("subfunction", "i4", -1, -1, "Modbus FC 8 sub-function / FC 43 MEI type; -1 when none"),
+    ("cause", "i2", -1, -1, "IEC-104 cause of transmission, Modbus exception code; -1 when none"),
+    ("unit", "i4", -1, SAME, "Modbus unit id, DNP3 outstation address, IEC-104 common address"),
+    ("peer_unit", "i4", -1, SAME, "DNP3 master address; -1 when none"),
+    ("seq", "i4", -1, SAME, "Modbus transaction id, DNP3 application SEQ, IEC-104 N(S) (S-frame: -1)"),
+    ("ack", "i4", -1, -1, "IEC-104 N(R); -1 when none"),
+    ("address", "i8", -1, REQUIRED, "start register / point index / IOA (point rows: the point's own address)"),
+    ("count", "i4", 0, 1, "quantity requested / objects carried"),
+    ("object", "i2", -1, -1, "point space: Modbus table (MB_COIL..), DNP3 group, IEC-104 type id"),
+    ("variation", "i2", -1, -1, "DNP3 variation; -1 otherwise"),
+    ("value", "f8", math.nan, REQUIRED, "the point value (NaN on PDU rows)"),
+    ("quality", "i4", -1, -1, "DNP3 flags / IEC-104 quality descriptor / DNP3 IIN on responses; -1 none"),
+    ("length", "i4", 0, 0, "PDU length in bytes (whole ADU/APDU/link frame)"),
+    ("is_write", "?", False, False, "the PDU changes device state (writes, set-points)"),
+    ("is_control", "?", False, False, "the PDU operates the process or the device (commands, restarts, stops)"),
+    ("status", "u1", STATUS_OK, STATUS_OK, "STATUS_OK / STATUS_EXCEPTION / STATUS_MALFORMED / STATUS_UNKNOWN"),
+    ("reason", "u1", REASON_NONE, REASON_NONE, "REASON_* code saying why a row is not OK (REASON_NONE when it is)"),
 )
+EVENT_DTYPE = np.dtype([(name, dtype) for name, dtype, *_ in SCHEMA])
 COLUMNS = tuple(EVENT_DTYPE.names)
+#: columns copied from the chunk's stream context
+CONTEXT_COLUMNS = tuple(name for name, _, pdu, _, _ in SCHEMA if pdu == CONTEXT)
+#: columns a point row copies from its PDU row (unless the parser says otherwise)
+SHARED_COLUMNS = tuple(name for name, _, _, point, _ in SCHEMA if point == SAME)
+#: the values of a PDU row / a point row where the parser says nothing
+PDU_DEFAULTS = {name: pdu for name, _, pdu, _, _ in SCHEMA if pdu not in (CONTEXT, SET, SAME, REQUIRED)}
+POINT_DEFAULTS = {name: point for name, _, _, point, _ in SCHEMA if point not in (CONTEXT, SET, SAME, REQUIRED)}
 # One row packed exactly as EVENT_DTYPE lays it out (packed, native order): turning a list of row
 # tuples into a batch is then one struct pack per row and one frombuffer, several times faster than
 # np.array(list_of_tuples, EVENT_DTYPE).
-ROW = struct.Struct("=qqBIIHHIBBBqhihiiiiqihhdii??BB")
+_STRUCT_CODES = {"i8": "q", "u1": "B", "u2": "H", "u4": "I", "i2": "h", "i4": "i", "f8": "d", "?": "?"}
+ROW = struct.Struct("=" + "".join(_STRUCT_CODES[dtype] for _, dtype, *_ in SCHEMA))
 assert ROW.size == EVENT_DTYPE.itemsize
+if __doc__:  # None under python -OO
+    __doc__ += "\n".join(f"    {name:<12}{dtype:<4} {meaning}" for name, dtype, _, _, meaning in SCHEMA) + "\n"
 
 
 class EventBatch:

@@ -172,3 +172,34 @@ def test_modbus_mix_stays_identical(seed):
     rows = check_same(ModbusParser, regroup(chunks, rng, 400), {0: []}, f"seed {seed}")
     assert rows > 6000
     check_same(lambda: ModbusParser(max_pending=4), [chunks], None, f"seed {seed} all at once, small table")
+
+
+def test_builder_and_batch_rows_follow_the_schema():
+    """EventBuilder.pdu/.point (the per-PDU paths) and parsers.batch.rows (the batch paths) write
+    the defaults of parsers.events.SCHEMA where a parser says nothing."""
+    from parsers.base import Chunk
+    from parsers.batch import ChunkColumns, rows
+    from parsers.events import (
+        CONTEXT_COLUMNS, PDU_DEFAULTS, POINT_DEFAULTS, PROTO_DNP3, SHARED_COLUMNS, EventBuilder,
+    )
+
+    chunk = Chunk(b"x", ts=7, frame=3, src=1, dst=2, sport=5, dport=6, flow=9, direction=1)
+    out = EventBuilder()
+    pid = out.pdu(chunk, PROTO_DNP3, function=4, unit=12, peer_unit=13, seq=2)
+    out.point(chunk, PROTO_DNP3, pid, function=4, unit=12, peer_unit=13, seq=2, address=40, value=1.5)
+    built = out.build()
+    cols = ChunkColumns([chunk])
+    columns, _ = rows(cols, np.array([0]), PROTO_DNP3, 0,
+                      {"function": 4, "unit": 12, "peer_unit": 13, "seq": 2}, np.array([1]),
+                      {"address": np.array([40]), "value": np.array([1.5])})
+    batch = EventBatch.from_columns({k: np.asarray(v) for k, v in columns.items()})
+    same_rows(built, batch, "builder vs batch rows")
+    for name, default in PDU_DEFAULTS.items():
+        if name not in ("unit", "peer_unit", "seq"):
+            assert built[name][0] == default or (np.isnan(default) and np.isnan(built[name][0])), name
+    for name, default in POINT_DEFAULTS.items():
+        assert built[name][1] == default, name
+    for name in SHARED_COLUMNS:
+        assert built[name][1] == built[name][0], name
+    for name in CONTEXT_COLUMNS:
+        assert built[name][0] == getattr(chunk, name), name
