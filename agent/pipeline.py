@@ -8,12 +8,11 @@ reads.  Nothing here knows whether frames came from a file or an interface.
 from __future__ import annotations
 
 import time
-from operator import attrgetter
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from parsers.base import feed_chunks
+from parsers.base import chunk_protocols, feed_chunks, select_chunks
 from parsers.decode import SKIP_ERRORS, SKIP_NAMES, AddressBook, decode
 from parsers.events import PROTOCOL_NAMES, REASON_NAMES, EventBatch, EventBuilder, KIND_PDU
 from parsers.frames import FrameBatch
@@ -116,7 +115,7 @@ class Pipeline:
         if chunks:
             # Each parser reads all of its chunks at once; with several protocols in the batch the
             # rows are tagged with their chunk's place and put back in chunk order by build().
-            protocol = np.fromiter(map(attrgetter("protocol"), chunks), dtype=np.int64, count=len(chunks))
+            protocol = chunk_protocols(chunks)
             codes = np.unique(protocol).tolist()
             for code in codes:
                 parser = parsers.get(code)
@@ -126,7 +125,7 @@ class Pipeline:
                     feed_chunks(parser, chunks, builder, None, self.compiled)
                 else:
                     tags = np.flatnonzero(protocol == code)
-                    feed_chunks(parser, [chunks[i] for i in tags.tolist()], builder, tags, self.compiled)
+                    feed_chunks(parser, select_chunks(chunks, tags), builder, tags, self.compiled)
         for flow_id, code in out.closed:
             parser = parsers.get(code)
             if parser is not None:

@@ -12,7 +12,10 @@ plausible header.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Protocol
+
+import numpy as np
 
 from .events import EventBuilder, StreamContext
 
@@ -79,3 +82,93 @@ def feed_chunks(parser, chunks: list, out: EventBuilder, tags=None, batch_path: 
     for chunk, tag in zip(chunks, tags):
         out.set_tag(tag)
         feed(chunk, out)
+
+
+#: what a chunk carries besides its bytes, with the dtype of the column a ChunkTable keeps it in
+CHUNK_FIELDS = (("ts", np.int64), ("frame", np.int64), ("src", np.uint32), ("dst", np.uint32), ("sport", np.uint16),
+                ("dport", np.uint16), ("flow", np.uint32), ("transport", np.uint8), ("direction", np.uint8),
+                ("gap", bool), ("datagram", bool), ("protocol", np.int64))
+
+
+class ChunkTable:
+    """Chunks as columns, as reassembly's array path delivers them: chunk ``i`` is the bytes
+    ``data[start[i]:end[i]]`` (``data`` a uint8 array, e.g. the frame batch's buffer: no copy) with
+    the context of column ``name[i]`` for each of CHUNK_FIELDS.  It reads as a sequence of
+    :class:`Chunk` (made when an item is read), so code written for a list of chunks keeps working;
+    the batch paths (``parsers.batch.ChunkColumns``) read the columns instead.
+
+    >>> t = ChunkTable.from_chunks([Chunk(b"ab", ts=5, flow=1), Chunk(b"cde", ts=6, flow=2, direction=1)])
+    >>> len(t), t[1].data, t.take(np.array([1])).ts.tolist(), [c.data for c in t]
+    (2, b'cde', [6], [b'ab', b'cde'])
+    """
+
+    __slots__ = ("data", "start", "end") + tuple(name for name, _ in CHUNK_FIELDS)
+
+    def __init__(self, data: np.ndarray, start: np.ndarray, end: np.ndarray, **columns):
+        self.data, self.start, self.end = data, start, end
+        for name, dtype in CHUNK_FIELDS:
+            setattr(self, name, np.asarray(columns[name], dtype=dtype))
+
+    def __len__(self) -> int:
+        return int(self.start.shape[0])
+
+    def __getitem__(self, i: int) -> Chunk:
+        i = int(i)
+        s, e = int(self.start[i]), int(self.end[i])
+        return Chunk.make(self.data[s:e].tobytes(), bool(self.gap[i]), bool(self.datagram[i]), int(self.protocol[i]),
+                          int(self.ts[i]), int(self.frame[i]), int(self.src[i]), int(self.dst[i]), int(self.sport[i]),
+                          int(self.dport[i]), int(self.flow[i]), int(self.transport[i]), int(self.direction[i]))
+
+    def __iter__(self):
+        mv = memoryview(self.data)
+        make = Chunk.make
+        cols = [getattr(self, name).tolist() for name in ("gap", "datagram", "protocol", "ts", "frame", "src", "dst",
+                                                          "sport", "dport", "flow", "transport", "direction")]
+        for s, e, *rest in zip(self.start.tolist(), self.end.tolist(), *cols):
+            yield make(bytes(mv[s:e]), *rest)
+
+    def payloads(self, order=None) -> list:
+        """The chunks' bytes as memoryviews (in ``order`` when given): for joining, no copies."""
+        mv = memoryview(self.data)
+        start, end = (self.start, self.end) if order is None else (self.start[order], self.end[order])
+        return [mv[s:e] for s, e in zip(start.tolist(), end.tolist())]
+
+    def take(self, idx) -> "ChunkTable":
+        """The chunks at ``idx``, in that order (sharing ``data``)."""
+        return ChunkTable(self.data, self.start[idx], self.end[idx],
+                          **{name: getattr(self, name)[idx] for name, _ in CHUNK_FIELDS})
+
+    @classmethod
+    def from_chunks(cls, chunks) -> "ChunkTable":
+        n = len(chunks)
+        datas = [c.data for c in chunks]
+        lens = np.fromiter(map(len, datas), dtype=np.int64, count=n)
+        end = np.cumsum(lens)
+        data = np.frombuffer(b"".join(datas), dtype=np.uint8) if n else np.zeros(0, np.uint8)
+        return cls(data, end - lens, end, **{name: np.fromiter(map(attrgetter(name), chunks), dtype=dtype, count=n)
+                                            for name, dtype in CHUNK_FIELDS})
+
+    @classmethod
+    def join(cls, tables) -> "ChunkTable":
+        """The chunks of ``tables`` (ChunkTables or lists of chunks) one after another."""
+        tables = [t if isinstance(t, ChunkTable) else cls.from_chunks(t) for t in tables]
+        if len(tables) == 1:
+            return tables[0]
+        shift = np.cumsum([0] + [t.data.shape[0] for t in tables[:-1]])
+        return cls(np.concatenate([t.data for t in tables]), np.concatenate([t.start + d for t, d in zip(tables, shift)]),
+                   np.concatenate([t.end + d for t, d in zip(tables, shift)]),
+                   **{name: np.concatenate([getattr(t, name) for t in tables]) for name, _ in CHUNK_FIELDS})
+
+
+def chunk_protocols(chunks) -> np.ndarray:
+    """The protocol code of each chunk of a list or ChunkTable."""
+    if isinstance(chunks, ChunkTable):
+        return chunks.protocol
+    return np.fromiter(map(attrgetter("protocol"), chunks), dtype=np.int64, count=len(chunks))
+
+
+def select_chunks(chunks, idx: np.ndarray):
+    """The chunks at ``idx`` of a list or ChunkTable (of the same kind)."""
+    if isinstance(chunks, ChunkTable):
+        return chunks.take(idx)
+    return [chunks[i] for i in idx.tolist()]

@@ -20,6 +20,7 @@ from operator import attrgetter
 
 import numpy as np
 
+from .base import ChunkTable
 from .events import (
     CONTEXT_COLUMNS, EVENT_DTYPE, KIND_PDU, KIND_POINT, PDU_DEFAULTS, POINT_DEFAULTS, REASON_GAP, REASON_TRUNCATED,
     SHARED_COLUMNS,
@@ -62,39 +63,49 @@ class ChunkColumns:
     __slots__ = ("chunks", "raw", "buf", "start", "end", "head", "layout", "stream_first", "ts", "frame", "src",
                  "dst", "sport", "dport", "flow", "transport", "direction", "gap", "datagram", "tags")
 
-    def __init__(self, chunks: list, tags=None, held: dict | None = None):
+    def __init__(self, chunks, tags=None, held: dict | None = None):
         self.chunks = chunks
         n = len(chunks)
-        for name, dtype in (("ts", np.int64), ("frame", np.int64), ("flow", np.uint32), ("direction", np.uint8),
-                            ("gap", bool), ("datagram", bool)):
-            setattr(self, name, np.fromiter(map(attrgetter(name), chunks), dtype=dtype, count=n))
-        # Addresses, ports and transport are those of the flow and direction: read them once per
-        # stream, not once per chunk.
-        keys = self.flow.astype(np.int64) * 2 + self.direction
-        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        per_stream = np.array([(c.src, c.dst, c.sport, c.dport, c.transport)
-                               for c in [chunks[i] for i in first.tolist()]], dtype=np.int64).reshape(-1, 5)
-        for j, (name, dtype) in enumerate((("src", np.uint32), ("dst", np.uint32), ("sport", np.uint16),
-                                           ("dport", np.uint16), ("transport", np.uint8))):
-            setattr(self, name, per_stream[:, j].astype(dtype)[inverse])
-        datas = [c.data for c in chunks]
-        lens = np.fromiter(map(len, datas), dtype=np.int64, count=n)
+        table = chunks if isinstance(chunks, ChunkTable) else None
+        if table is not None:  # columns already (reassembly's array path)
+            for name in ("ts", "frame", "flow", "direction", "gap", "datagram", "src", "dst", "sport", "dport",
+                         "transport"):
+                setattr(self, name, getattr(table, name))
+            keys = self.flow.astype(np.int64) * 2 + self.direction
+        else:
+            for name, dtype in (("ts", np.int64), ("frame", np.int64), ("flow", np.uint32), ("direction", np.uint8),
+                                ("gap", bool), ("datagram", bool)):
+                setattr(self, name, np.fromiter(map(attrgetter(name), chunks), dtype=dtype, count=n))
+            # Addresses, ports and transport are those of the flow and direction: read them once per
+            # stream, not once per chunk.
+            keys = self.flow.astype(np.int64) * 2 + self.direction
+            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            inverse = inverse.reshape(-1)
+            per_stream = np.array([(c.src, c.dst, c.sport, c.dport, c.transport)
+                                   for c in [chunks[i] for i in first.tolist()]], dtype=np.int64).reshape(-1, 5)
+            for j, (name, dtype) in enumerate((("src", np.uint32), ("dst", np.uint32), ("sport", np.uint16),
+                                               ("dport", np.uint16), ("transport", np.uint8))):
+                setattr(self, name, per_stream[:, j].astype(dtype)[inverse])
+        if table is not None:
+            lens = table.end - table.start
+        else:
+            datas = [c.data for c in chunks]
+            lens = np.fromiter(map(len, datas), dtype=np.int64, count=n)
         if held is None:
             self.layout = np.arange(n)
             self.stream_first = np.ones(n, dtype=bool)
-            pieces = datas
+            pieces = table.payloads() if table is not None else datas
             extra = np.zeros(n, np.int64)
         else:
             self.layout = np.argsort(keys, kind="stable")
             sorted_keys = keys[self.layout]
             self.stream_first = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]] if n else np.zeros(0, bool)
-            pieces = [datas[i] for i in self.layout.tolist()]
+            pieces = table.payloads(self.layout) if table is not None else [datas[i] for i in self.layout.tolist()]
             extra = np.zeros(n, np.int64)  # held bytes laid out before each chunk (layout order)
             if held:
+                flow, direction = self.flow[self.layout], self.direction[self.layout]
                 for k in np.flatnonzero(self.stream_first).tolist():
-                    chunk = chunks[self.layout[k]]
-                    tail = held.pop((chunk.flow, chunk.direction), None)
+                    tail = held.pop((int(flow[k]), int(direction[k])), None)
                     if tail:
                         pieces[k] = bytes(tail) + bytes(pieces[k])
                         extra[k] = len(tail)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import FROM_CLIENT, FROM_SERVER, Chunk
+from .base import FROM_CLIENT, FROM_SERVER, Chunk, ChunkTable
 from .decode import L4_TCP, L4_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Decoded
 from .frames import FrameBatch
 
@@ -171,6 +171,13 @@ class Reassembler:
     def expire(self, now_ns: int, out: StreamOutput | None = None) -> StreamOutput:
         """End flows idle for longer than the timeout (call with the newest timestamp seen)."""
         out = out if out is not None else StreamOutput()
+        if isinstance(out.chunks, ChunkTable):  # the array path's chunks: the released ones join after them
+            more = self.expire(now_ns)
+            if more.chunks:
+                out.chunks = ChunkTable.join([out.chunks, more.chunks])
+            out.closed += more.closed
+            out.overlaps_different += more.overlaps_different
+            return out
         limit = now_ns - int(self.limits.idle_timeout_s * 1e9)
         while self.flows:
             key, flow = next(iter(self.flows.items()))
@@ -549,32 +556,27 @@ class _Plan:
                 st.next_seq = (int(self.seq[row]) + k) & 0xFFFFFFFF
                 o = int(dec.payload_off[rows[row]])
                 st.recent = buf[o + max(0, k - keep): o + k].tobytes()
-        # one chunk per payload segment of an array flow (TCP and UDP)
+        # one chunk per payload segment of an array flow (TCP and UDP), as columns over the frame buffer
         deliver = np.flatnonzero(fast & (pl > 0))
         d_rows = rows[deliver]
         r.stats.bytes_delivered += int(pl[deliver].sum())
         r.stats.truncated_segments += int(np.count_nonzero(dec.payload_truncated[d_rows] & self.tcp[deliver]))
-        raw = buf.data if buf.flags.c_contiguous else buf.tobytes()
-        off = dec.payload_off[d_rows].tolist()
-        ends_b = (dec.payload_off[d_rows] + pl[deliver]).tolist()
-        l4 = dec.l4[d_rows].tolist()
-        fl = inverse[deliver].tolist()
-        ids = [flows[i].id for i in fl]
-        protos = [flows[i].protocol for i in fl]
-        make = Chunk.make
-        chunks = [make(bytes(raw[o:e]), False, t == L4_UDP, p, tt, fr, s, d, sp, dp, fid, t, dr)
-                  for o, e, t, p, tt, fr, s, d, sp, dp, fid, dr in zip(
-                      off, ends_b, l4, protos, batch.ts[d_rows].tolist(), (d_rows + batch.first_frame).tolist(),
-                      dec.src[d_rows].tolist(), dec.dst[d_rows].tolist(), dec.sport[d_rows].tolist(),
-                      dec.dport[d_rows].tolist(), ids, self.direction[deliver].tolist())]
+        start = dec.payload_off[d_rows].astype(np.int64)
+        fl = inverse[deliver]
+        ids = np.fromiter((f.id for f in flows), dtype=np.int64, count=nf)
+        protos = np.fromiter((f.protocol for f in flows), dtype=np.int64, count=nf)
+        l4 = dec.l4[d_rows]
+        table = ChunkTable(buf, start, start + pl[deliver], ts=batch.ts[d_rows], frame=d_rows + batch.first_frame,
+                           src=dec.src[d_rows], dst=dec.dst[d_rows], sport=dec.sport[d_rows], dport=dec.dport[d_rows],
+                           flow=ids[fl], transport=l4, direction=self.direction[deliver],
+                           gap=np.zeros(deliver.size, bool), datagram=l4 == L4_UDP, protocol=protos[fl])
         if not slow.size:
-            out.chunks = chunks
-        elif chunks:
+            out.chunks = table
+        elif deliver.size:
             # capture order: a per-segment chunk sits at the row that released it
             per_slow = np.diff(np.r_[0, np.asarray(marks, np.int64)])
             order = np.argsort(np.r_[np.repeat(slow, per_slow), deliver], kind="stable")
-            both = out.chunks + chunks
-            out.chunks = [both[i] for i in order.tolist()]
+            out.chunks = ChunkTable.join([out.chunks, table]).take(order)
         # least recently used order: the flows of this batch move to the end by their last segment
         table = r.flows
         for i in np.argsort(last_row).tolist():
