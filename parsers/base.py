@@ -68,9 +68,10 @@ class StreamParser(Protocol):
 
 def feed_chunks(parser, chunks: list, out: EventBuilder, tags=None, batch_path: bool = True) -> None:
     """Hand ``chunks`` (in order) to ``parser``: all at once where it has a batch path
-    (``feed_batch``) and ``batch_path`` is on, else one by one.  ``tags`` (or None) are the chunks'
+    (``feed_batch``; with ``batch_path`` off, ``feed_batch_numpy``: no Numba), else one by one.  ``tags`` (or None) are the chunks'
     order tags in ``out``."""
-    batch = getattr(parser, "feed_batch", None) if batch_path else None
+    # without the compiled paths a parser may still have a pure-NumPy one (feed_batch_numpy)
+    batch = getattr(parser, "feed_batch" if batch_path else "feed_batch_numpy", None)
     if batch is not None:
         batch(chunks, out, tags)
         return

@@ -26,21 +26,21 @@ from .events import (
     SHARED_COLUMNS,
 )
 
-try:  # Numba is installed with PyOD; every compiled walk keeps its plain-Python twin as fallback.
-    import numba
-
-    def compiled(fn):
-        """``fn`` compiled by Numba, cached on disk so only the first run pays the compilation (the
-        cache lives in ``__pycache__`` beside the source, or in ``$NUMBA_CACHE_DIR``; the agent's
-        service sets that to its cache directory).  Where no cache directory is writable it is
-        compiled in every process instead."""
-        try:
-            return numba.njit(cache=True, nogil=True)(fn)
-        except RuntimeError:  # "cannot cache function ...: no locator available"
-            return numba.njit(nogil=True)(fn)
-except Exception:  # pragma: no cover - exercised only where numba is missing
-    def compiled(fn):
+def compiled(fn):
+    """``fn`` compiled by Numba, cached on disk so only the first run pays the compilation (the
+    cache lives in ``__pycache__`` beside the source, or in ``$NUMBA_CACHE_DIR``; the agent's
+    service sets that to its cache directory).  Where no cache directory is writable it is
+    compiled in every process instead; where Numba is missing, ``fn`` itself (its plain-Python
+    twin).  Numba is imported here, when a walk is compiled, not when this module is: the edge
+    path (pure NumPy, ``parsers.modbus_batch.frame_simple``) never loads it (~160 MB)."""
+    try:  # Numba is installed with PyOD
+        import numba
+    except Exception:  # pragma: no cover - exercised only where numba is missing
         return fn
+    try:
+        return numba.njit(cache=True, nogil=True)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(fn)
 
 
 PADDING = 64

@@ -309,6 +309,14 @@ class ModbusParser:
 
         feed_batch(self, chunks, out, tags)
 
+    def feed_batch_numpy(self, chunks: list, out: EventBuilder, tags=None) -> None:
+        """``feed_batch`` without Numba (the edge path): ADUs framed with NumPy where each segment
+        holds whole ADUs (``parsers.modbus_batch.frame_simple``); a batch where one runs over
+        segments goes through ``feed``."""
+        from .modbus_batch import feed_batch
+
+        feed_batch(self, chunks, out, tags, numba=False)
+
     def feed(self, chunk: Chunk, out: EventBuilder) -> None:
         self._last_out = out
         key = (chunk.flow, chunk.direction)

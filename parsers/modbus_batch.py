@@ -99,11 +99,68 @@ def _walk_mbap(buf, head, start, end, stream_first, gap, datagram, min_length, m
     return adu_pos[:count], adu_chunk[:count], clean, entry, stop, dropped
 
 
-walk_mbap = compiled(_walk_mbap)
+_compiled_walk = None
 
 
-def feed_batch(parser, chunks: list, out, tags=None) -> None:
-    """Parse ``chunks`` (in order) into ``out``; ``tags`` are the chunks' order tags (or None)."""
+def walk_mbap(*args):
+    """_walk_mbap compiled (Numba loaded and the walk compiled on first use)."""
+    global _compiled_walk
+    if _compiled_walk is None:
+        _compiled_walk = compiled(_walk_mbap)
+    return _compiled_walk(*args)
+
+
+def frame_simple(buf, head, start, end, stream_first, gap, datagram, min_length, max_length):
+    """walk_mbap's result with NumPy alone, where each chunk after the first of its stream begins
+    on an ADU boundary (the common case: whole ADUs per segment) -- else None.
+
+    Every chunk is walked on its own, all chunks one ADU at a time together (as many steps as the
+    most ADUs in one chunk); that is walk_mbap's walk when no ADU runs from one chunk into the next
+    of its stream, which the walk itself shows: each chunk but its stream's last must end exactly
+    on an ADU boundary, with no bad header anywhere.
+    """
+    n = start.shape[0]
+    # a chunk's walk begins where its stream stands: held bytes (first chunk) or its own start
+    pos = np.where(stream_first, head, start)
+    dropped = np.zeros(n, np.int8)
+    gapped = gap & (pos < start)
+    dropped[gapped] = 1
+    pos[gapped] = start[gapped]
+    entry = np.where(stream_first, head, start)
+    adu_pos, adu_chunk = [], []
+    active = np.flatnonzero(end - pos >= 8)
+    while active.size:
+        p = pos[active]
+        protocol_id = (buf[p + 2].astype(np.int64) << 8) | buf[p + 3]
+        length = (buf[p + 4].astype(np.int64) << 8) | buf[p + 5]
+        if ((protocol_id != 0) | (length < min_length) | (length > max_length)).any():
+            return None  # a stream resynchronises: the compiled walk (or feed) reads this batch
+        whole = p + 6 + length <= end[active]
+        active = active[whole]
+        p = p[whole]
+        adu_pos.append(p)
+        adu_chunk.append(active)
+        pos[active] = p + 6 + length[whole]
+        active = active[end[active] - pos[active] >= 8]
+    left = datagram & (pos < end)  # a datagram's bytes after its last whole ADU are dropped
+    dropped[left] = 2
+    pos[left] = end[left]
+    last = np.r_[stream_first[1:], True]
+    if (~last & (pos != end)).any():
+        return None  # an ADU runs on into the next chunk of its stream
+    if adu_pos:
+        adu_pos, adu_chunk = np.concatenate(adu_pos), np.concatenate(adu_chunk)
+        order = np.argsort(adu_chunk, kind="stable")  # stream order within each chunk
+        adu_pos, adu_chunk = adu_pos[order], adu_chunk[order]
+    else:
+        adu_pos = adu_chunk = np.zeros(0, np.int64)
+    return adu_pos, adu_chunk, np.ones(n, bool), entry, pos, dropped
+
+
+def feed_batch(parser, chunks: list, out, tags=None, numba: bool = True) -> None:
+    """Parse ``chunks`` (in order) into ``out``; ``tags`` are the chunks' order tags (or None).
+    ``numba=False``: frame with NumPy alone (frame_simple); a batch it cannot frame goes chunk by
+    chunk through ``feed``."""
     from .modbus import FRAMING_MAX_LENGTH, MIN_LENGTH
 
     parser._last_out = out
@@ -112,9 +169,20 @@ def feed_batch(parser, chunks: list, out, tags=None) -> None:
     tails = parser._tails
     cols = ChunkColumns(chunks, tags, held=tails)
     lay = cols.layout
-    adu_pos, adu_k, clean_k, entry_k, stop_k, dropped_k = walk_mbap(
-        cols.buf, cols.head[lay], cols.start[lay], cols.end[lay], cols.stream_first, cols.gap[lay], cols.datagram[lay],
-        MIN_LENGTH, FRAMING_MAX_LENGTH)
+    walk_args = (cols.buf, cols.head[lay], cols.start[lay], cols.end[lay], cols.stream_first, cols.gap[lay],
+                 cols.datagram[lay], MIN_LENGTH, FRAMING_MAX_LENGTH)
+    framed = frame_simple(*walk_args)
+    if framed is None and not numba:
+        for k in np.flatnonzero(cols.stream_first).tolist():  # the held bytes back where feed looks
+            c = int(lay[k])
+            if cols.head[c] < cols.start[c]:
+                tails[(int(cols.flow[c]), int(cols.direction[c]))] = cols.raw[cols.head[c]: cols.start[c]]
+        for c, chunk in enumerate(chunks):
+            if cols.tags is not None:
+                out.set_tag(int(cols.tags[c]))
+            parser.feed(chunk, out)
+        return
+    adu_pos, adu_k, clean_k, entry_k, stop_k, dropped_k = framed if framed is not None else walk_mbap(*walk_args)
     clean = np.empty_like(clean_k)
     clean[lay] = clean_k
     count_dropped(out, PROTO_MODBUS, dropped_k, clean_k)

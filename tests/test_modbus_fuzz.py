@@ -91,6 +91,10 @@ def _feed_all(data: bytes, cuts: list[int], gaps: list[bool], datagram: bool, se
     return out.build()
 
 
+class _NumpyModbus(ModbusParser):
+    feed_batch = ModbusParser.feed_batch_numpy
+
+
 def check(data, cuts, gaps, datagram, server_first):
     batch = _feed_all(data, cuts, gaps, datagram, server_first)
     # The batch path reads the same chunks, two at a time and all at once, into the same rows.
@@ -98,6 +102,7 @@ def check(data, cuts, gaps, datagram, server_first):
     for size in (2, max(len(chunks), 1)):
         groups = [chunks[i: i + size] for i in range(0, len(chunks), size)] or [[]]
         check_same(lambda: ModbusParser(max_pending=16), groups, {len(groups) - 1: [7]})
+        check_same(lambda: _NumpyModbus(max_pending=16), groups, {len(groups) - 1: [7]})  # the edge path
     if data:
         # Every input comes back as events or as counted errors.
         assert len(batch) + sum(batch.errors.values()) > 0
