@@ -2,7 +2,7 @@
 
     python bench/bench_e2e.py [--scale 1.0] [--protocols modbus,dnp3,iec104] [--learn 600s]
                               [--workdir DIR] [--seed 7] [--json] [--no-process] [--no-tshark]
-                              [--root CHECKOUT]
+                              [--root CHECKOUT] [--edge]
 
 Generates three mid-stream captures (no handshakes; one PDU per frame; several connections
 interleaved; frames over one hour of capture time), cached in ``--workdir`` by scale and seed:
@@ -23,7 +23,9 @@ For each capture it times, in this order:
 - ``process``: ``python -m agent.cli replay --json F`` as a child process (its user + system CPU and
   wall time: includes interpreter start-up and imports, as a user sees it);
 - ``learn``: the same child with ``--learn LEARN`` (detection on: learning then monitoring);
-- ``tshark``: ``tshark -n -r F -T fields -e FIELD`` (user + system CPU of the child, and wall).
+- ``tshark``: ``tshark -n -r F -T fields -e FIELD`` (user + system CPU of the child, and wall);
+- ``edge`` (with ``--edge``): the pipeline alone in this process with compiled parsers off (the
+  edge agent's default: no Numba), CPU time.
 
 The ratio is tshark's time over ours (CPU time: the machine is shared and wall time swings with
 other load; wall ratios are printed too).  > 1 means otwatch is faster.
@@ -290,6 +292,19 @@ def in_process(path: Path) -> tuple[float, float, dict]:
     return cpu, wall, json.loads(buf.getvalue())
 
 
+def edge(path: Path) -> float:
+    """CPU seconds of the pipeline alone with compiled parsers off (the edge agent's default)."""
+    from agent.pipeline import Pipeline
+    from agent.sources import CaptureReader
+
+    pipeline = Pipeline(compiled=False)
+    c0 = time.process_time()
+    for batch in CaptureReader(path):
+        pipeline.process(batch)
+    pipeline.finish()
+    return time.process_time() - c0
+
+
 def warm_up(workdir: Path, seed: int, names) -> None:
     """Imports and compiled walks loaded once, outside the timed runs."""
     for name in names:
@@ -307,6 +322,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-process", action="store_true", help="skip the child-process runs")
     ap.add_argument("--no-tshark", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--edge", action="store_true", help="also time the pipeline with compiled parsers off")
     ap.add_argument("--root", help="the checkout to measure (default: this one)")
     args = ap.parse_args(argv)
     names = [n for n in args.protocols.split(",") if n]
@@ -322,6 +338,8 @@ def main(argv=None) -> int:
         cpu, wall, summary = in_process(path)
         row.update(inproc_cpu=cpu, inproc_wall=wall, pdus=summary["by_protocol"].get(name, {}).get("pdus"),
                    errors=summary["errors"])
+        if args.edge:
+            row["edge_cpu"] = edge(path)
         if not args.no_process:
             row["proc_cpu"], row["proc_wall"], _ = child_cpu(
                 [sys.executable, "-m", "agent.cli", "replay", "--json", "--no-progress", str(path)], env)
@@ -353,6 +371,9 @@ def main(argv=None) -> int:
               f"{fmt('proc_cpu'):>8}{fmt('learn_cpu'):>8}{fmt('tshark_cpu'):>9}{ratio('inproc_cpu'):>7}"
               f"{ratio('proc_cpu'):>7}{ratio('learn_cpu'):>8}   {ratio('inproc_wall', tw)} / {ratio('proc_wall', tw)}"
               f" / {ratio('learn_wall', tw)}")
+        if "edge_cpu" in r:
+            print(f"{'':<8}edge (compiled parsers off): {r['edge_cpu']:.1f} s, "
+                  f"{r['frames'] / r['edge_cpu'] / 1e3:.0f} k frames per CPU second, x{ratio('edge_cpu')} tshark")
     return 0
 
 
