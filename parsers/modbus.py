@@ -61,6 +61,19 @@ MIN_LENGTH, MAX_LENGTH = 2, 254  # unit id + FC .. unit id + 253-byte PDU (MB-AP
 FRAMING_MAX_LENGTH = 260
 MAX_ADU = 6 + FRAMING_MAX_LENGTH
 
+
+
+def mbap_ok(protocol_id, length, max_length=MAX_LENGTH):
+    """The MBAP header check (MB-TCP §3.1.3: protocol id 0, length = unit id + PDU within
+    MIN_LENGTH..max_length), written once for every reader: ``feed`` and its resynchronisation,
+    ``looks_like``, and the batch paths' walks -- on ints, on NumPy arrays, and compiled by Numba.
+
+    >>> mbap_ok(0, 6), mbap_ok(1, 6), mbap_ok(0, 255), mbap_ok(0, 255, FRAMING_MAX_LENGTH)
+    (True, False, False, True)
+    """
+    return (protocol_id == 0) & (length >= MIN_LENGTH) & (length <= max_length)
+
+
 U16 = struct.Struct(">H")
 U16X2 = struct.Struct(">HH")
 U16X3 = struct.Struct(">HHH")
@@ -161,7 +174,7 @@ def looks_like(data: bytes) -> bool:
     complete = 0
     while n - pos >= 8:
         _tid, pid, length, _unit, fc = MBAP.unpack_from(data, pos)
-        if pid or length < MIN_LENGTH or length > MAX_LENGTH or fc in (0, 0x80):
+        if not mbap_ok(pid, length) or fc in (0, 0x80):
             return False
         if fc & 0x80 and length != 3:  # MB-AP §7: an exception response is FC + code
             return False
@@ -332,7 +345,7 @@ class ModbusParser:
         one = self._one
         while n - pos >= 8:
             tid, pid, length, unit, fc = unpack(data, pos)
-            if pid or length < MIN_LENGTH or length > FRAMING_MAX_LENGTH:
+            if not mbap_ok(pid, length, FRAMING_MAX_LENGTH):
                 # MB-TCP §3.1.3 violated: not (or no longer) Modbus at this point.  Resynchronise on
                 # the next header that is followed by another header or the end of the data.
                 out.count_error(PROTO_MODBUS, REASON_BAD_HEADER)
@@ -415,13 +428,13 @@ class ModbusParser:
         while p != -1 and p - 2 + 8 <= n:
             c = p - 2
             _tid, _pid, length, _unit, fc = MBAP.unpack_from(data, c)
-            if MIN_LENGTH <= length <= MAX_LENGTH and fc not in (0, 0x80):
+            if mbap_ok(0, length) and fc not in (0, 0x80):  # the protocol id is the 00 00 found
                 end = c + 6 + length
                 if end == n:
                     return c
                 if end + 8 <= n:
                     _t, pid2, len2, _u, fc2 = MBAP.unpack_from(data, end)
-                    if pid2 == 0 and MIN_LENGTH <= len2 <= MAX_LENGTH and fc2 not in (0, 0x80):
+                    if mbap_ok(pid2, len2) and fc2 not in (0, 0x80):
                         return c
             p = find(b"\x00\x00", p + 1)
         return n  # nothing plausible: drop the rest

@@ -26,7 +26,9 @@ from .events import (
     DIR_REQUEST, DIR_RESPONSE, MB_COIL, MB_DISCRETE_INPUT, MB_HOLDING_REGISTER, MB_INPUT_REGISTER, PROTO_MODBUS,
     REASON_UNPAIRED, STATUS_EXCEPTION, STATUS_OK,
 )
-from .modbus import MAX_LENGTH
+from .modbus import MAX_LENGTH, mbap_ok
+
+_mbap_ok = mbap_ok  # compiled with walk_mbap on its first use
 
 # Point table per function (MB-AP §4.3): FC 1 coils, 2 discrete inputs, 3 holding, 4 input registers;
 # the writes FC 5 and 15 coils, 6, 16 and 23 holding registers.
@@ -78,7 +80,7 @@ def _walk_mbap(buf, head, start, end, stream_first, gap, datagram, min_length, m
         while e - pos >= 8:
             protocol_id = (np.int64(buf[pos + 2]) << 8) | buf[pos + 3]
             length = (np.int64(buf[pos + 4]) << 8) | buf[pos + 5]
-            if protocol_id != 0 or length < min_length or length > max_length:
+            if not _mbap_ok(protocol_id, length, max_length):
                 broken = True
                 break
             if pos + 6 + length > e:
@@ -104,8 +106,9 @@ _compiled_walk = None
 
 def walk_mbap(*args):
     """_walk_mbap compiled (Numba loaded and the walk compiled on first use)."""
-    global _compiled_walk
+    global _compiled_walk, _mbap_ok
     if _compiled_walk is None:
+        _mbap_ok = compiled(mbap_ok)
         _compiled_walk = compiled(_walk_mbap)
     return _compiled_walk(*args)
 
@@ -133,7 +136,7 @@ def frame_simple(buf, head, start, end, stream_first, gap, datagram, min_length,
         p = pos[active]
         protocol_id = (buf[p + 2].astype(np.int64) << 8) | buf[p + 3]
         length = (buf[p + 4].astype(np.int64) << 8) | buf[p + 5]
-        if ((protocol_id != 0) | (length < min_length) | (length > max_length)).any():
+        if not mbap_ok(protocol_id, length, max_length).all():
             return None  # a stream resynchronises: the compiled walk (or feed) reads this batch
         whole = p + 6 + length <= end[active]
         active = active[whole]
