@@ -301,3 +301,27 @@ def test_overlap_with_different_data_is_reported():
     ts, flow, src, dst, sport, dport = out.overlaps_different[0]
     assert (ts, sport, dport) == (5000, 40000, 502) and flow == next(iter(r.flows.values())).id
     assert b"".join(c.data for c in out.chunks if c.direction == FROM_CLIENT) == b"ABCDEFGH12345678"
+
+
+def _events_both_ways(path):
+    from agent.pipeline import Pipeline, parse_file
+
+    out = []
+    for vectorised in (False, True):
+        pipeline = Pipeline()
+        pipeline.reassembler.vectorised = vectorised
+        out.append((parse_file(path, pipeline), pipeline.reassembler.stats.as_dict()))
+    return out
+
+
+def test_array_path_same_events_on_captures():
+    """Every event of the bundled and public captures is the same with the array path on or off
+    (the per-segment path alone), and so are the reassembly counters."""
+    from tests.batchcheck import same_rows
+    from tests.conftest import PROJECT_PCAPS, shared_pcaps
+
+    paths = sorted(PROJECT_PCAPS.glob("*.pcap")) + shared_pcaps()
+    for path in paths:
+        (slow, slow_stats), (fast, fast_stats) = _events_both_ways(path)
+        same_rows(slow, fast, path.name)
+        assert slow_stats == fast_stats, path.name
