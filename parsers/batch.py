@@ -94,24 +94,40 @@ class ChunkColumns:
         if held is None:
             self.layout = np.arange(n)
             self.stream_first = np.ones(n, dtype=bool)
-            pieces = table.payloads() if table is not None else datas
             extra = np.zeros(n, np.int64)
+            tails = {}
         else:
             self.layout = np.argsort(keys, kind="stable")
             sorted_keys = keys[self.layout]
             self.stream_first = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]] if n else np.zeros(0, bool)
-            pieces = table.payloads(self.layout) if table is not None else [datas[i] for i in self.layout.tolist()]
             extra = np.zeros(n, np.int64)  # held bytes laid out before each chunk (layout order)
+            tails = {}  # layout position -> held bytes
             if held:
                 flow, direction = self.flow[self.layout], self.direction[self.layout]
                 for k in np.flatnonzero(self.stream_first).tolist():
                     tail = held.pop((int(flow[k]), int(direction[k])), None)
                     if tail:
-                        pieces[k] = bytes(tail) + bytes(pieces[k])
+                        tails[k] = bytes(tail)
                         extra[k] = len(tail)
         # zero padding after the last chunk: header fields can be gathered for every PDU without
         # bounds checks (a parser only uses a field when the PDU's length says it is there)
-        self.raw = b"".join(pieces) + bytes(PADDING)
+        if table is not None:
+            joined = table.joined(None if held is None else self.layout)
+            if tails:  # the held bytes go in before their stream's first chunk
+                at = sorted(tails)
+                cut = (np.cumsum(lens[self.layout]) - lens[self.layout])[at]
+                parts = np.split(joined, cut)
+                pieces = [parts[0].tobytes()]
+                for k, part in zip(at, parts[1:]):
+                    pieces += [tails[k], part.tobytes()]
+                self.raw = b"".join(pieces) + bytes(PADDING)
+            else:
+                self.raw = joined.tobytes() + bytes(PADDING)
+        else:
+            pieces = datas if held is None else [datas[i] for i in self.layout.tolist()]
+            for k, tail in tails.items():
+                pieces[k] = tail + bytes(pieces[k])
+            self.raw = b"".join(pieces) + bytes(PADDING)
         self.buf = np.frombuffer(self.raw, dtype=np.uint8)
         piece_end = np.cumsum(lens[self.layout] + extra)
         self.start = np.empty(n, np.int64)

@@ -219,3 +219,23 @@ def test_modbus_numpy_path_stays_identical():
     rng = np.random.default_rng(11)
     chunks = _modbus_mix(rng, 2000)
     check_same(NumpyModbus, regroup(chunks, rng, 300), None, "mix")
+
+
+def test_chunk_columns_same_from_a_chunk_table():
+    """ChunkColumns lays out a ChunkTable (reassembly's array path) exactly as the same chunks as
+    a list, held bytes included."""
+    from parsers.base import Chunk, ChunkTable
+    from parsers.batch import ChunkColumns
+
+    rng = np.random.default_rng(3)
+    chunks = [Chunk(bytes(rng.integers(0, 256, int(rng.integers(0, 30))).astype(np.uint8)), ts=i, frame=i + 1,
+                    flow=int(rng.integers(1, 4)), direction=int(rng.integers(0, 2)), gap=bool(rng.random() < 0.1),
+                    src=7, dst=8, sport=9, dport=502) for i in range(200)]
+    table = ChunkTable.from_chunks(chunks)
+    for held in (None, {}, {(1, 0): b"abc", (2, 1): b"z", (9, 0): b"never"}):
+        a = ChunkColumns(chunks, None, None if held is None else dict(held))
+        b = ChunkColumns(table, None, None if held is None else dict(held))
+        assert a.raw == b.raw
+        for name in ("start", "end", "head", "layout", "stream_first", "ts", "frame", "src", "dst", "sport", "dport",
+                     "flow", "transport", "direction", "gap", "datagram"):
+            assert (getattr(a, name) == getattr(b, name)).all(), name
