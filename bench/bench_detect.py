@@ -40,7 +40,8 @@ from parsers.events import KIND_PDU, KIND_POINT, EventBatch  # noqa: E402
 SEES = {"features": "every event (PDUs into channel-second windows)", "allowlist": "every PDU row",
         "process": "every point row", "cycle": "PDU rows per channel + windows", "parser": "one row per channel-second",
         "river": "one row per channel-second", "pyod": "one row per channel-second",
-        "sessions": "PDU rows grouped by session"}
+        "sessions": "PDU rows grouped by session",
+        "sequence": "request PDU rows (transitions per channel)", "state": "point rows (vectors per report)"}
 
 
 def generate(duration: str, seed: int, directory: Path) -> Path:

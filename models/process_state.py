@@ -51,7 +51,7 @@ NS = 1_000_000_000
 
 class ProcessStateModel:
     def __init__(self, min_points: int = 3, min_age_s: float = 300.0, min_change: float = 0.5,
-                 table_bits: int = 18, warmup: int = 50, lag_tolerance_s: float = 1.0):
+                 table_bits: int = 18, warmup: int = 20, lag_tolerance_s: float = 1.0):
         self.min_points, self.min_age_s, self.min_change, self.warmup = min_points, min_age_s, min_change, warmup
         self.mask = (1 << table_bits) - 1
         self.lag_tol = int(lag_tolerance_s * NS)
@@ -98,29 +98,32 @@ class ProcessStateModel:
         pos = np.minimum(np.searchsorted(self.measurement, key), self.measurement.shape[0] - 1)
         return self.measurement[pos] == key
 
-    def _measures(self, st) -> bool:
+    def _measures(self, st, warmup: int | None = None) -> bool:
         n, changes, down = st[0], st[1], st[2]
-        return n >= self.warmup and changes >= self.min_change * (n - 1) and down >= 0.05 * changes
+        return n >= (warmup or self.warmup) and changes >= self.min_change * (n - 1) and down >= 0.05 * changes
 
     def _vectors(self, ev: EventBatch):
-        """(device, vector hash, ts, row of the report's first point) per report with enough measurements."""
+        """(device+client, vector hash, ts, row of the report's first point) per report with enough measurements."""
         m = (ev.kind == KIND_POINT) & np.isfinite(ev.value)
         if not m.any():
             return None
         idx = np.flatnonzero(m)
         dev = hash_columns(ev.src[idx], ev.protocol[idx], ev.unit[idx])
         key = hash_columns(dev, ev.object[idx], ev.address[idx])
+        # runs are per device *and* client: an HMI reading the same state as the master a moment later is
+        # the same state, not a second repeat
+        pair = hash_columns(dev, ev.dst[idx])
         val = ev.value[idx]
         if self.learning:
             self._point_stats(key, val)
         meas = self._is_measurement(key)
         if not meas.any():
             return None
-        idx, dev, key, val = idx[meas], dev[meas], key[meas], val[meas]
+        idx, pair, key, val = idx[meas], pair[meas], key[meas], val[meas]
         h = hash_columns(key, val.view(np.int64))
         pid = ev.pdu_id[idx]
         order = np.argsort(pid, kind="stable")
-        pid, h, idx, dev = pid[order], h[order], idx[order], dev[order]
+        pid, h, idx, pair = pid[order], h[order], idx[order], pair[order]
         starts = np.flatnonzero(np.r_[True, pid[1:] != pid[:-1]])
         counts = np.diff(np.r_[starts, pid.shape[0]])
         with np.errstate(over="ignore"):
@@ -130,7 +133,7 @@ class ProcessStateModel:
             return None
         vec = hash_columns(vec[ok], counts[ok])
         first = idx[starts[ok]]
-        return dev[starts[ok]], vec, ev.ts[first], first
+        return pair[starts[ok]], vec, ev.ts[first], first
 
     def _match_and_store(self, vec, ts):
         """Per vector: it equals one first reported at least ``min_age_s`` earlier; and that lag (ns)."""
@@ -177,7 +180,10 @@ class ProcessStateModel:
     def finish_learning(self, allowed_alerts: float) -> None:
         """``allowed_alerts``: false alerts the budget allows over the learning span (0.5/h x hours)."""
         self.learning = False
-        self.measurement = np.array(sorted(k for k, st in self.points.items() if self._measures(st)), np.int64)
+        for k, st in self.points.items():  # slow points (a 60 s integrity poll) may still be undecided
+            if k not in self.decided and st[0] >= 10:
+                self.decided[k] = self._measures(st, 10)
+        self.measurement = np.array(sorted(k for k, m in self.decided.items() if m), np.int64)
         self.runs.clear()
         self.p_first = (self.firsts + 0.5) / (self.vectors + 1.0)
         self.p_next = (self.follows + 0.5) / (self.firsts + 1.0)

@@ -14,8 +14,20 @@ every transition ``a -> b`` in monitoring by two surprises:
 Probabilities are counts; a transition never seen gets the Good-Turing mass of novelty of its state,
 ``(N1 + 0.5) / (n + 1)`` (``N1`` transitions seen once out of ``n`` from that state): a state with many
 one-off successors (an engineering workstation) makes novelty cheap, a strict polling cycle makes it
-costly.  The score is the sum of both surprises, in nats; only a transition never seen (in learning or
-since) can alert -- one seen before, however rarely, is learned behaviour, as in the allow-list.  The threshold is ``-log(budget)``, the
+costly.  The score is the sum of both surprises, in nats.  A request that comes more than ``pause_s``
+after the previous one on its channel follows a *pause*, not that request: independent timers (a
+setpoint every few minutes, a counter interrogation every 15) have no order between them.
+
+Only a transition never seen (in learning or since) can alert -- one seen before, however rarely, is
+learned behaviour, as in the allow-list -- and only into a *command* (a write or an operate) *bound*
+to its predecessor: one that, every one of the at least ``min_bound`` times it was learned, came right
+after the same request (the OPERATE of a select-before-operate, an IEC-104 execute after its select),
+where that is no coincidence of timing: a command fired by a timer at a random moment finds request
+``a`` the last one a share ``f`` of the time (measured while learning), so ``n`` times in a row with
+chance ``f ** n``; the binding counts when that is below ``bound_alpha``.  (A Modbus setpoint write
+that came after the 2 s poll's coil read 7 times out of 7 -- the read is "last" half of the time --
+is not bound; an OPERATE that came after a SELECT, "last" 0.3 s in 15 minutes, is.)  A request that
+follows a timer or many kinds of request has no order to break.  The threshold is ``-log(budget)``, the
 engine's false-alarm budget spread over the request transitions of the learning window, raised to
 the empirical quantile at that budget of the learning transitions scored *leave-one-out* (each as if
 it were being seen for the first time when it was seen once) when the model is less sure than it
@@ -77,8 +89,10 @@ def class_text(protocol: int, function: int, obj: int, address: int, select: int
 
 
 class SequenceModel:
-    def __init__(self, max_transitions: int = 200_000, pause_s: float = 1.0):
+    def __init__(self, max_transitions: int = 200_000, pause_s: float = 1.0, min_bound: int = 4,
+                 bound_alpha: float = 1e-3):
         self.max_transitions = max_transitions
+        self.min_bound, self.bound_alpha = min_bound, bound_alpha
         self.pause_ns = int(pause_s * 1e9)
         self.learning = True
         self.last: dict[int, tuple] = {}  # channel -> (class, ts) of its last request
@@ -94,6 +108,11 @@ class SequenceModel:
         self.bwd_keys = np.empty(0, np.int64)  # sorted hash(channel, cur): in-degree state
         self.bwd_n = np.empty(0, np.int64)
         self.bwd_n1 = np.empty(0, np.int64)
+        self.bound_keys = np.empty(0, np.int64)  # hash(channel, cur) of requests bound to their predecessor
+        self.bound_ok: set = set()  # ... of those, the commands whose binding is no timing coincidence
+        self.commands: set = set()  # request classes that write or operate
+        self.cover_ns: dict = {}  # hash(channel, class) -> ns it was the last request (within a pause)
+        self.chan_ns: dict = {}  # channel -> ns between its requests, while learning
         self._pending: list = []  # non-alerting transitions of monitoring, merged each slice
         self.scored = 0
 
@@ -112,11 +131,14 @@ class SequenceModel:
         se = self._select_bit(ev, idx, proto)
         chan = hash_columns(ev.src[idx], ev.dst[idx], proto)
         cls = hash_columns(proto, ev.function[idx], ev.object[idx], addr, ev.unit[idx], se)
+        acts = ev.is_write[idx] | ev.is_control[idx]
         for c in np.unique(cls).tolist():
             if c not in self.words and len(self.words) < 100_000:
                 i = int(np.flatnonzero(cls == c)[0])
                 self.words[c] = class_text(int(proto[i]), int(ev.function[idx[i]]), int(ev.object[idx[i]]),
                                            int(addr[i]), int(se[i]))
+                if acts[i]:
+                    self.commands.add(c)
         order = np.argsort(chan, kind="stable")
         chan_s, cls_s, idx_s = chan[order], cls[order], idx[order]
         ts_s = ev.ts[idx_s]
@@ -136,14 +158,25 @@ class SequenceModel:
             else:
                 prev[s], prev_ts[s] = p
             self.last[c] = (int(cls_s[e]), int(ts_s[e]))
+        gap = ts_s - prev_ts
+        if self.learning:  # how much of the time each request was "the last one" (within a pause)
+            ok = has_prev
+            self._cover(chan_s[ok], prev[ok], np.minimum(gap[ok], self.pause_ns), gap[ok])
         # independent timers (a setpoint every few minutes, a counter interrogation every 15) are not an
         # order: a request after a pause follows the pause, not whatever came last
-        prev[ts_s - prev_ts > self.pause_ns] = IDLE
+        prev[gap > self.pause_ns] = IDLE
         if len(self.last) > 4 * self.max_transitions:  # bounded: forget the channels of long ago
             self.last.clear()
         keep = has_prev
         back = np.argsort(idx_s[keep], kind="stable")  # capture order again
         return chan_s[keep][back], prev[keep][back], cls_s[keep][back], idx_s[keep][back]
+
+    def _cover(self, chan, prev, cover, gap) -> None:
+        for table, keys, v in ((self.cover_ns, hash_columns(chan, prev), cover), (self.chan_ns, chan, gap)):
+            u, inv = np.unique(keys, return_inverse=True)
+            sums = np.bincount(inv, weights=v.astype(np.float64))
+            for k, x in zip(u.tolist(), sums.tolist()):
+                table[k] = table.get(k, 0.0) + x
 
     @staticmethod
     def _select_bit(ev: EventBatch, idx, proto) -> np.ndarray:
@@ -173,7 +206,7 @@ class SequenceModel:
     def finish_learning(self, allowed_alerts: float) -> None:
         """Build the counts and calibrate the threshold (module docstring).  ``allowed_alerts``: the false
         alerts the engine's budget allows over the learning span (0.5/h x hours), spread over its transitions."""
-        self.learning = False
+        self.learning = None  # _states() decides the bindings once, then learning is False
         if self._learned:
             chan = np.concatenate([t[0] for t in self._learned])
             prev = np.concatenate([t[1] for t in self._learned])
@@ -182,6 +215,7 @@ class SequenceModel:
             chan = prev = cur = np.empty(0, np.int64)
         self._learned = []
         self._rebuild(chan, prev, cur)
+        self.learning = False
         self.budget = float(allowed_alerts) / max(chan.shape[0], 1)
         if chan.shape[0] >= 50:
             loo = self._score(chan, prev, cur, leave_one_out=True)[0]
@@ -211,6 +245,21 @@ class SequenceModel:
             setattr(self, side + "_keys", keys)
             setattr(self, side + "_n", n)
             setattr(self, side + "_n1", n1)
+        # a request bound to the one before it: every time it was learned, it came right after the same
+        # request (not after a pause) -- the OPERATE of a select-before-operate, the execute of a select
+        k = hash_columns(chan, cur)
+        pos = np.searchsorted(self.bwd_keys, k)
+        bound = (cnt == self.bwd_n[pos]) & (prev != IDLE) & (cnt >= self.min_bound)
+        if self.learning is None:  # end of learning: keep the bindings that are commands and no coincidence
+            pk = hash_columns(chan, prev)
+            for i in np.flatnonzero(bound).tolist():
+                # a timer firing at a random moment finds request a "last" a share f of the time; n times in a
+                # row by chance: f ** n.  A SELECT is "last" for 0.3 s in 15 min; a poll for half the time
+                f = self.cover_ns.get(int(pk[i]), 0.0) / max(self.chan_ns.get(int(chan[i]), 0.0), 1.0)
+                if int(cur[i]) in self.commands and f ** int(cnt[i]) < self.bound_alpha:
+                    self.bound_ok.add(int(k[i]))
+            self.cover_ns, self.chan_ns = {}, {}
+        self.bound_keys = np.array(sorted(set(k[bound].tolist()) & self.bound_ok), np.int64)
 
     @staticmethod
     def _lookup(keys, values_list, q):
@@ -245,7 +294,11 @@ class SequenceModel:
         chan, prev, cur, rows = tr
         score, c, fn, bn = self._score(chan, prev, cur)
         self.scored += chan.shape[0]
+        # only a request bound to its predecessor can be out of order; one that follows a timer, or many
+        # kinds of request, has no order to break (a Modbus write now after a read, now after a pause)
         hit = (score > self.threshold) & (c == 0)  # an order seen before is learned behaviour, never an alert
+        if hit.any():
+            hit &= np.isin(hash_columns(chan, cur), self.bound_keys)
         ok = ~hit
         if ok.any():
             self._pending.append((chan[ok], prev[ok], cur[ok]))
@@ -322,7 +375,7 @@ class SequenceModel:
         rc, rp, rn = getattr(self, "_rep", (np.empty(0, np.int64),) * 3)
         arrays = {"sequence.chan": rc, "sequence.prev": rp, "sequence.cur": rn, "sequence.count": self.trans_count}
         meta = {"threshold": self.threshold, "budget": self.budget,
-                "words": {str(k): v for k, v in self.words.items()}}
+                "words": {str(k): v for k, v in self.words.items()}, "bound": sorted(self.bound_ok)}
         return arrays, meta
 
     @classmethod
@@ -335,6 +388,7 @@ class SequenceModel:
         order = np.argsort(m.trans_keys)
         m.trans_keys, m.trans_count = m.trans_keys[order], count[order]
         m._rep = (chan[order], prev[order], cur[order])
+        m.bound_ok = set(int(k) for k in meta.get("bound", []))
         m._states()
         m.threshold, m.budget = float(meta["threshold"]), float(meta["budget"])
         m.words = {int(k): v for k, v in meta.get("words", {}).items()}
