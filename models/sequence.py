@@ -325,10 +325,24 @@ class SequenceModel:
         t = hash_columns(chan, prev, cur)
         pos = np.minimum(np.searchsorted(self.trans_keys, t), max(self.trans_keys.shape[0] - 1, 0))
         known = (self.trans_keys[pos] == t) if self.trans_keys.shape[0] else np.zeros(t.shape[0], bool)
+        new = ~known
+        if not new.any() or self.trans_keys.shape[0] >= self.max_transitions:
+            # the common case, only known transitions: the counts of transitions and states grow in place
+            k = pos[known]
+            was_single = self.trans_count[k] == 1
+            np.add.at(self.trans_count, k, 1)
+            for keys, n, n1, node in ((self.fwd_keys, self.fwd_n, self.fwd_n1, prev[known]),
+                                      (self.bwd_keys, self.bwd_n, self.bwd_n1, cur[known])):
+                sp = np.searchsorted(keys, hash_columns(chan[known], node))
+                np.add.at(n, sp, 1)
+                u = np.unique(np.flatnonzero(was_single))  # a singleton that recurred is one no more
+                if u.shape[0]:
+                    first = np.unique(k[u], return_index=True)[1]  # once per transition
+                    np.add.at(n1, sp[u[first]], -1)
+            return
         if known.any():
             np.add.at(self.trans_count, pos[known], 1)
-        new = ~known
-        if new.any() and self.trans_keys.shape[0] < self.max_transitions:
+        if new.any():
             rc, rp, rn = self._rep
             keys = np.concatenate([self.trans_keys, t[new]])
             counts = np.concatenate([self.trans_count, np.ones(int(new.sum()), np.int64)])
