@@ -16,7 +16,8 @@ values coincide now and then -- the birthday problem) and how often the *next* r
 then equals the *next* old one at the same lag (``p_next``: an old recording, played in order).  Both
 are counts with half a sighting added.  In monitoring a run of ``k`` reports of one device that repeat
 old reports at one lag (within ``lag_tolerance_s``) alerts when ``p_first * p_next ** (k - 1)`` falls
-below the engine's false-alarm budget per report (at least two in a row).
+below the engine's false-alarm budget per report (at least three in a row: a learning window
+with no chance run in it bounds ``p_next`` only loosely).
 
 Memory is a fixed direct-mapped table of ``2 ** table_bits`` vector hashes with the time each was
 first reported (16 bytes per slot: 4 MB by default, about 1.2 h of history for 60 devices reporting every
@@ -193,7 +194,8 @@ class ProcessStateModel:
             self.run_needed = 10 ** 9
         else:
             need = 1 + np.log(max(self.budget, 1e-300) / min(self.p_first, 1.0)) / np.log(self.p_next)
-            self.run_needed = int(max(2, np.ceil(need)))
+            # at least 3: with no chance run seen while learning, p_next is a guess (half a sighting)
+            self.run_needed = int(max(3, np.ceil(need)))
 
     def findings(self, ev: EventBatch) -> list:
         v = self._vectors(ev)
