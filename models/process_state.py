@@ -69,7 +69,7 @@ class ProcessStateModel:
         self.follows = 0  # ... right after one that did, at the same lag (an old recording, in order)
         self.p_first = self.p_next = 1.0
         self.run_needed = 10 ** 9
-        self.runs: dict[int, list] = {}  # device -> [run length, lag ns, first ts of the run]
+        self.runs: dict[int, list] = {}  # device+client -> [run length, lag ns, first ts, last vector]
         self.budget = 0.0
 
     # -- per batch ----------------------------------------------------------------------------
@@ -146,9 +146,10 @@ class ProcessStateModel:
         self.slot_ts[slot[new]] = ts[new]
         return old, lag
 
-    def _runs(self, dev, old, lag, ts):
+    def _runs(self, dev, vec, old, lag, ts):
         """Yield (i, run length, first ts) for every vector that continues or starts a run of old vectors
-        of its device at one lag; a vector that is new, or old at another lag, ends (or restarts) it."""
+        of its device at one lag; a vector that is new, or old at another lag, ends (or restarts) it.  The
+        same vector again (a state read twice in a row, a flood of reads) neither extends nor ends it."""
         if not old.any():
             for d in np.unique(dev).tolist():
                 self.runs.pop(d, None)
@@ -159,10 +160,13 @@ class ProcessStateModel:
                 self.runs.pop(d, None)
                 continue
             run = self.runs.get(d)
+            if run is not None and run[3] == int(vec[i]):
+                continue
             if run is not None and abs(int(lag[i]) - run[1]) <= self.lag_tol:
                 run[0] += 1
+                run[3] = int(vec[i])
             else:
-                run = self.runs[d] = [1, int(lag[i]), int(ts[i])]
+                run = self.runs[d] = [1, int(lag[i]), int(ts[i]), int(vec[i])]
             yield i, run[0], run[2]
 
     def learn(self, ev: EventBatch) -> None:
@@ -172,7 +176,7 @@ class ProcessStateModel:
         dev, vec, ts, _ = v
         old, lag = self._match_and_store(vec, ts)
         self.vectors += int(vec.shape[0])
-        for _, run, _ in self._runs(dev, old, lag, ts):
+        for _, run, _ in self._runs(dev, vec, old, lag, ts):
             if run == 1:
                 self.firsts += 1
             else:
@@ -204,7 +208,7 @@ class ProcessStateModel:
         dev, vec, ts, rows = v
         old, lag = self._match_and_store(vec, ts)
         out = []
-        for i, run, first_ts in self._runs(dev, old, lag, ts):
+        for i, run, first_ts in self._runs(dev, vec, old, lag, ts):
             if run == self.run_needed:
                 out.append(self._finding(ev, int(rows[i]), run, first_ts, int(lag[i])))
         return out
