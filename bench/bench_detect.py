@@ -107,7 +107,7 @@ def run(batches, learn_fraction: float, detectors=DETECTORS) -> dict:
     windows_monitored = engine.features.windows - engine.learn_n
     seen = {"features": mon_ev, "allowlist": rows["pdu"], "process": rows["point"], "cycle": rows["pdu"],
             "parser": windows_monitored, "river": windows_monitored, "pyod": windows_monitored,
-            "sessions": rows["pdu"]}
+            "sessions": rows["pdu"], "sequence": rows["pdu"], "state": rows["point"]}
     parts = {}
     busy_at_monitor = busy_at_monitor or {}
     monitor_busy = {k: v - busy_at_monitor.get(k, 0.0) for k, v in engine.busy_s.items()}
