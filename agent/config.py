@@ -35,11 +35,12 @@ from pathlib import Path
 from .errors import InputError
 
 DEFAULT_PATH = "/etc/otwatch/otwatch.toml"
-DETECTORS = ["allowlist", "process", "cycle", "parser", "river", "pyod", "sessions"]  # models.engine.DETECTORS
+DETECTORS = ["allowlist", "process", "cycle", "parser", "river", "pyod", "sessions", "sequence", "state"]  # models.engine.DETECTORS
 # On the edge box: the four models that carry detection (docs/detection.md, ablation) in 88 MB
 # resident; River and PyOD pull in scikit-learn/SciPy/Numba (~190-270 MB) and found 1 and 0 of 84
-# held-out attacks on their own.  Add them where memory allows; replay and eval run all six.
-EDGE_DETECTORS = ["allowlist", "process", "cycle", "parser", "sessions"]  # sessions: a few dicts, no libraries
+# held-out attacks on their own.  Add them where memory allows; replay and eval run all of them.  The
+# sequence and replayed-state models (NumPy only, ~5 MB) find what no rule can and run on the edge too.
+EDGE_DETECTORS = ["allowlist", "process", "cycle", "parser", "sessions", "sequence", "state"]  # sessions: a few dicts
 ICS_PORTS = [502, 2404, 20000]  # Modbus/TCP, IEC 60870-5-104 (§10.2), DNP3 (IEEE 1815 §A.1)
 
 

@@ -61,7 +61,8 @@ DROP_SOURCES = ("kernel", "internal")
 FLOW_END_REASONS = ("closed", "expired", "evicted")
 # Detectors an alert or a score can come from (models/alerts.py, Alert.detector); anything else
 # is counted as "other" so a new detector cannot grow the label set by accident.
-DETECTORS = ("allowlist", "cycle", "process", "river", "pyod", "parser", "inventory", "sessions", "other")
+DETECTORS = ("allowlist", "cycle", "process", "river", "pyod", "sequence", "state", "parser", "inventory", "sessions",
+             "other")
 SEVERITIES = ("low", "medium", "high", "critical")
 MODES = ("learn", "monitor")
 #: (protocol, role) label pairs of otwatch_assets: each protocol's own words for its two roles.

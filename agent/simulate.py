@@ -58,7 +58,7 @@ def default_labels_path(pcap: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .simulator.common import PROTOCOLS, SCENARIOS
+    from .simulator.common import PROTOCOLS, RULE_BLIND, SCENARIOS
 
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.pcap", help="capture to write: pcapng when the name ends in .pcapng, else classic pcap")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS),
@@ -66,14 +66,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", default="30m", help="simulated plant time: 90s, 30m, 2h (default 30m)")
     parser.add_argument("--seed", type=int, default=1, help="random seed; same seed, same bytes (default 1)")
     parser.add_argument("--attacks", default="all",
-                        help=f"all, none, or a comma-separated subset of {','.join(SCENARIOS)}")
+                        help=f"all, none, rule-blind ({','.join(RULE_BLIND)}: not in all), or a comma-separated "
+                             f"subset of {','.join(SCENARIOS + RULE_BLIND)}")
     parser.add_argument("--start", default=DEFAULT_START, help=f"capture start, ISO 8601 (default {DEFAULT_START})")
     parser.add_argument("--labels", type=Path, metavar="OUT.csv", help="labels CSV (default: OUT.labels.csv)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .simulator.common import PROTOCOLS, SCENARIOS
+    from .simulator.common import ALL_SCENARIOS, PROTOCOLS, RULE_BLIND, SCENARIOS
     from .simulator.substation import min_duration, simulate
 
     protocols = parse_list(args.protocols, PROTOCOLS, "protocol")
@@ -81,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
         scenarios = SCENARIOS
     elif args.attacks == "none":
         scenarios = ()
+    elif args.attacks == "rule-blind":
+        scenarios = RULE_BLIND
     else:
-        scenarios = parse_list(args.attacks, SCENARIOS, "attack scenario")
+        scenarios = parse_list(args.attacks, ALL_SCENARIOS, "attack scenario")
     duration = parse_duration(args.duration)
     if duration < 10:
         raise InputError(f"--duration {args.duration} is too short (at least 10s)")

@@ -40,7 +40,8 @@ from parsers.events import KIND_PDU, KIND_POINT, EventBatch  # noqa: E402
 SEES = {"features": "every event (PDUs into channel-second windows)", "allowlist": "every PDU row",
         "process": "every point row", "cycle": "PDU rows per channel + windows", "parser": "one row per channel-second",
         "river": "one row per channel-second", "pyod": "one row per channel-second",
-        "sessions": "PDU rows grouped by session"}
+        "sessions": "PDU rows grouped by session",
+        "sequence": "request PDU rows (transitions per channel)", "state": "point rows (vectors per report)"}
 
 
 def generate(duration: str, seed: int, directory: Path) -> Path:
@@ -106,7 +107,7 @@ def run(batches, learn_fraction: float, detectors=DETECTORS) -> dict:
     windows_monitored = engine.features.windows - engine.learn_n
     seen = {"features": mon_ev, "allowlist": rows["pdu"], "process": rows["point"], "cycle": rows["pdu"],
             "parser": windows_monitored, "river": windows_monitored, "pyod": windows_monitored,
-            "sessions": rows["pdu"]}
+            "sessions": rows["pdu"], "sequence": rows["pdu"], "state": rows["point"]}
     parts = {}
     busy_at_monitor = busy_at_monitor or {}
     monitor_busy = {k: v - busy_at_monitor.get(k, 0.0) for k, v in engine.busy_s.items()}

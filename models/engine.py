@@ -42,11 +42,14 @@ from .features import F, FEATURE_NAMES, FEATURE_WORDS, NS, FeatureBatch, WindowF
 from .findings import Finding, ip_text, protocol_text
 from .process import ProcessModel
 from .sessions import SessionModel
+from .process_state import ProcessStateModel
+from .sequence import SequenceModel
 from .thresholds import ScoreMonitor, calibrate
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("allowlist", "process", "cycle", "parser", "river", "pyod", "sessions")
+DETECTORS = ("allowlist", "process", "cycle", "parser", "river", "pyod", "sessions", "sequence", "state")
+ML_DETECTORS = ("river", "pyod", "sequence", "state")  # learned anomaly models (the rest are rules)
 _ERR = (F["bad_pdus"], F["sequence_errors"])
 
 
@@ -75,6 +78,8 @@ class DetectionEngine:
         self.sessions = SessionModel()
         self.river = None
         self.pyod = None
+        self.sequence = SequenceModel()  # order of requests per channel (models/sequence.py)
+        self.state = ProcessStateModel()  # measurement vectors per report (models/process_state.py)
         self.manager = AlertManager(cooldown_s=cooldown_s)
         self.learn_X: list = []
         self.learn_n = 0
@@ -151,6 +156,10 @@ class DetectionEngine:
         self.cycle.learn(ev, fb)
         self.flood.learn(ev)
         self.sessions.learn(ev)
+        if "sequence" in self.detectors:
+            self.sequence.learn(ev)
+        if "state" in self.detectors:
+            self.state.learn(ev)
         self._learn_windows(fb)
         self.learned_from = self.learned_from if self.learned_from is not None else int(ev.ts.min())
         self.learned_to = int(ev.ts.max())
@@ -177,6 +186,9 @@ class DetectionEngine:
         self.process_model.finish_learning(budget)
         self.cycle.finish_learning(budget)
         self.sessions.finish_learning()
+        # the same 0.5/h over the learning span, spread over each model's own units (transitions, reports)
+        self.sequence.finish_learning(self.alerts_per_hour * hours)
+        self.state.finish_learning(self.alerts_per_hour * hours)
         self._fit_ml(Xl, budget)
         self.mode = "monitor"
         if self.allowlist.overflow:
@@ -237,6 +249,14 @@ class DetectionEngine:
             t0 = t()
             findings += self.sessions.findings(ev, self.now_ns)
             self.busy_s["sessions"] += t() - t0
+        if "sequence" in self.detectors:
+            t0 = t()
+            findings += self.sequence.findings(ev)
+            self.busy_s["sequence"] += t() - t0
+        if "state" in self.detectors:
+            t0 = t()
+            findings += self.state.findings(ev)
+            self.busy_s["state"] += t() - t0
         opened = self.manager.add(findings)
         opened += self._monitor_windows(fb)
         self.closed.extend(self.manager.expire(self.now_ns))
@@ -394,6 +414,9 @@ class DetectionEngine:
             "process_points": self.process_model.size(),
             "cycle_regular_channels": self.cycle.regular_channels(),
             "learn_windows": self.learn_n,
+            "sequence_transitions": self.sequence.size(),
+            "sequence_threshold": self.sequence.threshold,
+            "state_run_needed": self.state.run_needed,
             "open_alerts": len(self.manager.open),
             "alerts_total": len(self.manager.alerts),
         }
@@ -434,7 +457,8 @@ class DetectionEngine:
                             "budget": getattr(self, "budget", 1e-4), "events_learned": self.events_learned,
                             "learn_first_ts": self.first_ts, "learn_until_ns": self.learn_until_ns}
         for name, part in (("allowlist", self.allowlist), ("cycle", self.cycle), ("process", self.process_model),
-                           ("flood", self.flood), ("sessions", self.sessions)):
+                           ("flood", self.flood), ("sessions", self.sessions), ("sequence", self.sequence),
+                           ("state", self.state)):
             a, m = part.to_state()
             arrays.update(a)
             meta[name] = m
@@ -456,6 +480,9 @@ class DetectionEngine:
         e.process_model = ProcessModel.from_state(arrays, meta["process"])
         if "sessions" in meta:  # states saved before the session model learn nothing here
             e.sessions = SessionModel.from_state(arrays, meta["sessions"])
+        if "sequence" in meta:  # baselines saved before these models learn them again
+            e.sequence = SequenceModel.from_state(arrays, meta["sequence"])
+            e.state = ProcessStateModel.from_state(arrays, meta["state"])
         e.learned_from, e.learned_to = meta["learned_from"], meta["learned_to"]
         e.err_max = meta["err_max"]
         e.budget = meta["budget"]

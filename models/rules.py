@@ -196,6 +196,16 @@ RULES_LIST = [
          "A PyOD model (Isolation Forest by default) scores a channel's window above the calibrated threshold.",
          "`detection.alerts_per_hour`; needs the `ml` extra.",
          "T0814 when the request rate is 5x the baseline, T0830 when latency is far above it."),
+    Rule("sequence.unusual_order", "sequence", "high", ("T0855", "T0846"),
+         "A command that, every time it was learned (4 or more), came right after the same request (an OPERATE "
+         "after its SELECT, an IEC-104 execute after its select) comes after something else, never seen, with a "
+         "surprise (forward + backward, in nats) over -log(budget per transition).",
+         "`detection.alerts_per_hour`; learn over several of the plant's command cycles.",
+         "Medium when the request neither writes nor operates."),
+    Rule("state.replayed", "state", "high", ("T0856",),
+         "Three or more reports in a row of one device to one client repeat, value for value and in order, the "
+         "measurements it reported at least 300 s earlier (a recording played back), when learning makes that "
+         "chance below the budget.", "`detection.alerts_per_hour`; the 4 MB table remembers ~1-12 h of reports."),
     Rule("inventory.new_asset", "inventory", "low", ("T0846",),
          "A host (address, MAC, role) appears after the baseline of the asset inventory was learned.",
          "Expected when devices are added; review with `otwatch assets`."),

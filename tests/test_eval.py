@@ -44,7 +44,7 @@ def test_bundled_scenarios_detected_fast(results, name):
     assert r["recall"] > 0.9 and r["precision"] > 0.5
     for a in engine.alerts:  # every alert names its hosts and says what happened
         assert a.src and a.message and a.rule.split(".")[0] in ("allowlist", "process", "cycle", "parser", "ml",
-                                                                "sessions")
+                                                                "sessions", "sequence", "state")
         assert a.first_ts <= a.last_ts
 
 

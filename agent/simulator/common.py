@@ -19,7 +19,19 @@ from .wire import Host
 
 SCENARIOS = ("recon", "unauthorised_write", "setpoint_manipulation", "dangerous_function", "flood", "mitm",
              "measurement_spoofing")
+# Opt-in (``--attacks rule-blind``), never in ``all``: attacks built so that no allow-list, cycle or
+# process rule can see them -- each request is allowed, each value in range -- for the learned models
+# (models/sequence.py, models/process_state.py).  Kept out of SCENARIOS so that existing seeds give the
+# same bytes.
+RULE_BLIND = ("replayed_state", "operate_out_of_order")
+ALL_SCENARIOS = SCENARIOS + RULE_BLIND
 PROTOCOLS = ("modbus", "dnp3", "iec104")
+REPLAY_S = 300.0  # a replayed recording runs this long (or 85 % of its slot)
+
+
+def replay_lag(feeder, t0: float, duration: float) -> float:
+    """A whole number of 5 minutes (every poll period divides it) whose recording splices in unseen."""
+    return feeder.seamless_lag(t0, t0 + duration, 300.0, 600.0, 3600.0)
 PORTS = {"modbus": 502, "dnp3": 20000, "iec104": 2404}
 
 SUBNET = "10.20.0."

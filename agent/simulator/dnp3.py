@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 
-from .common import ATTACKER, MASTER, Attack, Context, Conversation, port_scan
+from .common import ATTACKER, MASTER, REPLAY_S, Attack, Context, Conversation, port_scan, replay_lag
 from .plant import Feeder
 
 PORT = 20000
@@ -182,8 +182,9 @@ class Outstation:
         self.ctx, self.octet, self.feeder, self.address = ctx, octet, feeder, address
         self.deadbands = (15, 40, 60, 5, 10)  # V, A x10, kW, mHz, 0.1 degC
 
-    def analogs(self, t: float) -> list[int]:
+    def analogs(self, t: float, kind: str = "") -> list[int]:
         f = self.feeder
+        t = f.at(t, kind)  # a replay reports the measurements of an earlier read of this kind
         return [round(f.voltage_kv.value(t) * 1000), round(f.current_a.value(t) * 10), round(f.power_kw(t)),
                 round(f.frequency_hz.value(t) * 1000), round(f.temperature_c.value(t) * 10)]
 
@@ -193,7 +194,7 @@ class Outstation:
     def static_data(self, t: float) -> bytes:
         f = self.feeder
         return (binary_inputs(self.binaries(t)) + binary_output_status([b.value(t) for b in f.breakers])
-                + analog_inputs(self.analogs(t)) + counters([f.energy_kwh.value(t), 17 + len(f.breakers[2].changes)]))
+                + analog_inputs(self.analogs(t, "integrity")) + counters([f.energy_kwh.value(t), 17 + len(f.breakers[2].changes)]))
 
     def epoch(self, t: float) -> float:
         return self.ctx.start_epoch + t
@@ -282,11 +283,11 @@ class Master(Dnp3Session):
         return t
 
     def integrity_answer(self, seq, t):
-        self.reported = self.out.analogs(t)
+        self.reported = self.out.analogs(t, "integrity")
         return self.out.static_data(t), 0, False
 
     def event_answer(self, seq, t):
-        now = self.out.analogs(t)
+        now = self.out.analogs(t, "events")
         events = [(i, v) for i, (v, r, db) in enumerate(zip(now, self.reported, self.out.deadbands)) if abs(v - r) > db]
         for i, v in events:
             self.reported[i] = v
@@ -495,3 +496,27 @@ class Dnp3Network:
         attack.description = (f"{attack.src} reports a {'frozen' if attack.variant == 'freeze' else 'stepped (+450 V)'}"
                               f" bus voltage (g30 index 0) for {duration:.0f} s while current and power move on")
         master.relabel(attack, duration)
+
+    def _replayed_state(self, attack: Attack, out: Outstation) -> None:
+        master = self.masters[out.octet]
+        attack.src, attack.dst = self.ctx.host(out.octet).ip, self.ctx.host(MASTER).ip
+        duration = min(REPLAY_S, attack.budget * 0.85)
+        lag = replay_lag(out.feeder, attack.t, duration)
+        out.feeder.replay = (attack.t, attack.t + duration, lag)
+        attack.description = (f"{attack.src} reports the analog inputs (g30/g32) it reported {lag / 60:.0f} min earlier, "
+                              f"for {duration:.0f} s (binaries and counters live; both splices seamless)")
+        master.relabel(attack, duration)
+
+    def _operate_out_of_order(self, attack: Attack, out: Outstation) -> None:
+        master = self.masters[out.octet]
+        attack.src = self.ctx.host(MASTER).ip
+        attack.description = (f"the master's session OPERATEs breaker 2 of {attack.dst} (g12v1 CROB) without the "
+                              f"SELECT it always sends first; a lenient outstation executes it")
+
+        def body(t):
+            breaker = out.feeder.breakers[2]
+            code = TRIP if breaker.value(t) else CLOSE
+            t = master.operate(t, OPERATE, crob(2, code))
+            breaker.toggle_at(t + 0.08)
+            return master.on_breaker_change(t + 0.1)
+        master.hook(attack.t, lambda conv, t: conv.tagged_block(attack, t, body))

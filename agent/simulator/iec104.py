@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 import time as _time
 
-from .common import ATTACKER, MASTER, Attack, Context, Conversation, port_scan
+from .common import ATTACKER, MASTER, REPLAY_S, Attack, Context, Conversation, port_scan, replay_lag
 from .plant import Feeder
 
 PORT = 2404
@@ -90,13 +90,14 @@ class Rtu:
     def __init__(self, ctx: Context, octet: int, feeder: Feeder, common_address: int):
         self.ctx, self.octet, self.feeder, self.ca = ctx, octet, feeder, common_address
 
-    def measurands(self, t: float) -> dict[int, float]:
+    def measurands(self, t: float, kind: str = "") -> dict[int, float]:
         f = self.feeder
+        t = f.at(t, kind)  # a replay reports the measurements of an earlier read of this kind
         return {1001: f.voltage_kv.value(t), 1002: f.current_a.value(t), 1003: f.power_kw(t) / 1000.0,
                 1004: f.frequency_hz.value(t), 1005: f.temperature_c.value(t)}
 
     def measurand_objects(self, t: float, ioas=None) -> list[tuple[int, bytes]]:
-        values = self.measurands(t)
+        values = self.measurands(t, "cyclic")
         return [(ioa, float_element(values[ioa])) for ioa in (ioas or values)]
 
     def breaker_objects(self, t: float) -> list[tuple[int, bytes]]:
@@ -446,3 +447,29 @@ class Iec104Network:
         attack.description = (f"{attack.src} reports a {'frozen' if attack.variant == 'freeze' else 'stepped (+0.45 kV)'}"
                               f" bus voltage (IOA 1001) for {duration:.0f} s while current and power move on")
         master.relabel(attack, duration)
+
+    def _replayed_state(self, attack: Attack, rtu: Rtu) -> None:
+        master = self.masters[rtu.octet]
+        attack.src, attack.dst = self.ctx.host(rtu.octet).ip, self.ctx.host(MASTER).ip
+        duration = min(REPLAY_S, attack.budget * 0.85)
+        lag = replay_lag(rtu.feeder, attack.t, duration)
+        rtu.feeder.replay = (attack.t, attack.t + duration, lag)
+        attack.description = (f"{attack.src} reports the measurands (IOA 1001-1005) it reported {lag / 60:.0f} min "
+                              f"earlier, for {duration:.0f} s (breakers and counters live; both splices seamless)")
+        master.relabel(attack, duration)
+
+    def _operate_out_of_order(self, attack: Attack, rtu: Rtu) -> None:
+        master = self.masters[rtu.octet]
+        attack.src = self.ctx.host(MASTER).ip
+        attack.description = (f"the master's session executes C_DC_NA_1 on breaker 3 of {attack.dst} without the "
+                              f"select (S/E = 1) it always sends first; the RTU executes it")
+
+        def body(t):
+            breaker = rtu.feeder.breakers[2]
+            dcs = 1 if breaker.value(t) else 2
+            t = master.command(t, C_DC_NA_1, COMMAND_IOA + 2, bytes([dcs]))
+            breaker.toggle_at(t + 0.05)
+            master.sent_breakers[2] = not master.sent_breakers[2]
+            info = [(BREAKER_IOA + 2, double_point(breaker.value(t + 0.06)) + cp56time2a(rtu.epoch(t + 0.05)))]
+            return master.rtu_sends(t + 0.08, [asdu(M_DP_TB_1, RETURN_REMOTE, rtu.ca, info)])
+        master.hook(attack.t, lambda conv, t: conv.tagged_block(attack, t, body))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 
-from .common import ATTACKER, ENGINEERING, HMI, MASTER, Attack, Context, Conversation, port_scan
+from .common import ATTACKER, ENGINEERING, HMI, MASTER, REPLAY_S, Attack, Context, Conversation, port_scan, replay_lag
 from .plant import Feeder
 
 PORT = 502
@@ -100,8 +100,9 @@ class Plc:
         f = self.feeder
         energy = f.energy_kwh.value(t)
         breakers = sum(1 << i for i, b in enumerate(f.breakers) if b.value(t))
-        return [round(f.voltage_kv.value(t) * 1000), round(f.current_a.value(t) * 10), round(f.power_kw(t)),
-                round(f.frequency_hz.value(t) * 100), round(f.temperature_c.value(t) * 10), breakers,
+        m = f.at(t, "input")  # the measurements' time (a replay reports old ones; counters and clock stay live)
+        return [round(f.voltage_kv.value(m) * 1000), round(f.current_a.value(m) * 10), round(f.power_kw(m)),
+                round(f.frequency_hz.value(m) * 100), round(f.temperature_c.value(m) * 10), breakers,
                 (energy >> 16) & 0xFFFF, energy & 0xFFFF, 0x0001, int(t) & 0xFFFF]
 
     def holding_registers(self, t: float, address: int, quantity: int) -> list[int]:
@@ -427,3 +428,29 @@ class ModbusNetwork:
         attack.description = (f"{attack.src} reports a {'frozen' if attack.variant == 'freeze' else 'stepped (+450 V)'}"
                               f" bus voltage (input register 0) for {duration:.0f} s while the process moves on")
         master.relabel(attack, duration)
+
+    def _replayed_state(self, attack: Attack, plc: Plc) -> None:
+        master = self.masters[plc.octet]
+        attack.src, attack.dst = self.ctx.host(plc.octet).ip, self.ctx.host(MASTER).ip
+        duration = min(REPLAY_S, attack.budget * 0.85)
+        lag = replay_lag(plc.feeder, attack.t, duration)
+        plc.feeder.replay = (attack.t, attack.t + duration, lag)
+        attack.description = (f"{attack.src} answers the master's input-register reads with the voltage, current, "
+                              f"power, frequency and temperature it reported {lag / 60:.0f} min earlier, for "
+                              f"{duration:.0f} s (breakers, energy counter and clock live; both splices seamless)")
+        master.relabel(attack, duration)
+
+    def _operate_out_of_order(self, attack: Attack, plc: Plc) -> None:
+        master = self.masters[plc.octet]
+        attack.src = self.ctx.host(MASTER).ip
+        attack.description = (f"the master's session walks the voltage setpoint of {attack.dst} in three in-band FC 6 "
+                              f"writes within 1.5 s (its writes come one at a time, minutes apart)")
+
+        def body(t):
+            value = plc.feeder.setpoint(t, SETPOINT_REG, SETPOINT_DEFAULT)
+            step = 50 if value < sum(SETPOINT_RANGE) / 2 else -50
+            for _ in range(3):
+                value = min(max(value + step, SETPOINT_RANGE[0]), SETPOINT_RANGE[1])
+                t = master.transact(t + 0.4 + 0.1 * master.rng.random(), write_single(6, SETPOINT_REG, value))
+            return t
+        master.hook(attack.t, lambda conv, t: conv.tagged_block(attack, t, body))

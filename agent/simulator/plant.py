@@ -96,6 +96,37 @@ class Feeder:
         self.breakers = [Breaker(True), Breaker(True), Breaker(bool(rng.integers(0, 2)))]
         self.energy_kwh = Counter(rng, int(rng.integers(1_000_000, 9_000_000)), float(rng.uniform(0.6, 1.4)))
         self.setpoints: list[tuple[float, int, int]] = []  # (t, register/point, value) writes that took effect
+        # A replay attack (t0, t1, lag): the device reports, for each of its reads, the measurements it read
+        # ``lag`` s earlier (the recording's read nearest that time, per kind of read: value for value)
+        self.replay: tuple[float, float, float] | None = None
+        self.read_log: dict[str, list[float]] = {}
+
+    def at(self, t: float, kind: str = "") -> float:
+        """The time whose measurements the device reports when read at ``t`` (a read of ``kind``): ``t``
+        itself, or during a replay the time of the recorded read of that kind nearest ``t - lag``."""
+        if self.replay is None:
+            return t
+        t0, t1, lag = self.replay
+        log = self.read_log.setdefault(kind, [])
+        if t0 <= t <= t1 and log:
+            i = bisect.bisect_left(log, t - lag)
+            return min(log[max(i - 1, 0):i + 1], key=lambda x: abs(x - (t - lag)))
+        bisect.insort(log, t)
+        return t
+
+    def seamless_lag(self, t0: float, t1: float, step: float, lo: float, hi: float) -> float:
+        """The lag (a multiple of ``step`` in [lo, hi]) whose recording best matches the live values at both
+        ends of [t0, t1]: what an attacker picks so that neither splice shows as a jump."""
+        signals = (self.voltage_kv, self.current_a, self.frequency_hz, self.temperature_c)
+        scale = [max(float(np.std(np.diff(s.noise))) * s.nominal, 1e-9) for s in signals]
+        best, best_d = lo, math.inf
+        lag = lo
+        while lag <= min(hi, t0):
+            d = sum(abs(s.value(t) - s.value(t - lag)) / k for s, k in zip(signals, scale) for t in (t0, t1))
+            if d < best_d:
+                best, best_d = lag, d
+            lag += step
+        return best
 
     def power_kw(self, t: float) -> float:
         # The true voltage: a spoofed voltage register does not change what the meter integrates.

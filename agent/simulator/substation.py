@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import ATTACKER, OUTSTATIONS, PROTOCOLS, SCENARIOS, Attack, Context
+from .common import ALL_SCENARIOS, ATTACKER, OUTSTATIONS, PROTOCOLS, Attack, Context
 from .wire import write_pcap, write_pcapng
 
 ATTACK_WINDOW = (0.55, 0.95)
@@ -66,7 +66,7 @@ def simulate(pcap: Path, labels: Path, protocols: tuple[str, ...], duration: flo
              scenarios: tuple[str, ...], start_epoch: float, progress=None) -> Result:
     began = time.perf_counter()
     protocols = tuple(p for p in PROTOCOLS if p in protocols)
-    scenarios = tuple(s for s in SCENARIOS if s in scenarios)
+    scenarios = tuple(s for s in ALL_SCENARIOS if s in scenarios)
     ctx = Context(seed, start_epoch, duration)
     networks = build_networks(ctx, protocols, mixed=len(protocols) > 1)
     attacks = plan_attacks(ctx, protocols, scenarios)
