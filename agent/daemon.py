@@ -106,14 +106,18 @@ JOURNAL_LEVEL = {"low": logging.INFO, "medium": logging.WARNING, "high": logging
 def read_key(path: Path, create: bool = True) -> bytes:
     """The HMAC key (at least 16 bytes); created (mode 0600, 32 random bytes hex) when missing and
     its directory is writable."""
+    from models.safefile import UnsafeFile, read_secret
+
     try:
-        key = path.read_bytes().strip()
+        key = read_secret(path, "state.key_file").strip()
+    except UnsafeFile as exc:
+        raise InputError(exc.strerror) from None
     except FileNotFoundError:
         if not create:
             raise InputError(f"state.key_file: {path}: missing") from None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise InputError(f"state.key_file: {path}: missing and cannot be created ({exc.strerror}); "
                              f"create it: head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > {path}") from None
@@ -185,7 +189,7 @@ class Checkpoints:
         nums = self._numbers()
         n = (nums[-1] + 1) if nums else 1
         target = self.dir / f"ckpt-{n}"
-        target.mkdir()
+        target.mkdir(mode=0o750)
         save(target, self.key)
         for f in target.iterdir():
             _fsync_path(f)  # state_io fsyncs its files; this also covers anything else saved
@@ -285,7 +289,13 @@ def _make_dir_for(path: Path, owner: tuple[int, int] | None) -> None:
     for d in reversed(missing):
         d.mkdir(mode=0o750)
         if owner is not None:
-            os.chown(d, *owner)
+            # fchown on the directory just made, never chown by path: a symlink swapped in meanwhile
+            # must not hand its target to the service user
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchown(fd, *owner)
+            finally:
+                os.close(fd)
 
 
 # -- the detection engine, as the configuration says ------------------------------------------------
@@ -452,6 +462,7 @@ class Agent:
         self.checkpoints_written = 0
         self.alerts_written = 0
         self.alerts_lost = 0
+        self.checkpoint_failed = False  # the latest checkpoint attempt failed (exit status 1)
         self._lock = threading.Lock()  # guards reopening the alert log on reload
         from .site import SiteIdentity
 
@@ -577,10 +588,15 @@ class Agent:
         a = self.cfg.alerts
         path = Path(a.log)
         _make_dir_for(path.parent, owner)
-        _repair_tail(path)
-        log_ = AlertLog(path, max_bytes=a.max_bytes, backups=a.backups, fsync=a.fsync)
-        if owner is not None and path.stat().st_uid != owner[0]:
-            os.chown(path, *owner)
+        from models.safefile import UnsafeFile
+
+        try:  # O_NOFOLLOW, 0640, a torn last record removed; a file created here goes to ``owner``
+            log_ = AlertLog(path, max_bytes=a.max_bytes, backups=a.backups, fsync=a.fsync, owner=owner)
+        except UnsafeFile as exc:
+            raise InputError(f"alerts.log: {exc.strerror}") from None
+        if owner is not None and os.fstat(log_.fd).st_uid != owner[0]:
+            # kept open across the drop; rotation then creates the next file as the service user
+            log.warning("alert log %s is not owned by %s; left as it is", path, self.cfg.daemon.user)
         copies = []
         if a.syslog:
             transport, address = config_mod.syslog_target(a.syslog)
@@ -725,6 +741,8 @@ class Agent:
                 log.error("alert log write failed (%s), attempt %d", exc, attempt + 1)
                 time.sleep(0.5)
         self.alerts_lost += 1
+        if self.endpoint is not None:
+            self.endpoint.metrics.alerts_lost.inc()
 
     def _journal(self, rec: dict) -> None:
         """Each alert once in the agent's own log (the journal), at the level matching its severity:
@@ -752,7 +770,9 @@ class Agent:
         except OSError as exc:
             log.error("checkpoint failed: %s", exc, extra={"fields": {"event": "checkpoint_failed"}})
             self.last_checkpoint = time.monotonic()  # retry at the next interval, not every batch
+            self.checkpoint_failed = True
             return
+        self.checkpoint_failed = False  # a later checkpoint holds everything the failed one had
         self.last_checkpoint = time.monotonic()
         self.checkpoints_written += 1
         _info("checkpoint written (%s)", why, event="checkpoint", path=str(where),
@@ -882,6 +902,12 @@ class Agent:
             log.error("stopped by an internal error: %s: %s", type(self.failed).__name__, self.failed,
                       exc_info=self.failed, extra={"fields": {"event": "failed"}})
             return 1
+        if self.alerts_lost or self.checkpoint_failed:
+            log.error("stopped with %d alerts lost%s", self.alerts_lost,
+                      ", the last checkpoint failed" if self.checkpoint_failed else "",
+                      extra={"fields": {"event": "lost", "alerts_lost": self.alerts_lost,
+                                        "checkpoint_failed": self.checkpoint_failed}})
+            return 1
         return 0
 
     def close(self) -> None:
@@ -914,23 +940,6 @@ RESTART_KEYS = [("identity", "site"), ("identity", "agent"), ("capture", "interf
                 ("limits", "capture_queue"), ("limits", "alert_queue"), ("daemon", "user"),
                 ("daemon", "group"), ("detection", "detectors"), ("detection", "learning_clock"),
                 ("detection", "learning_period")]
-
-
-def _repair_tail(path: Path) -> None:
-    """A power cut can leave the alert log's last line cut short: end it so the next record parses."""
-    try:
-        with open(path, "rb+") as fh:
-            fh.seek(0, os.SEEK_END)
-            if fh.tell() == 0:
-                return
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                fh.write(b"\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-                log.warning("alert log %s ended in a partial record (power cut?); closed it with a newline", path)
-    except FileNotFoundError:
-        return
 
 
 # -- command line -----------------------------------------------------------------------------------

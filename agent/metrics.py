@@ -237,6 +237,8 @@ class Metrics:
                                       f"(at most {RULE_LABEL_LIMIT} names, then 'other')", ["rule"], registry=r)
         self.sink_errors = Counter("otwatch_alert_sink_errors_total", "Alert records a sink failed to "
                                    "deliver", ["sink"], registry=r)
+        self.alerts_lost = Counter("otwatch_alerts_lost", "Alerts that never reached the alert log (every "
+                                   "retry failed: disk full, I/O error)", registry=r)
         self.scores = BatchHistogram("otwatch_anomaly_score", "Anomaly scores relative to the alerting "
                                      "threshold (1 = threshold), by detector", "detector", DETECTORS[:-1],
                                      SCORE_BUCKETS)
