@@ -509,16 +509,18 @@ def is_loopback(host: str) -> bool:
 
 def load_basic_auth(path) -> dict:
     """Read ``user:password`` lines (``#`` comments allowed) from a file only the agent can read."""
+    from models.safefile import read_secret
+
     users = {}
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            user, sep, password = line.partition(":")
-            if not sep or not user or not password:
-                raise ValueError(f"{path}:{n}: expected user:password")
-            users[user] = password
+    text = read_secret(path, "basic-auth file").decode("utf-8")  # refused when others may read it
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"{path}:{n}: expected user:password")
+        users[user] = password
     if not users:
         raise ValueError(f"{path}: no user:password line")
     return users

@@ -34,6 +34,9 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 class UnsafeFile(OSError):
     """A path the agent refuses to write or trust (a symlink, not a regular file, readable by others)."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def _checked(fd: int, path) -> int:
     st = os.fstat(fd)
