@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent import config as config_mod
@@ -146,3 +147,96 @@ def test_replay_state_key_lives_outside_the_state_directory(tmp_path):
     # ... and in a private directory it is read (old layout, with a warning)
     os.chmod(st, 0o700)
     assert DetectionEngine.load(st).allowlist.size() == 0  # the (here: forged, empty) old-layout state
+
+
+# --- 2/4/5. pcapng streamed, timestamps checked, FIFOs ----------------------------------------------
+
+from tests.pcapgen import _block, pcapng_section  # noqa: E402
+
+_FRAME = bytes.fromhex("020000000002020000000001" "0800") + bytes(20) + bytes(20) + b"x" * 60
+
+
+@pytest.mark.parametrize("bo", ["<", ">"])
+def test_pcapng_in_small_blocks_gives_the_same_frames_as_whole(tmp_path, bo):
+    """Streaming never changes what is read: sections of both byte orders, several interfaces,
+    EPB/SPB/PB, unknown blocks, across buffer boundaries of every size."""
+    from agent.sources import CaptureReader, read_capture
+
+    ifaces = [(1, None, None), (101, 9, None), (1, 0x80 | 10, 100)]
+    pkts = [(k, i % 3 if k != "spb" else 0, 1_000_000 * n + 7, _FRAME[: 40 + n])
+            for n, (k, i) in enumerate([("epb", 0), ("pb", 1), ("spb", 0), ("epb", 2)] * 10)]
+    other = ">" if bo == "<" else "<"
+    data = (pcapng_section(ifaces, pkts, bo) + _block(bo, 0x0BAD, b"custom block" * 3)
+            + pcapng_section(ifaces[:2], pkts[:3], other))
+    p = tmp_path / "x.pcapng"
+    p.write_bytes(data)
+    whole = read_capture(p)
+    assert len(whole) == 43 and sorted(set(whole.iface.tolist())) == [0, 1, 2, 3, 4]
+    for size in (17, 64, 100, 333, 4096):
+        reader = CaptureReader(p, block_size=size)
+        batches = list(reader)
+        got = [b.frame(i) for b in batches for i in range(len(b))]
+        assert got == [whole.frame(i) for i in range(len(whole))], size
+        assert np.concatenate([b.ts for b in batches]).tolist() == whole.ts.tolist()
+        assert np.concatenate([b.iface for b in batches]).tolist() == whole.iface.tolist()
+        assert reader.truncated == 0 and reader.corrupt is None and reader.frames == 43
+
+
+@pytest.mark.parametrize("tsresol, tsoffset", [(127, None), (0x80 | 127, None), (6, 2**62), (6, -2**62),
+                                               (9, -10), (0x80 | 64, None)])
+def test_absurd_timestamp_options_are_counted_not_a_crash(tmp_path, tsresol, tsoffset):
+    from agent.sources import CaptureReader
+
+    good = [("epb", 0, 1_700_000_000_000_000 + n, _FRAME) for n in range(3)]
+    bad = [("epb", 1, 5, _FRAME) for _ in range(4)]
+    p = tmp_path / "x.pcapng"
+    p.write_bytes(pcapng_section([(1, None, None), (1, tsresol, tsoffset)], good + bad))
+    reader = CaptureReader(p)
+    n = sum(len(b) for b in reader)
+    assert n == 3 and reader.bad_timestamps == 4 and reader.corrupt is None
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "replay", "--no-progress", "--learn", "1s", str(p)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "4 frames skipped: timestamp out of range" in done.stdout
+    assert "internal error" not in done.stderr
+
+
+def test_timestamps_out_of_range_never_make_a_negative_span(tmp_path):
+    """Ticks of 2^64-1 ns, or before 1970 through a negative offset: skipped and counted."""
+    from agent.cli import main
+
+    pkts = [("epb", 0, 1_700_000_000_000_000_000 + n * 1000, _FRAME) for n in range(5)]
+    pkts += [("epb", 0, 2**64 - 1, _FRAME), ("epb", 1, 0, _FRAME)]
+    p = tmp_path / "x.pcapng"
+    p.write_bytes(pcapng_section([(1, 9, None), (1, 9, -3600)], pkts))
+    out = tmp_path / "s.json"
+    with open(out, "w") as fh:
+        sys_stdout, sys.stdout = sys.stdout, fh
+        try:
+            assert main(["replay", "--json", "--no-progress", str(p)]) == 0
+        finally:
+            sys.stdout = sys_stdout
+    s = json.loads(out.read_text())
+    assert s["frames"] == 5 and s["files"][0]["bad_timestamps"] == 2
+    assert 0 <= s["last_ts"] - s["first_ts"] < 1e-5
+
+
+def test_a_fifo_is_read_as_a_stream(tmp_path):
+    fifo = tmp_path / "capture.fifo"
+    os.mkfifo(fifo)
+    data = (PROJECT_PCAPS / "modbus.pcap").read_bytes()
+    writer = subprocess.Popen(["sh", "-c", f"cat {PROJECT_PCAPS / 'modbus.pcap'} > {fifo}"])
+    try:
+        done = subprocess.run([sys.executable, "-m", "agent.cli", "replay", "--json", "--no-progress", str(fifo)],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+    finally:
+        writer.wait(timeout=30)
+    assert done.returncode == 0, done.stderr
+    s = json.loads(done.stdout)
+    whole = subprocess.run([sys.executable, "-m", "agent.cli", "replay", "--json", "--no-progress",
+                            str(PROJECT_PCAPS / "modbus.pcap")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert s["frames"] == json.loads(whole.stdout)["frames"] > 0 and len(data) > 0
+    # a character device is named as such, not "empty file"
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "replay", "/dev/null"], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 2 and "character device" in done.stderr and done.stderr.count("\n") == 1
