@@ -240,3 +240,74 @@ def test_a_fifo_is_read_as_a_stream(tmp_path):
     done = subprocess.run([sys.executable, "-m", "agent.cli", "replay", "/dev/null"], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert done.returncode == 2 and "character device" in done.stderr and done.stderr.count("\n") == 1
+
+
+_READ_AND_MEASURE = """
+import resource, sys
+from agent.sources import CaptureReader
+reader = CaptureReader(sys.argv[1])
+frames = sum(len(b) for b in reader)
+print(frames, reader.bytes_read, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+      reader.corrupt, reader.truncated)
+"""
+
+
+def _epb_chunk(frames: int) -> bytes:
+    import struct
+
+    from tests.pcapgen import _block
+
+    t = 1_700_000_000_000_000
+    epb = _block("<", 6, struct.pack("<IIIII", 0, t >> 32, t & 0xFFFFFFFF, len(_FRAME), len(_FRAME)) + _FRAME)
+    return epb * frames
+
+
+def _peak_rss_reading(path) -> tuple[int, int, int]:
+    done = subprocess.run([sys.executable, "-c", _READ_AND_MEASURE, str(path)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    frames, nbytes, rss_mb, corrupt, truncated = done.stdout.split()
+    assert corrupt == "None" and truncated == "0"
+    return int(frames), int(nbytes), int(rss_mb)
+
+
+PEAK_RSS_MB = 300
+
+
+def test_gzip_bomb_pcapng_is_read_in_bounded_memory(tmp_path):
+    """A few hundred KB of gzip expanding to 512 MB of pcapng: read through, memory flat."""
+    import zlib
+
+    head = pcapng_section([(1, None, None)], [])
+    per = len(_epb_chunk(1))
+    chunk = _epb_chunk((8 << 20) // per)
+    repeats = (512 << 20) // len(chunk)
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    p = tmp_path / "bomb.pcapng.gz"
+    with open(p, "wb") as fh:
+        fh.write(z.compress(head))
+        for _ in range(repeats):
+            fh.write(z.compress(chunk))
+        fh.write(z.flush())
+    assert p.stat().st_size < 4 << 20
+    frames, nbytes, rss_mb = _peak_rss_reading(p)
+    assert frames == repeats * (len(chunk) // per)
+    assert nbytes > 500 << 20
+    assert rss_mb <= PEAK_RSS_MB, f"peak RSS {rss_mb} MB reading {nbytes >> 20} MB of pcapng"
+
+
+@pytest.mark.slow
+def test_one_gigabyte_pcapng_is_read_in_bounded_memory(tmp_path):
+    head = pcapng_section([(1, None, None)], [])
+    per = len(_epb_chunk(1))
+    chunk = _epb_chunk((8 << 20) // per)
+    repeats = (1 << 30) // len(chunk)
+    p = tmp_path / "big.pcapng"
+    with open(p, "wb") as fh:
+        fh.write(head)
+        for _ in range(repeats):
+            fh.write(chunk)
+    frames, nbytes, rss_mb = _peak_rss_reading(p)
+    assert nbytes + 4 == p.stat().st_size > 1000 << 20  # all of it (the 4-byte magic is read first)
+    assert frames == repeats * (len(chunk) // per)
+    assert rss_mb <= PEAK_RSS_MB, f"peak RSS {rss_mb} MB reading {nbytes >> 20} MB of pcapng"
