@@ -311,3 +311,118 @@ def test_one_gigabyte_pcapng_is_read_in_bounded_memory(tmp_path):
     assert nbytes + 4 == p.stat().st_size > 1000 << 20  # all of it (the 4-byte magic is read first)
     assert frames == repeats * (len(chunk) // per)
     assert rss_mb <= PEAK_RSS_MB, f"peak RSS {rss_mb} MB reading {nbytes >> 20} MB of pcapng"
+
+
+# --- 3. alert log on a full disk -----------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 1 MB tmpfs (root only; skipped where mounting is not allowed)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(mnt: Path, leave: int) -> None:
+    """Fill the file system up to ``leave`` free bytes."""
+    st = os.statvfs(mnt)
+    free = st.f_bavail * st.f_frsize
+    with open(mnt / "filler", "wb") as fh:
+        fh.write(b"\0" * max(0, free - leave))
+
+
+def test_full_disk_leaves_only_whole_records_and_counts_the_lost(tiny_tmpfs):
+    from agent.sinks import AlertLog
+
+    _fill(tiny_tmpfs, 64 << 10)
+    path = tiny_tmpfs / "alerts.jsonl"
+    log = AlertLog(path, max_bytes=0)
+    attempts, errors = 0, 0
+    for i in range(400):  # ~300 bytes each: the disk fills part way through
+        attempts += 1
+        try:
+            log.write({"message": f"alert {i} " + "y" * (200 + i % 97), "n": i})
+        except OSError:
+            errors += 1
+    log.close()
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    recs = [json.loads(line) for line in lines[:-1]]  # every line whole JSON, none glued to another
+    assert errors > 0 and len(recs) > 0
+    assert len(recs) == log.written == attempts - errors and log.failed == errors
+    assert [r["n"] for r in recs] == sorted({r["n"] for r in recs})
+    # space freed: writing carries on after the last good record
+    (tiny_tmpfs / "filler").unlink()
+    log = AlertLog(path, max_bytes=0)
+    log.write({"message": "after", "n": 1000})
+    log.close()
+    assert json.loads(path.read_bytes().split(b"\n")[-2])["n"] == 1000
+
+
+def test_replay_on_a_full_disk_counts_lost_alerts_and_exits_1(tiny_tmpfs, tmp_path):
+    path = tiny_tmpfs / "alerts.jsonl"
+    _fill(tiny_tmpfs, 6 << 10)
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "replay", "--json", "--no-progress", "--learn", "990s",
+                           "--alerts", str(path), str(PROJECT_PCAPS / "dnp3.pcap")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 1, done.stderr
+    assert "internal error" not in done.stderr
+    det = json.loads(done.stdout)["detection"]
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    recs = [json.loads(line) for line in lines[:-1]]
+    assert det["alerts_lost"] > 0 and len(recs) + det["alerts_lost"] == det["alerts"]
+
+
+def test_agent_exports_the_alerts_it_lost(tiny_tmpfs):
+    from agent.metrics import MetricsEndpoint
+
+    agent = _agent(tiny_tmpfs, tiny_tmpfs / "alerts.jsonl")
+    agent._open_alert_log()
+    agent.endpoint = MetricsEndpoint.start("127.0.0.1:0")
+    try:
+        agent._write_alert({"message": "fits"})
+        _fill(tiny_tmpfs, 0)
+        agent._write_alert({"message": "x" * 20000})
+    finally:
+        agent.endpoint.close()
+        agent.alert_log.close()
+    assert (agent.alerts_written, agent.alerts_lost) == (1, 1)
+    reg = agent.endpoint.metrics.registry
+    assert reg.get_sample_value("otwatch_alerts_lost_total") == 1
+    assert reg.get_sample_value("otwatch_alert_sink_errors_total", {"sink": "alert_log"}) == 3  # three tries
+    assert [json.loads(x)["message"] for x in (tiny_tmpfs / "alerts.jsonl").read_text().splitlines()] == ["fits"]
+
+
+@pytest.mark.slow
+def test_replay_sigterm_flushes_open_incidents_and_saves_state(tmp_path):
+    import signal
+    import time
+
+    alerts, st = tmp_path / "a.jsonl", tmp_path / "st"
+    files = [str(PROJECT_PCAPS / "mixed.pcap")] * 200  # far longer than the test waits
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "replay", "--json", "--no-progress", "--learn", "600s",
+                             "--alerts", str(alerts), "--state", str(st), *files],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (alerts.exists() and alerts.stat().st_size > 0):
+        time.sleep(0.2)  # monitoring has started and incidents are being written
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    s = json.loads(out)
+    assert s["interrupted"] == "SIGTERM" and s["detection"]["mode"] == "monitor"
+    recs = [json.loads(line) for line in alerts.read_text().splitlines()]
+    assert len(recs) == s["detection"]["alerts"] > 0  # the incidents still open were flushed too
+    assert all(r["otwatch"]["status"] == "closed" for r in recs)
+    from models.engine import DetectionEngine
+
+    assert DetectionEngine.load(st).mode == "monitor"
