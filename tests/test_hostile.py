@@ -426,3 +426,70 @@ def test_replay_sigterm_flushes_open_incidents_and_saves_state(tmp_path):
     from models.engine import DetectionEngine
 
     assert DetectionEngine.load(st).mode == "monitor"
+
+
+# --- 4. the metrics endpoint under idle clients --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory):
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", d / "key.pem",
+                    "-out", d / "cert.pem"], check=True, capture_output=True)
+    return d / "cert.pem", d / "key.pem"
+
+
+def _scrape(url: str, ctx=None) -> tuple[int, str, float]:
+    import time
+    import urllib.request
+
+    t0 = time.monotonic()
+    with urllib.request.urlopen(url, timeout=10, context=ctx) as resp:
+        return resp.status, resp.read().decode(), time.monotonic() - t0
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_a_thousand_idle_connections_do_not_block_a_scrape(tls_cert, tls):
+    import resource
+    import socket
+    import ssl
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from agent.metrics import Metrics, MetricsServer
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2500:
+        if hard != resource.RLIM_INFINITY and hard < 2500:
+            pytest.skip(f"needs 2,500 open files (hard limit {hard})")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2500, hard))
+    cert, key = tls_cert
+    m = Metrics(CollectorRegistry(), process_metrics=False)
+    kw = {"certfile": str(cert), "keyfile": str(key)} if tls else {}
+    idle = []
+    try:
+        with MetricsServer(m.registry, port=0, **kw) as server:
+            threads = threading.active_count()
+            ctx = ssl.create_default_context(cafile=str(cert)) if tls else None
+            # silent TCP clients: for TLS they hang in the handshake, for HTTP before the request
+            for _ in range(700):
+                idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+            # clients past the handshake (TLS) that then send nothing; with the first 700 over the cap
+            for _ in range(300):
+                s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                idle.append(ctx.wrap_socket(s, server_hostname="127.0.0.1") if tls else s)
+                if not tls:
+                    s.send(b"GET /metrics HTTP/1.1\r\n")  # half a request, never finished
+            status, body, seconds = _scrape(server.url, ctx)
+            assert status == 200 and "otwatch_frames_total" in body
+            assert seconds < 2.0, f"scrape took {seconds:.2f} s behind 1,000 idle connections"
+            assert threading.active_count() <= threads + MetricsServer.WORKERS  # no thread per client
+            assert server.scrapes == 1
+    finally:
+        for s in idle:
+            s.close()
