@@ -4,20 +4,21 @@ Three threads joined by bounded queues, so a slow stage never stalls capture::
 
     capture ──(capture_queue, batches)──► processing ──(alert_queue)──► export
     AF_PACKET ring                        pipeline + detection engine     alert log (fsync per record)
-    kernel drops counted                  metrics, checkpoints
+    kernel drops counted                  metrics, checkpoint snapshots
 
 - **capture** polls the receive-only AF_PACKET ring (:func:`agent.live.open_live`) and hands each
   frame batch over with ``put_nowait``; when the queue is full the batch is dropped and its frames
   counted as *internal* drops.  The kernel's own drop counter (ring full) is read every second.
   Both are exported (``otwatch_capture_drops_total{source="kernel"|"internal"}``) and logged at exit.
 - **processing** runs the pipeline and the detection engine on each batch, updates the metrics and
-  writes a checkpoint of the learned state when learning ends, every ``state.checkpoint_interval``
-  and at shutdown -- while learning too, so a restart or a power cut carries learning on instead of
+  snapshots the learned state when learning ends, every ``state.checkpoint_interval`` and at
+  shutdown (a checkpoint thread writes the snapshot to disk, so fsync latency never stalls processing) -- while learning too, so a restart or a power cut carries learning on instead of
   starting it again.
 - **export** writes every alert to the durable alert log.
 
 Signals: SIGTERM/SIGINT stop cleanly (capture stops, queued batches are processed, buffered streams
-flushed, alerts written, state checkpointed, exit 0).  SIGHUP re-reads the configuration; the
+flushed, alerts written, state checkpointed, exit 0; exit 1 if an alert could not be written or
+the last checkpoint failed).  SIGHUP re-reads the configuration; the
 learned state, flows and counters are kept; keys that need a restart (interface, ports, ring
 sizes, state directory, metrics address) are reported and left as they were.
 
@@ -463,6 +464,7 @@ class Agent:
         self.alerts_written = 0
         self.alerts_lost = 0
         self.checkpoint_failed = False  # the latest checkpoint attempt failed (exit status 1)
+        self._checkpoint_thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards reopening the alert log on reload
         from .site import SiteIdentity
 
@@ -693,7 +695,7 @@ class Agent:
             alerts = self.engine.process(events) + self.engine.finish()
             alerts += self.inventory.observe(events, self.engine.mode)
             self._after_batch(events, alerts, t0, q_out, 0.0)
-            self.checkpoint("shutdown")
+            self.checkpoint("shutdown", wait=True)
         except BaseException as exc:  # noqa: BLE001
             self.failed = exc
             self.stop_event.set()
@@ -763,20 +765,43 @@ class Agent:
                                   "severity": ow.get("severity")}})
 
     # -- checkpoints and reload -------------------------------------------------------------------
-    def checkpoint(self, why: str) -> None:
+    def checkpoint(self, why: str, wait: bool = False) -> None:
+        """Snapshot what was learned on this (the processing) thread -- serialised to bytes, quick --
+        and write it to disk (files, fsyncs, the ``current`` swap) on a thread of its own, so a slow
+        disk never stalls processing.  One checkpoint is written at a time; ``wait`` (shutdown)
+        returns once it is on disk."""
+        from models import state as state_io
+
+        if self._checkpoint_thread is not None:
+            self._checkpoint_thread.join()  # the previous one first: never two writers
         t0 = time.perf_counter()
+        self.last_checkpoint = time.monotonic()  # retry at the next interval, not every batch
         try:
-            where = self.checkpoints.write(self._save_state)
-        except OSError as exc:
+            with state_io.deferred_writes() as writes:
+                self._save_state(".", self.checkpoints.key)
+        except Exception as exc:  # noqa: BLE001 - a state that cannot be serialised is a failed checkpoint
             log.error("checkpoint failed: %s", exc, extra={"fields": {"event": "checkpoint_failed"}})
-            self.last_checkpoint = time.monotonic()  # retry at the next interval, not every batch
             self.checkpoint_failed = True
             return
-        self.checkpoint_failed = False  # a later checkpoint holds everything the failed one had
-        self.last_checkpoint = time.monotonic()
-        self.checkpoints_written += 1
-        _info("checkpoint written (%s)", why, event="checkpoint", path=str(where),
-              seconds=round(time.perf_counter() - t0, 3))
+        snapshot_s = time.perf_counter() - t0
+
+        def write() -> None:
+            t1 = time.perf_counter()
+            try:
+                where = self.checkpoints.write(lambda d, _key: [w(d) for w in writes])
+            except OSError as exc:
+                log.error("checkpoint failed: %s", exc, extra={"fields": {"event": "checkpoint_failed"}})
+                self.checkpoint_failed = True
+                return
+            self.checkpoint_failed = False  # a later checkpoint holds everything the failed one had
+            self.checkpoints_written += 1
+            _info("checkpoint written (%s)", why, event="checkpoint", path=str(where),
+                  seconds=round(snapshot_s + time.perf_counter() - t1, 3), snapshot_seconds=round(snapshot_s, 3))
+
+        self._checkpoint_thread = threading.Thread(target=write, name="checkpoint")
+        self._checkpoint_thread.start()
+        if wait:
+            self._checkpoint_thread.join()
 
     def apply_review(self, why: str) -> None:
         """The operator's approvals and revocations (``otwatch baseline approve`` writes them to the
@@ -889,6 +914,8 @@ class Agent:
             self.stop_event.set()
             for t in threads:
                 t.join()
+            if self._checkpoint_thread is not None:
+                self._checkpoint_thread.join()
             self.close()
         stats = self.source.stats
         st = self.pipeline.stats

@@ -20,6 +20,7 @@ directory and the key are the current user's and nobody else can write them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
@@ -28,6 +29,7 @@ import logging
 import os
 import secrets
 import stat
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -112,14 +114,49 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+_deferred = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_writes():
+    """Within the block, :func:`save` only serialises (what was learned, as JSON and ``.npz``
+    bytes: a consistent snapshot taken on the calling thread) and records the write; the yielded
+    list then holds ``write(directory)`` callables that put the files under ``directory`` -- from
+    another thread, so the disk's fsync latency never stalls the thread that learns.  Directories
+    given to :func:`save` must be relative (they are taken relative to that ``directory``).
+
+    >>> import tempfile
+    >>> with deferred_writes() as writes:
+    ...     save(".", {"a": np.arange(2)}, {"x": 1}, key=b"k" * 16)
+    >>> d = tempfile.mkdtemp(); [w(d) for w in writes] and load(d, key=b"k" * 16)[1]
+    {'x': 1}
+    """
+    writes: list = []
+    _deferred.writes = writes
+    try:
+        yield writes
+    finally:
+        _deferred.writes = None
+
+
 def save(directory, arrays: dict, meta: dict, key: bytes | None = None) -> None:
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True, mode=0o750)
-    k = _key(d, key, create=True)
     meta_b = json.dumps(meta, sort_keys=True, default=_plain).encode()
     buf = io.BytesIO()
     np.savez(buf, **{name: np.asarray(v) for name, v in arrays.items()})
     arr_b = buf.getvalue()
+    writes = getattr(_deferred, "writes", None)
+    if writes is not None:
+        rel = Path(directory)
+        if rel.is_absolute() or not key:
+            raise ValueError("deferred saves take a relative directory and an explicit key")
+        writes.append(lambda base: _save_bytes(Path(base) / rel, meta_b, arr_b, key))
+        return
+    _save_bytes(Path(directory), meta_b, arr_b, key)
+
+
+def _save_bytes(d: Path, meta_b: bytes, arr_b: bytes, key: bytes | None) -> None:
+    d.mkdir(parents=True, exist_ok=True, mode=0o750)
+    k = _key(d, key, create=True)
     _write(d / "state.json", meta_b)
     _write(d / "state.npz", arr_b)
     _write(d / "state.hmac", _mac(k, meta_b, arr_b).encode())
