@@ -297,10 +297,13 @@ def run(args) -> int:
         return 0
     if args.alerts:
         from .sinks import AlertLog
-        with AlertLog(args.alerts, fsync=False, truncate=not args.append) as log:
-            for o in outs:
-                for rec in o["alerts"]:
-                    log.write(rec)
+        try:
+            with AlertLog(args.alerts, fsync=False, truncate=not args.append) as log:
+                for o in outs:
+                    for rec in o["alerts"]:
+                        log.write(rec)
+        except OSError as exc:  # a symlink planted at the path, a full disk: one line, not a traceback
+            raise InputError(f"--alerts: {exc.strerror or exc}") from None
     if args.html:  # the report of the first capture: a pass of its own, for the plots and the inventory
         from .report import collect, write_report
 
