@@ -499,3 +499,71 @@ def test_a_thousand_idle_connections_do_not_block_a_scrape(tls_cert, tls):
     finally:
         for s in idle:
             s.close()
+
+
+# --- 7. evasion by IP fragments ------------------------------------------------------------------------
+
+def _alerts_after_learning(attack_frames, attack_ts):
+    from agent.pipeline import Pipeline
+    from agent.sources import CaptureReader
+    from models.engine import DetectionEngine
+    from parsers.frames import FrameBatch
+
+    pipeline = Pipeline()
+    batches = list(CaptureReader(PROJECT_PCAPS / "modbus.pcap"))
+    last = max(int(b.ts.max()) for b in batches)
+    engine = DetectionEngine(learn_seconds=None, learn_until_ns=last + 10**9)
+    for b in batches:
+        engine.process(pipeline.process(b))
+    ts = [last + 60 * 10**9 + attack_ts * i for i in range(len(attack_frames))]
+    engine.process(pipeline.process(FrameBatch.from_frames(attack_frames, ts=ts)))
+    engine.process(pipeline.finish())
+    engine.finish()
+    return sorted({(a.rule, a.src, a.dst) for a in engine.alerts if a.first_ts >= last + 60 * 10**9}), pipeline
+
+
+def test_a_fragmented_write_raises_the_same_alerts_as_the_whole_one():
+    from scapy.all import IP, TCP, Ether, fragment, raw
+
+    # a new host writes ten holding registers (Modbus FC 16) to the PLC
+    mbap_pdu = bytes.fromhex("0001" "0000" "001b" "01" "10" "0000" "000a" "14") + bytes(range(20))
+    assert len(mbap_pdu) == 6 + 0x1B  # MBAP length: unit id and PDU
+    pkt = (Ether(src="02:00:00:00:00:99", dst="02:00:00:00:00:20") / IP(src="10.20.0.99", dst="10.20.0.20", id=4242)
+           / TCP(sport=40999, dport=502, flags="PA", seq=1000, ack=1) / mbap_pdu)
+    whole, _ = _alerts_after_learning([raw(pkt)], 1)
+    assert any(rule.startswith("allowlist.") for rule, _s, _d in whole), whole
+    pieces = [raw(pkt[Ether].__class__(src=pkt.src, dst=pkt.dst) / f) for f in fragment(pkt[IP], fragsize=16)]
+    assert len(pieces) >= 3
+    for order in (pieces, pieces[::-1]):  # in order, and last fragment first
+        fragmented, pipeline = _alerts_after_learning(order, 1000)
+        assert fragmented == whole
+        fs = pipeline.defrag.stats
+        assert fs.datagrams == 1 and fs.fragments == len(pieces) and fs.tiny == len(pieces) - 1
+        assert pipeline.error_summary()["ip/tiny_fragment"] == len(pieces) - 1
+
+
+def test_overlapping_fragments_are_counted_first_wins():
+    import struct
+
+    from parsers.ipfrag import Defragmenter
+
+    def frag(off8, mf, data):
+        ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(data), 9, (0x2000 if mf else 0) | off8, 64, 6, 0,
+                         bytes([10, 0, 0, 66]), bytes([10, 0, 0, 20]))
+        return bytes(12) + b"\x08\x00" + ip + data
+
+    d = Defragmenter()
+    assert d.add(frag(0, True, b"A" * 80), 1, 0) is None
+    assert d.add(frag(8, True, b"X" * 16 + b"B" * 64), 1, 1) is None  # rewrites bytes 64..79
+    (whole,) = d.add(frag(18, False, b"C" * 8), 1, 2)
+    assert whole[34:] == b"A" * 80 + b"B" * 64 + b"C" * 8
+    assert d.stats.overlaps == 1 and d.stats.datagrams == 1
+    # limits: an unfinished datagram times out; a flood of first fragments keeps max_pending
+    d.add(frag(0, True, b"A" * 80), 1, 0)
+    d.expire(31 * 10**9)
+    assert d.stats.timeouts == 1 and d.stats.pending == 0
+    for i in range(5000):
+        ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 100, i, 0x2000, 64, 6, 0, bytes([10, 0, 0, 66]),
+                         bytes([10, 0, 0, 20]))
+        d.add(bytes(12) + b"\x08\x00" + ip + bytes(80), 1, 10**9)
+    assert d.stats.pending == d.limits.max_pending and d.stats.dropped == 5000 - d.limits.max_pending
