@@ -397,14 +397,25 @@ def run_chains(args, chains: list[list[Path]], jobs: int, identity) -> int:
     if s["frames"] == 0 and not any(f.get("frames") for f in s["files"]):
         raise InputError("no frames could be read (the captures hold no frames)")
     det = merge_detection([r["detection"] for r in results]) if detect else None
+    lost = 0
     if args.alerts:
+        from models.safefile import UnsafeFile
+
         from .sinks import AlertLog
 
-        with AlertLog(args.alerts, fsync=False) as log:
+        try:
+            log = AlertLog(args.alerts, fsync=False)
+        except UnsafeFile as exc:
+            raise InputError(f"--alerts: {exc}") from None
+        with log:
             for r in results:
                 for rec in r["alerts"]:
-                    log.write(rec)
+                    try:  # a failed record is cut back out (AlertLog); counted, and the exit status says so
+                        log.write(rec)
+                    except OSError:
+                        lost += 1
     if det is not None:
+        det["alerts_lost"] = lost
         s["detection"] = det
     if args.json:
         print(json.dumps(s, sort_keys=False, default=str))
@@ -414,4 +425,4 @@ def run_chains(args, chains: list[list[Path]], jobs: int, identity) -> int:
               f"{'the Dask cluster' if args.scheduler else f'{min(jobs, len(chains))} at once'}")
         if det is not None:
             print(format_detection(det))
-    return 0
+    return 1 if lost else 0
