@@ -265,12 +265,15 @@ def _epb_chunk(frames: int) -> bytes:
 def _peak_rss_reading(path) -> tuple[int, int, int]:
     # A first child fills Numba's on-disk cache, so the measured one loads the compiled walk instead
     # of compiling it (LLVM's ~100 MB are the compiler's, not the reader's).
+    # The cache is the test's own: another process (this one's doctests) rewriting the shared one
+    # meanwhile would make the measured child compile again.
     small = Path(path).with_name("warm-up.pcapng")
     small.write_bytes(pcapng_section([(1, None, None)], [("epb", 0, 1, _FRAME)]))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(Path(path).with_name("numba-cache"))}
     subprocess.run([sys.executable, "-c", _READ_AND_MEASURE, str(small)], check=True, capture_output=True,
-                   timeout=600, cwd=ROOT)
+                   timeout=600, cwd=ROOT, env=env)
     done = subprocess.run([sys.executable, "-c", _READ_AND_MEASURE, str(path)], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+                          timeout=600, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr
     frames, nbytes, rss_mb, corrupt, truncated = done.stdout.split()
     assert corrupt == "None" and truncated == "0"
