@@ -397,10 +397,16 @@ def test_agent_exports_the_alerts_it_lost(tiny_tmpfs):
     agent = _agent(tiny_tmpfs, tiny_tmpfs / "alerts.jsonl")
     agent._open_alert_log()
     agent.endpoint = MetricsEndpoint.start("127.0.0.1:0")
+    from models.alerts import Alert
+
+    def alert(message):
+        return Alert(rule="allowlist.new_talker", detector="allowlist", severity="high", first_ts=0, last_ts=0,
+                     src="10.0.0.66", dst="10.0.0.20", protocol="modbus", entity="e", message=message)
+
     try:
-        agent._write_alert({"message": "fits"})
+        agent._write_alert(alert("fits"))
         _fill(tiny_tmpfs, 0)
-        agent._write_alert({"message": "x" * 20000})
+        agent._write_alert(alert("x" * 20000))
     finally:
         agent.endpoint.close()
         agent.alert_log.close()
