@@ -4,20 +4,21 @@ Three threads joined by bounded queues, so a slow stage never stalls capture::
 
     capture ──(capture_queue, batches)──► processing ──(alert_queue)──► export
     AF_PACKET ring                        pipeline + detection engine     alert log (fsync per record)
-    kernel drops counted                  metrics, checkpoints
+    kernel drops counted                  metrics, checkpoint snapshots
 
 - **capture** polls the receive-only AF_PACKET ring (:func:`agent.live.open_live`) and hands each
   frame batch over with ``put_nowait``; when the queue is full the batch is dropped and its frames
   counted as *internal* drops.  The kernel's own drop counter (ring full) is read every second.
   Both are exported (``otwatch_capture_drops_total{source="kernel"|"internal"}``) and logged at exit.
 - **processing** runs the pipeline and the detection engine on each batch, updates the metrics and
-  writes a checkpoint of the learned state when learning ends, every ``state.checkpoint_interval``
-  and at shutdown -- while learning too, so a restart or a power cut carries learning on instead of
+  snapshots the learned state when learning ends, every ``state.checkpoint_interval`` and at
+  shutdown (a checkpoint thread writes the snapshot to disk, so fsync latency never stalls processing) -- while learning too, so a restart or a power cut carries learning on instead of
   starting it again.
 - **export** writes every alert to the durable alert log.
 
 Signals: SIGTERM/SIGINT stop cleanly (capture stops, queued batches are processed, buffered streams
-flushed, alerts written, state checkpointed, exit 0).  SIGHUP re-reads the configuration; the
+flushed, alerts written, state checkpointed, exit 0; exit 1 if an alert could not be written or
+the last checkpoint failed).  SIGHUP re-reads the configuration; the
 learned state, flows and counters are kept; keys that need a restart (interface, ports, ring
 sizes, state directory, metrics address) are reported and left as they were.
 
@@ -106,14 +107,18 @@ JOURNAL_LEVEL = {"low": logging.INFO, "medium": logging.WARNING, "high": logging
 def read_key(path: Path, create: bool = True) -> bytes:
     """The HMAC key (at least 16 bytes); created (mode 0600, 32 random bytes hex) when missing and
     its directory is writable."""
+    from models.safefile import UnsafeFile, read_secret
+
     try:
-        key = path.read_bytes().strip()
+        key = read_secret(path, "state.key_file").strip()
+    except UnsafeFile as exc:
+        raise InputError(exc.strerror) from None
     except FileNotFoundError:
         if not create:
             raise InputError(f"state.key_file: {path}: missing") from None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise InputError(f"state.key_file: {path}: missing and cannot be created ({exc.strerror}); "
                              f"create it: head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > {path}") from None
@@ -185,7 +190,7 @@ class Checkpoints:
         nums = self._numbers()
         n = (nums[-1] + 1) if nums else 1
         target = self.dir / f"ckpt-{n}"
-        target.mkdir()
+        target.mkdir(mode=0o750)
         save(target, self.key)
         for f in target.iterdir():
             _fsync_path(f)  # state_io fsyncs its files; this also covers anything else saved
@@ -285,7 +290,13 @@ def _make_dir_for(path: Path, owner: tuple[int, int] | None) -> None:
     for d in reversed(missing):
         d.mkdir(mode=0o750)
         if owner is not None:
-            os.chown(d, *owner)
+            # fchown on the directory just made, never chown by path: a symlink swapped in meanwhile
+            # must not hand its target to the service user
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchown(fd, *owner)
+            finally:
+                os.close(fd)
 
 
 # -- the detection engine, as the configuration says ------------------------------------------------
@@ -452,6 +463,8 @@ class Agent:
         self.checkpoints_written = 0
         self.alerts_written = 0
         self.alerts_lost = 0
+        self.checkpoint_failed = False  # the latest checkpoint attempt failed (exit status 1)
+        self._checkpoint_thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards reopening the alert log on reload
         from .site import SiteIdentity
 
@@ -577,10 +590,15 @@ class Agent:
         a = self.cfg.alerts
         path = Path(a.log)
         _make_dir_for(path.parent, owner)
-        _repair_tail(path)
-        log_ = AlertLog(path, max_bytes=a.max_bytes, backups=a.backups, fsync=a.fsync)
-        if owner is not None and path.stat().st_uid != owner[0]:
-            os.chown(path, *owner)
+        from models.safefile import UnsafeFile
+
+        try:  # O_NOFOLLOW, 0640, a torn last record removed; a file created here goes to ``owner``
+            log_ = AlertLog(path, max_bytes=a.max_bytes, backups=a.backups, fsync=a.fsync, owner=owner)
+        except UnsafeFile as exc:
+            raise InputError(f"alerts.log: {exc.strerror}") from None
+        if owner is not None and os.fstat(log_.fd).st_uid != owner[0]:
+            # kept open across the drop; rotation then creates the next file as the service user
+            log.warning("alert log %s is not owned by %s; left as it is", path, self.cfg.daemon.user)
         copies = []
         if a.syslog:
             transport, address = config_mod.syslog_target(a.syslog)
@@ -677,7 +695,7 @@ class Agent:
             alerts = self.engine.process(events) + self.engine.finish()
             alerts += self.inventory.observe(events, self.engine.mode)
             self._after_batch(events, alerts, t0, q_out, 0.0)
-            self.checkpoint("shutdown")
+            self.checkpoint("shutdown", wait=True)
         except BaseException as exc:  # noqa: BLE001
             self.failed = exc
             self.stop_event.set()
@@ -725,6 +743,8 @@ class Agent:
                 log.error("alert log write failed (%s), attempt %d", exc, attempt + 1)
                 time.sleep(0.5)
         self.alerts_lost += 1
+        if self.endpoint is not None:
+            self.endpoint.metrics.alerts_lost.inc()
 
     def _journal(self, rec: dict) -> None:
         """Each alert once in the agent's own log (the journal), at the level matching its severity:
@@ -745,18 +765,43 @@ class Agent:
                                   "severity": ow.get("severity")}})
 
     # -- checkpoints and reload -------------------------------------------------------------------
-    def checkpoint(self, why: str) -> None:
+    def checkpoint(self, why: str, wait: bool = False) -> None:
+        """Snapshot what was learned on this (the processing) thread -- serialised to bytes, quick --
+        and write it to disk (files, fsyncs, the ``current`` swap) on a thread of its own, so a slow
+        disk never stalls processing.  One checkpoint is written at a time; ``wait`` (shutdown)
+        returns once it is on disk."""
+        from models import state as state_io
+
+        if self._checkpoint_thread is not None:
+            self._checkpoint_thread.join()  # the previous one first: never two writers
         t0 = time.perf_counter()
+        self.last_checkpoint = time.monotonic()  # retry at the next interval, not every batch
         try:
-            where = self.checkpoints.write(self._save_state)
-        except OSError as exc:
+            with state_io.deferred_writes() as writes:
+                self._save_state(".", self.checkpoints.key)
+        except Exception as exc:  # noqa: BLE001 - a state that cannot be serialised is a failed checkpoint
             log.error("checkpoint failed: %s", exc, extra={"fields": {"event": "checkpoint_failed"}})
-            self.last_checkpoint = time.monotonic()  # retry at the next interval, not every batch
+            self.checkpoint_failed = True
             return
-        self.last_checkpoint = time.monotonic()
-        self.checkpoints_written += 1
-        _info("checkpoint written (%s)", why, event="checkpoint", path=str(where),
-              seconds=round(time.perf_counter() - t0, 3))
+        snapshot_s = time.perf_counter() - t0
+
+        def write() -> None:
+            t1 = time.perf_counter()
+            try:
+                where = self.checkpoints.write(lambda d, _key: [w(d) for w in writes])
+            except OSError as exc:
+                log.error("checkpoint failed: %s", exc, extra={"fields": {"event": "checkpoint_failed"}})
+                self.checkpoint_failed = True
+                return
+            self.checkpoint_failed = False  # a later checkpoint holds everything the failed one had
+            self.checkpoints_written += 1
+            _info("checkpoint written (%s)", why, event="checkpoint", path=str(where),
+                  seconds=round(snapshot_s + time.perf_counter() - t1, 3), snapshot_seconds=round(snapshot_s, 3))
+
+        self._checkpoint_thread = threading.Thread(target=write, name="checkpoint")
+        self._checkpoint_thread.start()
+        if wait:
+            self._checkpoint_thread.join()
 
     def apply_review(self, why: str) -> None:
         """The operator's approvals and revocations (``otwatch baseline approve`` writes them to the
@@ -869,6 +914,8 @@ class Agent:
             self.stop_event.set()
             for t in threads:
                 t.join()
+            if self._checkpoint_thread is not None:
+                self._checkpoint_thread.join()
             self.close()
         stats = self.source.stats
         st = self.pipeline.stats
@@ -881,6 +928,12 @@ class Agent:
         if self.failed is not None:
             log.error("stopped by an internal error: %s: %s", type(self.failed).__name__, self.failed,
                       exc_info=self.failed, extra={"fields": {"event": "failed"}})
+            return 1
+        if self.alerts_lost or self.checkpoint_failed:
+            log.error("stopped with %d alerts lost%s", self.alerts_lost,
+                      ", the last checkpoint failed" if self.checkpoint_failed else "",
+                      extra={"fields": {"event": "lost", "alerts_lost": self.alerts_lost,
+                                        "checkpoint_failed": self.checkpoint_failed}})
             return 1
         return 0
 
@@ -914,23 +967,6 @@ RESTART_KEYS = [("identity", "site"), ("identity", "agent"), ("capture", "interf
                 ("limits", "capture_queue"), ("limits", "alert_queue"), ("daemon", "user"),
                 ("daemon", "group"), ("detection", "detectors"), ("detection", "learning_clock"),
                 ("detection", "learning_period")]
-
-
-def _repair_tail(path: Path) -> None:
-    """A power cut can leave the alert log's last line cut short: end it so the next record parses."""
-    try:
-        with open(path, "rb+") as fh:
-            fh.seek(0, os.SEEK_END)
-            if fh.tell() == 0:
-                return
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                fh.write(b"\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-                log.warning("alert log %s ended in a partial record (power cut?); closed it with a newline", path)
-    except FileNotFoundError:
-        return
 
 
 # -- command line -----------------------------------------------------------------------------------

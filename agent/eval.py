@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -296,10 +297,13 @@ def run(args) -> int:
         return 0
     if args.alerts:
         from .sinks import AlertLog
-        with AlertLog(args.alerts, fsync=False, truncate=not args.append) as log:
-            for o in outs:
-                for rec in o["alerts"]:
-                    log.write(rec)
+        try:
+            with AlertLog(args.alerts, fsync=False, truncate=not args.append) as log:
+                for o in outs:
+                    for rec in o["alerts"]:
+                        log.write(rec)
+        except OSError as exc:  # a symlink planted at the path, a full disk: one line, not a traceback
+            raise InputError(f"--alerts: {exc.strerror or exc}") from None
     if args.html:  # the report of the first capture: a pass of its own, for the plots and the inventory
         from .report import collect, write_report
 
@@ -354,6 +358,10 @@ class ReplayDetection:
 
         self.state_dir = state_dir
         self.loaded = bool(state_dir) and state_io.exists(state_dir)
+        #: alerts that could not be written to the alert log (disk full...): the exit status says so
+        self.lost = 0
+        self.on_lost = None  # called once per lost alert (the metrics count it)
+        self.state_error: str | None = None
         if self.loaded:
             try:
                 self.engine = DetectionEngine.load(state_dir)
@@ -365,10 +373,16 @@ class ReplayDetection:
         else:
             self.engine = DetectionEngine(learn_seconds=learn_s if learn_s is not None else 600.0,
                                           detectors=default_detectors())
+        self.resumed_learning = self.loaded and self.engine.mode == "learn"
         self.log = None
         if alerts_path:
+            from models.safefile import UnsafeFile
+
             from .sinks import AlertLog
-            self.log = AlertLog(alerts_path, identity=identity, truncate=not append)
+            try:
+                self.log = AlertLog(alerts_path, identity=identity, truncate=not append)
+            except UnsafeFile as exc:
+                raise InputError(f"--alerts: {exc}") from None
         self.print_to = print_to  # a text stream: each alert as one line when it opens
         self.observer = None
 
@@ -407,19 +421,38 @@ class ReplayDetection:
         self.print_to.flush()
 
     def _write(self, a) -> None:
-        if self.log is not None:
+        if self.log is None:
+            return
+        try:  # a failed record is cut back out of the log (AlertLog); replay goes on and counts it
             self.log.write(a)
+        except OSError as exc:
+            if not self.lost:
+                logging.getLogger(__name__).error("alert log %s: %s; alerts are being lost", self.log.path, exc)
+            self.lost += 1
+            if self.on_lost is not None:
+                self.on_lost()
 
-    def finish(self) -> dict:
+    def finish(self, interrupted: bool = False) -> dict:
+        """Close every open incident and write it; save the state.  ``interrupted`` (SIGTERM/SIGINT):
+        learning that had not reached its end is saved as learning in progress, to be resumed, never
+        as a finished baseline."""
+        from models import state as state_io
+
         self._print(self.engine.finish())
         for a in self.engine.pop_closed():
             self._write(a)
         if self.log is not None:
             self.log.close()
-        if self.state_dir and not self.loaded:
+        if self.state_dir and (not self.loaded or self.resumed_learning):
             if self.engine.mode == "learn" and self.engine.events_seen == 0:
                 raise InputError("nothing to learn from: the captures hold no protocol events")
-            self.engine.save(self.state_dir)
+            try:
+                if interrupted and self.engine.mode == "learn":
+                    self.engine.save_progress(self.state_dir)
+                else:
+                    self.engine.save(self.state_dir)
+            except (OSError, state_io.StateError) as exc:
+                self.state_error = f"{self.state_dir}: state not saved: {getattr(exc, 'strerror', None) or exc}"
         return self.summary()
 
     def summary(self) -> dict:
@@ -430,6 +463,7 @@ class ReplayDetection:
             by_rule[a.rule] = by_rule.get(a.rule, 0) + 1
             by_sev[a.severity] = by_sev.get(a.severity, 0) + 1
         return {"mode": self.engine.mode, "state_loaded": self.loaded, "alerts": len(alerts),
+                "alerts_lost": self.lost, "state_error": self.state_error,
                 "alerts_by_rule": dict(sorted(by_rule.items())), "alerts_by_severity": by_sev,
                 "baseline": self.engine.baseline_summary(), "health": self.engine.health()}
 
@@ -449,4 +483,8 @@ def format_detection(d: dict) -> str:
     if d["alerts_by_severity"]:
         lines.append("  by severity: " + ", ".join(f"{k} {v}" for k, v in d["alerts_by_severity"].items()))
         lines.append("  by rule: " + ", ".join(f"{k} {v}" for k, v in d["alerts_by_rule"].items()))
+    if d.get("alerts_lost"):
+        lines.append(f"  error: {d['alerts_lost']} alerts could not be written to the alert log")
+    if d.get("state_error"):
+        lines.append(f"  error: {d['state_error']}")
     return "\n".join(lines)

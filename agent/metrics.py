@@ -35,14 +35,12 @@ import socket
 import ssl
 import threading
 import time
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import numpy as np
 from prometheus_client import (
     CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector, make_wsgi_app,
 )
 from prometheus_client.core import HistogramMetricFamily
-from prometheus_client.exposition import ThreadingWSGIServer
 
 from models.function_classes import CLASS_NAMES, N_CLASSES, function_class
 from models.rules import RULES
@@ -238,6 +236,8 @@ class Metrics:
                                       f"(at most {RULE_LABEL_LIMIT} names, then 'other')", ["rule"], registry=r)
         self.sink_errors = Counter("otwatch_alert_sink_errors_total", "Alert records a sink failed to "
                                    "deliver", ["sink"], registry=r)
+        self.alerts_lost = Counter("otwatch_alerts_lost", "Alerts that never reached the alert log (every "
+                                   "retry failed: disk full, I/O error)", registry=r)
         self.scores = BatchHistogram("otwatch_anomaly_score", "Anomaly scores relative to the alerting "
                                      "threshold (1 = threshold), by detector", "detector", DETECTORS[:-1],
                                      SCORE_BUCKETS)
@@ -508,16 +508,18 @@ def is_loopback(host: str) -> bool:
 
 def load_basic_auth(path) -> dict:
     """Read ``user:password`` lines (``#`` comments allowed) from a file only the agent can read."""
+    from models.safefile import read_secret
+
     users = {}
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            user, sep, password = line.partition(":")
-            if not sep or not user or not password:
-                raise ValueError(f"{path}:{n}: expected user:password")
-            users[user] = password
+    text = read_secret(path, "basic-auth file").decode("utf-8")  # refused when others may read it
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"{path}:{n}: expected user:password")
+        users[user] = password
     if not users:
         raise ValueError(f"{path}: no user:password line")
     return users
@@ -561,20 +563,34 @@ class BasicAuth:
         return [b"authentication required\n"]
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
-        log.debug("metrics: " + format, *args)
-
-
 class MetricsServer:
-    """Serves ``registry`` at ``/metrics`` from a daemon thread; counts scrapes.
+    """Serves ``registry`` at ``/metrics`` from a thread of its own; counts scrapes.
 
     TLS when ``certfile``/``keyfile`` are given, HTTP Basic auth when ``users`` is.  ``port=0``
     picks a free port (see :attr:`port`).
+
+    One event loop (asyncio) owns the listening socket, so no client can hold up another: the TLS
+    handshake runs in the loop with a time-out, not in ``accept()``; a connection must send its
+    whole request within :attr:`IDLE_TIMEOUT` seconds; at most :attr:`MAX_CONNECTIONS` are kept
+    open past the handshake (a new one closes the oldest still waiting for its request); the
+    exposition is built by a pool of :attr:`WORKERS` threads; the listen backlog is :attr:`BACKLOG`.
+    Idle or slow clients hold a socket and a few KB each, never a thread.
     """
+
+    BACKLOG = 1024
+    MAX_CONNECTIONS = 256
+    WORKERS = 2
+    HANDSHAKE_TIMEOUT = 5.0
+    IDLE_TIMEOUT = 10.0
+    WRITE_TIMEOUT = 30.0
+    MAX_REQUEST = 16384  # bytes of request line and headers
 
     def __init__(self, registry: CollectorRegistry, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
                  certfile: str | None = None, keyfile: str | None = None, users: dict | None = None):
+        import asyncio
+        from collections import OrderedDict
+        from concurrent.futures import ThreadPoolExecutor
+
         self.registry = registry
         self.scrapes = 0
         self._scraped = threading.Condition()
@@ -588,25 +604,104 @@ class MetricsServer:
                     self._scraped.notify_all()
             return result
 
-        wsgi = BasicAuth(app, users) if users else app
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-
-        class Server(ThreadingWSGIServer):
-            address_family = family
-
-        self.httpd = make_server(host, port, wsgi, Server, handler_class=_QuietHandler)
+        self._app = BasicAuth(app, users) if users else app
         self.tls = bool(certfile)
+        ctx = None
         if certfile:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(certfile, keyfile)
-            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
-        self.host, self.port = host, self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="otwatch-metrics", daemon=True)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(self.BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.host, self.port = host, sock.getsockname()[1]
+        self._conns: OrderedDict = OrderedDict()  # writer -> True while waiting for its request
+        self._tasks: set = set()
+        self._pool = ThreadPoolExecutor(max_workers=self.WORKERS, thread_name_prefix="otwatch-metrics-worker")
+        self._loop = asyncio.new_event_loop()
+        self._server = self._loop.run_until_complete(asyncio.start_server(
+            self._handle, sock=sock, ssl=ctx, ssl_handshake_timeout=self.HANDSHAKE_TIMEOUT if ctx else None,
+            backlog=self.BACKLOG, limit=self.MAX_REQUEST))
+        self._thread = threading.Thread(target=self._loop.run_forever, name="otwatch-metrics", daemon=True)
         self._thread.start()
         if not is_loopback(host) and not (certfile and users):
             log.warning("metrics served on %s:%d without %s", host, self.port,
                         " and ".join(w for w, on in (("TLS", certfile), ("basic auth", users)) if not on))
+
+    # -- one connection ------------------------------------------------------------------------------
+    async def _handle(self, reader, writer) -> None:
+        import asyncio
+
+        self._tasks.add(asyncio.current_task())
+        self._conns[writer] = True
+        while len(self._conns) > self.MAX_CONNECTIONS:
+            oldest = next((w for w, waiting in self._conns.items() if waiting and w is not writer), None)
+            if oldest is None:
+                break
+            self._conns.pop(oldest)
+            oldest.transport.abort()
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.IDLE_TIMEOUT)
+            if writer not in self._conns:  # evicted meanwhile
+                return
+            self._conns[writer] = False
+            environ = self._environ(head, writer)
+            if environ is None:
+                status, headers, body = "400 Bad Request", [("Content-Type", "text/plain")], b"bad request\n"
+            elif environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
+                status, headers, body = "405 Method Not Allowed", [("Allow", "GET, HEAD")], b""
+            else:
+                status, headers, body = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self._call_app, environ)
+                if environ["REQUEST_METHOD"] == "HEAD":
+                    body = b""
+            out = [f"HTTP/1.1 {status}"] + [f"{k}: {v}" for k, v in headers
+                                             if k.lower() not in ("content-length", "connection")]
+            out += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+            writer.write("\r\n".join(out).encode("latin-1") + body)
+            await asyncio.wait_for(writer.drain(), self.WRITE_TIMEOUT)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError,
+                ssl.SSLError, ValueError, UnicodeError):
+            pass  # a client that is slow, silent or speaks nonsense: closed, nothing else
+        except asyncio.CancelledError:  # closing
+            pass
+        finally:
+            self._conns.pop(writer, None)
+            self._tasks.discard(asyncio.current_task())
+            writer.transport.abort()  # no lingering TLS close-notify exchange with a client gone quiet
+
+    @staticmethod
+    def _environ(head: bytes, writer) -> dict | None:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return None
+        method, target, _version = parts
+        path, _, query = target.partition("?")
+        env = {"REQUEST_METHOD": method, "PATH_INFO": path or "/", "QUERY_STRING": query,
+               "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "https" if writer.get_extra_info("sslcontext")
+               else "http"}
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, sep, value = line.partition(":")
+            if not sep:
+                return None
+            env["HTTP_" + name.strip().upper().replace("-", "_")] = value.strip()
+        return env
+
+    def _call_app(self, environ: dict):
+        started = []
+        body = b"".join(self._app(environ, lambda status, headers, exc_info=None: started.append((status, headers))))
+        status, headers = started[-1]
+        return status, headers, body
 
     @property
     def url(self) -> str:
@@ -619,9 +714,26 @@ class MetricsServer:
             return self._scraped.wait_for(lambda: self.scrapes >= n, timeout)
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join(timeout=5)
+        import asyncio
+
+        async def shutdown():
+            self._server.close()
+            tasks = list(self._tasks)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(0)  # let aborted transports finish their callbacks
+
+        if self._loop.is_closed():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            if not self._thread.is_alive():
+                self._loop.close()
+            self._pool.shutdown(wait=False)
 
     def __enter__(self):
         return self

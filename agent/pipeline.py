@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from parsers.base import chunk_protocols, feed_chunks, select_chunks
-from parsers.decode import SKIP_ERRORS, SKIP_NAMES, AddressBook, decode
+from parsers.decode import L3_IPV4, SKIP_ERRORS, SKIP_FRAGMENT, SKIP_NAMES, AddressBook, decode
 from parsers.events import PROTOCOL_NAMES, REASON_NAMES, EventBatch, EventBuilder, KIND_PDU
 from parsers.frames import FrameBatch
+from parsers.ipfrag import Defragmenter
 from parsers.reassembly import Reassembler, ReassemblyLimits
 from parsers.registry import Registry
 
@@ -58,6 +59,8 @@ class Pipeline:
         self.book = AddressBook()
         self.registry = registry if registry is not None else Registry()
         self.reassembler = Reassembler(limits)
+        #: IPv4 fragments put back together (a fragmented write must raise what the whole one does)
+        self.defrag = Defragmenter()
         self.builder = EventBuilder()
         #: parsers read each batch's chunks through their batch paths (``feed_batch``: compiled with
         #: Numba, several times faster; Numba and LLVM add ~160 MB of resident memory); False feeds
@@ -101,6 +104,14 @@ class Pipeline:
         out = self.reassembler.process(batch, dec, rows, proto[rows], server_is_dst[rows])
         self.reassembler.expire(int(batch.ts.max()), out)
         events = self._parse(out)
+        frag_rows = np.flatnonzero((dec.skip == SKIP_FRAGMENT) & (dec.l3 == L3_IPV4))
+        if frag_rows.size:
+            whole = self.defrag.process(batch, frag_rows)
+            if whole is not None:  # the datagrams it completed, through the same steps
+                events = EventBatch.concat([events, self.process(whole)])
+                st.frames -= len(whole)  # already counted as their fragments
+                st.bytes -= int(whole.wirelen.sum(dtype=np.int64))
+                st.batches -= 1
         st.busy_s += time.perf_counter() - t0
         return events
 
@@ -156,6 +167,11 @@ class Pipeline:
             errors["tcp/gap"] = rs.gaps
         if rs.flows_evicted:
             errors["tcp/flow_evicted"] = rs.flows_evicted
+        fs = self.defrag.stats
+        for name, n in (("fragment_overlap", fs.overlaps), ("tiny_fragment", fs.tiny),
+                        ("fragment_timeout", fs.timeouts), ("fragment_dropped", fs.dropped)):
+            if n:
+                errors[f"ip/{name}"] = n
         return errors
 
 

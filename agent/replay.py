@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,16 +44,23 @@ def add_arguments(p) -> None:
 
 
 def replay_files(files, pipeline: Pipeline, progress: Progress | None = None, on_events=None,
-                 on_frames=None) -> dict:
-    """Run every file through ``pipeline``; return per-file notes (truncation, corruption)."""
+                 on_frames=None, stop=None) -> dict:
+    """Run every file through ``pipeline``; return per-file notes (truncation, corruption).
+
+    ``stop()`` is asked between batches; when it says true, reading ends there (the pipeline is
+    still finished: what the flows buffer is parsed)."""
     notes = []
     done_bytes = 0
     frames = 0
     show = progress is not None and progress.enabled
     for path in files:
+        if stop is not None and stop():
+            break
         reader = CaptureReader(path)
         before = 0
         for batch in reader:
+            if stop is not None and stop():
+                break
             read = reader.bytes_read - before  # the read block this batch came from
             for lo, piece in pieces(batch, PIECE_FRAMES if show else 0):
                 if on_frames is not None:
@@ -68,6 +78,8 @@ def replay_files(files, pipeline: Pipeline, progress: Progress | None = None, on
             note["truncated_bytes"] = reader.truncated
         if reader.corrupt:
             note["corrupt"] = reader.corrupt
+        if reader.bad_timestamps:
+            note["bad_timestamps"] = reader.bad_timestamps
         if reader.unsupported_linktypes:
             note["unsupported_linktypes"] = {str(k): v for k, v in reader.unsupported_linktypes.items()}
         notes.append(note)
@@ -148,6 +160,12 @@ def format_summary(s: dict) -> str:
                          "frames before it were read")
         if "corrupt" in f:
             lines.append(f"warning: {f['file']}: stopped reading: {f['corrupt']}")
+        if "bad_timestamps" in f:
+            lines.append(f"warning: {f['file']}: {f['bad_timestamps']:,} frames skipped: timestamp out of range "
+                         "(before 1970 or after 2106, or an invalid if_tsresol/if_tsoffset)")
+    if s.get("interrupted"):
+        lines.append(f"interrupted by {s['interrupted']}: input not read to the end; open incidents "
+                     "flushed, state saved")
     return "\n".join(lines)
 
 
@@ -159,6 +177,17 @@ def check_files(files) -> list[Path]:
             raise InputError(f"{p}: no such file")
         if p.is_dir():
             raise InputError(f"{p}: is a directory, not a capture file")
+        mode = p.stat().st_mode
+        if stat.S_ISFIFO(mode):
+            # a pipe is read as a stream; peeking at its magic here would eat its first bytes, so
+            # the reader checks the format (same one-line error) when it starts
+            if not os.access(p, os.R_OK):
+                raise InputError(f"{p}: not readable")
+            continue
+        if not stat.S_ISREG(mode):
+            kind = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                    stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(mode), "not a regular file")
+            raise InputError(f"{p}: is {kind}, not a capture file (a FIFO or a regular file is)")
         if p.stat().st_size == 0:
             raise InputError(f"{p}: empty file, not a capture")
         if not os.access(p, os.R_OK):
@@ -166,6 +195,34 @@ def check_files(files) -> list[Path]:
         if sniff_format(p) is None:
             raise InputError(f"{p}: not a pcap or pcapng file")
     return paths
+
+
+class _Stop:
+    """SIGTERM/SIGINT during a replay: stop reading at the next batch, then flush open incidents and
+    save state as at the end of input.  A second signal stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._old = {}
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, _frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"otwatch replay: {self.signal}: stopping after this batch", file=sys.stderr)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
 
 def run(args) -> int:
@@ -202,11 +259,14 @@ def run(args) -> int:
         if detection is not None:
             detection.on_events(ev, pipeline.stats.first_ts)
 
+    if detection is not None and exporter is not None:
+        detection.on_lost = exporter.metrics.alerts_lost.inc
     t0 = time.perf_counter()
     try:
-        files = replay_files(paths, pipeline, progress,
-                             on_events=on_events if exporter or detection else None)
-        det = detection.finish() if detection is not None else None
+        with _Stop() as stop:
+            files = replay_files(paths, pipeline, progress,
+                                 on_events=on_events if exporter or detection else None, stop=stop)
+            det = detection.finish(interrupted=stop()) if detection is not None else None
         elapsed = time.perf_counter() - t0
     except BaseException:
         if exporter is not None:
@@ -221,6 +281,8 @@ def run(args) -> int:
         raise InputError(f"no frames could be read ({hint or 'the captures hold no frames'})")
     if det is not None:
         s["detection"] = det
+    if stop.signal:
+        s["interrupted"] = stop.signal
     if args.json:
         print(json.dumps(s, sort_keys=False, default=str), file=out)
     else:
@@ -233,6 +295,10 @@ def run(args) -> int:
             exporter.linger(args.linger)  # the summary is out; keep the final values scrapeable
         finally:
             exporter.close()
+    if det is not None and (det["alerts_lost"] or det["state_error"]):
+        return 1  # alerts or the learned state were lost: said in the summary, and in the exit status
+    if stop.signal:
+        return 128 + signal.Signals[stop.signal].value
     return 0
 
 
@@ -331,14 +397,25 @@ def run_chains(args, chains: list[list[Path]], jobs: int, identity) -> int:
     if s["frames"] == 0 and not any(f.get("frames") for f in s["files"]):
         raise InputError("no frames could be read (the captures hold no frames)")
     det = merge_detection([r["detection"] for r in results]) if detect else None
+    lost = 0
     if args.alerts:
+        from models.safefile import UnsafeFile
+
         from .sinks import AlertLog
 
-        with AlertLog(args.alerts, fsync=False) as log:
+        try:
+            log = AlertLog(args.alerts, fsync=False)
+        except UnsafeFile as exc:
+            raise InputError(f"--alerts: {exc}") from None
+        with log:
             for r in results:
                 for rec in r["alerts"]:
-                    log.write(rec)
+                    try:  # a failed record is cut back out (AlertLog); counted, and the exit status says so
+                        log.write(rec)
+                    except OSError:
+                        lost += 1
     if det is not None:
+        det["alerts_lost"] = lost
         s["detection"] = det
     if args.json:
         print(json.dumps(s, sort_keys=False, default=str))
@@ -348,4 +425,4 @@ def run_chains(args, chains: list[list[Path]], jobs: int, identity) -> int:
               f"{'the Dask cluster' if args.scheduler else f'{min(jobs, len(chains))} at once'}")
         if det is not None:
             print(format_detection(det))
-    return 0
+    return 1 if lost else 0

@@ -7,16 +7,25 @@ by size (``alerts.jsonl`` -> ``alerts.jsonl.1`` -> ...) with a rename, never tru
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 from pathlib import Path
 
 from models.alerts import Alert, observer_fields, record_techniques
+from models.safefile import open_append
 
 
 class AlertLog:
     """Append-only JSON lines, one ECS record per alert, fsynced per record.
+
+    Each record is written whole or not at all: one ``write(2)``, its length checked, then
+    ``fsync``; when any step fails (disk full, I/O error) the file is cut back to the end of the last
+    good record, the failure counted in :attr:`failed` and ``OSError`` raised, so a retry never glues a
+    record onto half of another.  Opening repairs a torn last record the same way (power cut).
+    The file is opened with ``O_NOFOLLOW`` and created 0640 (:mod:`models.safefile`); ``owner``
+    is given to a file created here, never to one found in place.
 
     >>> import tempfile, json
     >>> p = os.path.join(tempfile.mkdtemp(), "alerts.jsonl")
@@ -28,7 +37,8 @@ class AlertLog:
     """
 
     def __init__(self, path: str | os.PathLike, max_bytes: int = 64 << 20, backups: int = 5, fsync: bool = True,
-                 identity=None, observer: dict | None = None, site: str | None = None, truncate: bool = False):
+                 identity=None, observer: dict | None = None, site: str | None = None, truncate: bool = False,
+                 owner: tuple[int, int] | None = None):
         # ``identity`` (agent.site.SiteIdentity) stamps observer.name/hostname and labels.site; ``observer`` is
         # the rest of the ECS observer (default: this host, otwatch's version).  ``path`` "-" is standard
         # output (no rotation, no fsync); ``truncate`` starts the file afresh (a replay's output) where the
@@ -38,31 +48,93 @@ class AlertLog:
         self.max_bytes = int(max_bytes)
         self.backups = int(backups)
         self.fsync = fsync
+        self.owner = owner
         self.written = 0
+        #: writes that failed (each raised OSError from :meth:`write`; nothing of them is in the file)
+        self.failed = 0
         self.observer = observer if observer is not None else default_observer()
         self.site = site
+        self._fd = -1
         if str(path) == "-":
             self.max_bytes, self.fsync = 0, False
-            self._fh = os.fdopen(os.dup(1), "wb", buffering=0)
+            self._fd, self._size = os.dup(1), 0
             return
         if self.path.parent and not self.path.parent.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "wb" if truncate else "ab", buffering=0)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._open(truncate)
+
+    def _open(self, truncate: bool = False) -> None:
+        fd, created = open_append(self.path, owner=self.owner)
+        self._fd = fd
+        if truncate and not created:
+            os.ftruncate(fd, 0)
+        self._size = os.fstat(fd).st_size  # the end of the last good record
+        if not created:
+            self._repair_tail()
+
+    def _repair_tail(self) -> None:
+        """A power cut can leave the last record cut short: drop the torn part so the log stays
+        one whole JSON record per line."""
+        if self._size == 0 or os.pread(self._fd, 1, self._size - 1) == b"\n":
+            return
+        end = self._size
+        good = 0
+        while end > 0:
+            start = max(0, end - 65536)
+            chunk = os.pread(self._fd, end - start, start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                good = start + nl + 1
+                break
+            end = start
+        os.ftruncate(self._fd, good)
+        os.fsync(self._fd)
+        logging.getLogger(__name__).warning(
+            "alert log %s ended in a partial record (power cut?); removed its %d bytes", self.path,
+            self._size - good)
+        self._size = good
+
+    @property
+    def fd(self) -> int:
+        return self._fd
 
     def write(self, alert: Alert | dict) -> None:
         rec = alert.to_ecs(self.observer, self.site) if isinstance(alert, Alert) else alert
         if self.identity is not None:
             rec = self.identity.stamp(rec)
         line = (json.dumps(rec, separators=(",", ":"), default=_jsonable) + "\n").encode()
-        if self.max_bytes and self._fh.tell() + len(line) > self.max_bytes and self._fh.tell() > 0:
-            self._rotate()
-        self._fh.write(line)  # unbuffered: one write(2) per record
-        if self.fsync:
-            os.fsync(self._fh.fileno())
+        if self.max_bytes and self._size + len(line) > self.max_bytes and self._size > 0:
+            try:
+                self._rotate()
+            except OSError:
+                self.failed += 1
+                raise
+        try:
+            n = os.write(self._fd, line)  # O_APPEND: one write(2) per record
+            if n != len(line):
+                raise OSError(errno.ENOSPC, f"short write ({n} of {len(line)} bytes)")
+            if self.fsync:
+                os.fsync(self._fd)
+        except OSError:
+            self.failed += 1
+            self._cut_back()
+            raise
+        self._size += len(line)
         self.written += 1
 
+    def _cut_back(self) -> None:
+        """Remove whatever part of a failed record reached the file."""
+        if str(self.path) == "-":
+            return  # standard output: not ours to cut
+        try:
+            if os.fstat(self._fd).st_size != self._size:
+                os.ftruncate(self._fd, self._size)
+        except OSError as exc:
+            logging.getLogger(__name__).error("alert log %s: cannot remove a partial record: %s", self.path, exc)
+
     def _rotate(self) -> None:
-        self._fh.close()
+        os.close(self._fd)
+        self._fd = -1
         for i in range(self.backups - 1, 0, -1):
             older = self.path.with_name(f"{self.path.name}.{i}")
             if older.exists():
@@ -71,12 +143,13 @@ class AlertLog:
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         else:
             self.path.unlink()
-        self._fh = open(self.path, "ab", buffering=0)
+        self._open()
         _fsync_dir(self.path.parent)
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self):
         return self

@@ -12,8 +12,11 @@ Everything else (timestamps, lengths) is gathered with array indexing.
 
 pcapng (IETF draft-ietf-opsawg-pcapng): section header, interface description (link type,
 ``if_tsresol``, ``if_tsoffset``), enhanced, simple and obsolete packet blocks, several sections and
-interfaces.  Walked block by block in Python (pcapng files in the field are small) with the
-per-interface timestamp scaling done on whole arrays.
+interfaces.  Streamed like pcap, one block of the file at a time (memory does not grow with the
+file or its gzip ratio): a compiled walk finds the packet blocks, the rare section headers and
+interface descriptions are read in Python, and the per-interface timestamp scaling is done on
+whole arrays.  Timestamps are checked: an ``if_tsresol``/``if_tsoffset`` the arithmetic cannot
+hold, or a time outside 1970..2106, skips the frame and counts it (``bad_timestamps``).
 
 A record cut short by the end of the file (a capture copied while it was being written) keeps
 every complete frame before it; ``reader.truncated`` says how many bytes were left over.
@@ -33,6 +36,12 @@ from parsers.frames import SUPPORTED_LINKTYPES, FrameBatch
 from .errors import InputError
 
 BLOCK_SIZE = 8 << 20
+# Wireshark's limit for any pcapng block (MAX_BLOCK_SIZE): a longer section header is corrupt, and
+# no block is ever buffered whole beyond it.
+MAX_BLOCK = 16 << 20
+# Capture times are accepted from 1970 up to 2^32 s (2106, the end of pcap's 32-bit seconds); a
+# pcapng timestamp outside is counted (``bad_timestamps``) and its frame skipped.
+MAX_TS_S = 1 << 32
 # Wireshark's limit for one frame (WTAP_MAX_PACKET_SIZE_STANDARD); a larger record length means
 # the file is corrupt, not that a frame is big.
 MAX_RECORD = 262144
@@ -91,6 +100,69 @@ except Exception:  # pragma: no cover - exercised only where numba is missing
     _scan_pcap_records_fast = _scan_pcap_records
 
 
+def _scan_pcapng_blocks(buf, start, swapped, max_block):
+    """The packet blocks (enhanced 6, simple 3, obsolete 2) in ``buf[start:]``, other blocks skipped.
+
+    Returns ``(offsets, types, end, status)``; status 0: ran out of bytes, 1: a corrupt block length
+    at ``end``, 2: a section header or interface description at ``end`` (read by the caller, which
+    then walks on).  Blocks too short for their kind are skipped, as any unknown block."""
+    n = buf.shape[0]
+    cap = max(16, (n - start) // 16 + 1)
+    out = np.empty(cap, dtype=np.int64)
+    typ = np.empty(cap, dtype=np.int64)
+    count = 0
+    pos = start
+    status = 0
+    while pos + 12 <= n:
+        if swapped:
+            btype = (np.int64(buf[pos]) << 24) | (np.int64(buf[pos + 1]) << 16) | (np.int64(buf[pos + 2]) << 8) | np.int64(buf[pos + 3])
+            blen = (np.int64(buf[pos + 4]) << 24) | (np.int64(buf[pos + 5]) << 16) | (np.int64(buf[pos + 6]) << 8) | np.int64(buf[pos + 7])
+        else:
+            btype = np.int64(buf[pos]) | (np.int64(buf[pos + 1]) << 8) | (np.int64(buf[pos + 2]) << 16) | (np.int64(buf[pos + 3]) << 24)
+            blen = np.int64(buf[pos + 4]) | (np.int64(buf[pos + 5]) << 8) | (np.int64(buf[pos + 6]) << 16) | (np.int64(buf[pos + 7]) << 24)
+        if btype == 0x0A0D0D0A or btype == 1:
+            status = 2
+            break
+        if blen < 12 or blen % 4 != 0 or blen > max_block:
+            status = 1
+            break
+        if pos + blen > n:
+            break
+        if (btype == 6 and blen >= 32) or (btype == 2 and blen >= 32) or (btype == 3 and blen >= 16):
+            out[count] = pos
+            typ[count] = btype
+            count += 1
+        pos += blen
+    return out[:count], typ[:count], pos, status
+
+
+try:
+    _scan_pcapng_blocks_fast = numba.njit(cache=True, nogil=True)(_scan_pcapng_blocks)
+except Exception:  # pragma: no cover - exercised only where numba is missing
+    _scan_pcapng_blocks_fast = _scan_pcapng_blocks
+
+
+class _Section:
+    """What a pcapng reader knows at a point of the file: the section's byte order and the
+    interfaces of every section so far, numbered globally."""
+
+    def __init__(self):
+        self.bo = "<"
+        self.swapped = False
+        self.ifaces: list = []  # this section's: (linktype, snaplen, tsresol, tsoffset, timestamps valid)
+        self.all_ifaces: list = []
+        self.base = 0  # index in all_ifaces of this section's interface 0
+
+    def new_section(self, bo: str) -> None:
+        self.bo, self.swapped = bo, bo == ">"
+        self.base = len(self.all_ifaces)
+        self.ifaces = []
+
+    def add_interface(self, iface: tuple) -> None:
+        self.ifaces.append(iface)
+        self.all_ifaces.append(iface)
+
+
 def _open_stream(path: Path):
     try:
         fh = open(path, "rb")
@@ -131,6 +203,10 @@ class CaptureReader:
         self.truncated = 0
         #: a reason if reading stopped early on corrupt data (frames before it were delivered)
         self.corrupt: str | None = None
+        #: pcapng frames skipped for a timestamp out of range or an invalid if_tsresol/if_tsoffset
+        self.bad_timestamps = 0
+        #: pcapng interface descriptions with an if_tsresol or if_tsoffset we cannot use
+        self.bad_interfaces = 0
         #: frames whose link type we do not decode: {linktype: count}
         self.unsupported_linktypes: dict[int, int] = {}
         if self.path.is_file() and self.path.stat().st_size == 0:
@@ -219,90 +295,175 @@ class CaptureReader:
 
     # -- pcapng -------------------------------------------------------------------------------
     def _read_pcapng(self, stream, head: bytes):
-        data = head + self._read_all(stream)
-        buf = np.frombuffer(data, dtype=np.uint8)
-        n = len(data)
-        pos = 0
-        bo = "<"
-        ifaces: list[tuple[int, int, int, int]] = []  # (linktype, snaplen, tsresol code, tsoffset s)
-        offs, caps, wires, ticks, ifids = [], [], [], [], []
-        all_ifaces: list[tuple[int, int, int, int]] = []  # interfaces of every section, numbered globally
-        base = 0  # index in all_ifaces of this section's interface 0
-        while pos + 12 <= n:
-            btype = struct.unpack_from(bo + "I", data, pos)[0]
-            if btype == PCAPNG_SHB:
-                bom = struct.unpack_from("<I", data, pos + 8)[0]
-                if bom == PCAPNG_BYTE_ORDER:
-                    bo = "<"
-                elif struct.unpack_from(">I", data, pos + 8)[0] == PCAPNG_BYTE_ORDER:
-                    bo = ">"
-                else:
-                    self.corrupt = f"bad section header byte-order magic at offset {pos}"
+        """Block by block, one buffer of ``block_size`` at a time, like pcap: memory stays bounded
+        whatever the file's size or compression ratio (a block longer than :data:`MAX_BLOCK` is
+        corrupt).  Packet blocks are found by the compiled walk; section headers and interface
+        descriptions, rare, are read here between walks."""
+        sec = _Section()
+        carry = head
+        consumed = 0  # file offset of the buffer's first byte
+        frame_no = 1
+        eof = False
+        while not eof:
+            block = bytearray(len(carry) + self.block_size)
+            block[:len(carry)] = carry
+            got = self._read_into(stream, memoryview(block)[len(carry):])
+            eof = got < self.block_size
+            if eof:
+                del block[len(carry) + got:]
+            buf = np.frombuffer(block, dtype=np.uint8)
+            n = buf.shape[0]
+            parts = []
+            pos = 0
+            stop = False
+            while True:
+                offs, types, end, status = _scan_pcapng_blocks_fast(buf, pos, sec.swapped, MAX_RECORD + 64)
+                if offs.shape[0]:
+                    part, bad = self._pcapng_records(buf, offs, types, sec, consumed)
+                    if part is not None:
+                        parts.append(part)
+                    if bad:
+                        stop = True
+                        break
+                pos = end
+                if status == 1:
+                    self.corrupt = f"bad block length at offset {consumed + pos}"
+                    stop = True
                     break
-                base = len(all_ifaces)
-                ifaces = []
+                if status == 0:
+                    break
+                # status 2: a section header or an interface description at ``pos``
+                need = self._pcapng_control(buf, pos, sec, consumed)
+                if need is None:
+                    stop = True
+                    break
+                if need == 0:  # the whole block is not in the buffer yet: read more
+                    break
+                pos += need
+            if parts:
+                batch = self._pcapng_batch(buf, parts, sec, frame_no)
+                frame_no += len(batch)
+                yield batch
+            if stop:
+                return
+            consumed += pos
+            carry = block[pos:]
+        if carry:
+            self.truncated = len(carry)
+
+    def _pcapng_control(self, buf, pos: int, sec: "_Section", consumed: int) -> int | None:
+        """Read the SHB or IDB at ``pos``: its length, 0 when it is not all in ``buf``, None when corrupt."""
+        n = buf.shape[0]
+        data = buf.data
+        btype_le = struct.unpack_from("<I", data, pos)[0]
+        if btype_le == PCAPNG_SHB:
+            if pos + 12 > n:
+                return 0
+            if struct.unpack_from("<I", data, pos + 8)[0] == PCAPNG_BYTE_ORDER:
+                bo = "<"
+            elif struct.unpack_from(">I", data, pos + 8)[0] == PCAPNG_BYTE_ORDER:
+                bo = ">"
+            else:
+                self.corrupt = f"bad section header byte-order magic at offset {consumed + pos}"
+                return None
             blen = struct.unpack_from(bo + "I", data, pos + 4)[0]
-            if blen < 12 or blen % 4 or blen > MAX_RECORD + 64 and btype not in (PCAPNG_SHB,):
-                self.corrupt = f"bad block length {blen} at offset {pos}"
-                break
+            if blen < 28 or blen % 4 or blen > MAX_BLOCK:
+                self.corrupt = f"bad block length {blen} at offset {consumed + pos}"
+                return None
             if pos + blen > n:
-                self.truncated = n - pos
-                break
-            body = pos + 8
-            if btype == 1 and blen >= 20:  # Interface Description Block
-                linktype, _res, snaplen = struct.unpack_from(bo + "HHI", data, body)
-                tsresol, tsoffset = 6, 0
-                for code, val in _pcapng_options(data, body + 8, pos + blen - 4, bo):
-                    if code == 9 and len(val) >= 1:
-                        tsresol = val[0]
-                    elif code == 14 and len(val) >= 8:
-                        tsoffset = struct.unpack(bo + "q", val[:8])[0]
-                ifaces.append((linktype, snaplen, tsresol, tsoffset))
-                all_ifaces.append(ifaces[-1])
-                self.linktypes.add(linktype)
-            elif btype == 6 and blen >= 32:  # Enhanced Packet Block
-                ifid, hi, lo, cap, orig = struct.unpack_from(bo + "IIIII", data, body)
-                if ifid >= len(ifaces) or cap > blen - 32:
-                    self.corrupt = f"enhanced packet block with bad interface or length at offset {pos}"
-                    break
-                offs.append(body + 20); caps.append(cap); wires.append(orig)
-                ticks.append((hi << 32) | lo); ifids.append(base + ifid)
-            elif btype == 3 and blen >= 16:  # Simple Packet Block: interface 0, no timestamp
-                if not ifaces:
-                    self.corrupt = f"simple packet block before any interface at offset {pos}"
-                    break
-                orig = struct.unpack_from(bo + "I", data, body)[0]
-                snap = ifaces[0][1] or orig
-                cap = min(orig, snap, blen - 16)
-                offs.append(body + 4); caps.append(cap); wires.append(orig); ticks.append(0); ifids.append(base)
-            elif btype == 2 and blen >= 32:  # obsolete Packet Block
-                ifid, _drops, hi, lo, cap, orig = struct.unpack_from(bo + "HHIIII", data, body)
-                if ifid >= len(ifaces) or cap > blen - 32:
-                    self.corrupt = f"packet block with bad interface or length at offset {pos}"
-                    break
-                offs.append(body + 20); caps.append(cap); wires.append(orig)
-                ticks.append((hi << 32) | lo); ifids.append(base + ifid)
-            pos += blen
+                return 0
+            sec.new_section(bo)
+            return blen
+        bo = sec.bo
+        blen = struct.unpack_from(bo + "I", data, pos + 4)[0]
+        if blen < 12 or blen % 4 or blen > MAX_RECORD + 64:
+            self.corrupt = f"bad block length {blen} at offset {consumed + pos}"
+            return None
+        if pos + blen > n:
+            return 0
+        if blen < 20:  # an interface description too short to hold one: skipped, as before
+            return blen
+        linktype, _res, snaplen = struct.unpack_from(bo + "HHI", data, pos + 8)
+        tsresol, tsoffset = 6, 0
+        raw = bytes(data[pos + 16: pos + blen - 4])
+        for code, val in _pcapng_options(raw, 0, len(raw), bo):
+            if code == 9 and len(val) >= 1:
+                tsresol = val[0]
+            elif code == 14 and len(val) >= 8:
+                tsoffset = struct.unpack(bo + "q", val[:8])[0]
+        ok = _valid_tsresol(tsresol) and abs(tsoffset) <= MAX_TS_S
+        if not ok:
+            self.bad_interfaces += 1
+        sec.add_interface((linktype, snaplen, tsresol, tsoffset, ok))
+        self.linktypes.add(linktype)
+        return blen
+
+    def _pcapng_records(self, buf, offs, types, sec: "_Section", consumed: int):
+        """The packet blocks found by one walk, as arrays; and whether a corrupt one ended it."""
+        dt4 = np.dtype(sec.bo + "u4")
+        dt2 = np.dtype(sec.bo + "u2")
+
+        last = buf.shape[0] - 4
+
+        def u32(at):  # fields past a short simple packet block read clamped garbage, never used
+            return buf[np.minimum(at, last)[:, None] + np.arange(4)].view(dt4).reshape(-1).astype(np.int64)
+
+        blen = u32(offs + 4)
+        spb = types == 3
+        epb = types == 6
+        w1, w2, w3, w4 = u32(offs + 12), u32(offs + 16), u32(offs + 20), u32(offs + 24)
+        ifid = np.where(epb, u32(offs + 8), buf[(offs + 8)[:, None] + np.arange(2)].view(dt2).reshape(-1))
+        ifid = np.where(spb, 0, ifid).astype(np.int64)
+        orig_spb = u32(offs + 8)
+        nif = len(sec.ifaces)
+        if nif:
+            snap0 = sec.ifaces[0][1]
+            cap_spb = np.minimum(np.minimum(orig_spb, snap0 if snap0 else orig_spb), blen - 16)
         else:
-            if pos < n:
-                self.truncated = n - pos
-        if not offs:
-            return
-        ifid_arr = np.asarray(ifids, dtype=np.int64)
-        tick_arr = np.asarray(ticks, dtype=np.uint64)
+            cap_spb = orig_spb
+        cap = np.where(spb, cap_spb, w3)
+        bad = np.where(spb, nif == 0, (ifid >= nif) | (w3 > blen - 32))
+        n_ok = int(np.argmax(bad)) if bad.any() else len(offs)
+        if n_ok < len(offs):
+            kind = {3: "simple packet block before any interface", 2: "packet block with bad interface or length",
+                    6: "enhanced packet block with bad interface or length"}[int(types[n_ok])]
+            self.corrupt = f"{kind} at offset {consumed + int(offs[n_ok])}"
+        if n_ok == 0:
+            return None, n_ok < len(offs)
+        k = slice(0, n_ok)
+        ticks = np.where(spb, 0, (w1.astype(np.uint64) << np.uint64(32)) | w2.astype(np.uint64))[k]
+        part = {"offset": (offs + np.where(spb, 12, 28))[k], "caplen": cap[k], "wirelen": np.where(spb, orig_spb, w4)[k],
+                "ticks": ticks.astype(np.uint64), "iface": ifid[k] + sec.base}
+        return part, n_ok < len(offs)
+
+    def _pcapng_batch(self, buf, parts, sec: "_Section", frame_no: int) -> FrameBatch:
+        offs = np.concatenate([p["offset"] for p in parts])
+        caps = np.concatenate([p["caplen"] for p in parts])
+        wires = np.concatenate([p["wirelen"] for p in parts])
+        ticks = np.concatenate([p["ticks"] for p in parts])
+        ifid = np.concatenate([p["iface"] for p in parts])
         ts = np.zeros(len(offs), dtype=np.int64)
         lts = np.zeros(len(offs), dtype=np.uint16)
-        for i, (linktype, _snap, tsresol, tsoffset) in enumerate(all_ifaces):
-            m = ifid_arr == i
-            if not m.any():
-                continue
-            ts[m] = _ticks_to_ns(tick_arr[m], tsresol) + tsoffset * 1_000_000_000
+        good = np.ones(len(offs), dtype=bool)
+        for i in np.unique(ifid).tolist():
+            linktype, _snap, tsresol, tsoffset, ok = sec.all_ifaces[i]
+            m = ifid == i
             lts[m] = linktype
-            self._note_linktype(linktype, int(m.sum()))
+            if ok:
+                ns, valid = _ticks_to_ns_checked(ticks[m], tsresol, tsoffset)
+                ts[m] = ns
+                good[m] = valid
+            else:
+                good[m] = False
+        if not good.all():
+            self.bad_timestamps += int((~good).sum())
+            offs, caps, wires, ts, lts, ifid = (a[good] for a in (offs, caps, wires, ts, lts, ifid))
+        for lt in np.unique(lts).tolist():
+            self._note_linktype(lt, int((lts == lt).sum()))
         self.frames += len(offs)
-        yield FrameBatch(buf=buf, ts=ts, offset=np.asarray(offs, dtype=np.int64),
-                         caplen=np.asarray(caps, dtype=np.uint32), wirelen=np.asarray(wires, dtype=np.uint32),
-                         linktype=lts, iface=ifid_arr.astype(np.uint16), first_frame=1)
+        return FrameBatch(buf=buf, ts=ts, offset=offs.astype(np.int64), caplen=caps.astype(np.uint32),
+                          wirelen=wires.astype(np.uint32), linktype=lts, iface=ifid.astype(np.uint16),
+                          first_frame=frame_no)
 
     # -- helpers ------------------------------------------------------------------------------
     def _note_linktype(self, linktype: int, n: int) -> None:
@@ -339,17 +500,6 @@ class CaptureReader:
         self.bytes_read += total
         return total
 
-    def _read_all(self, stream) -> bytes:
-        parts = []
-        while True:
-            chunk = self._read(stream, self.block_size)
-            if not chunk:
-                break
-            parts.append(chunk)
-            if len(chunk) < self.block_size and not self.compressed:
-                break
-        return b"".join(parts)
-
 
 def _pcapng_options(data: bytes, start: int, end: int, bo: str):
     pos = start
@@ -360,6 +510,38 @@ def _pcapng_options(data: bytes, start: int, end: int, bo: str):
         val = data[pos + 4 : pos + 4 + length]
         yield code, val
         pos += 4 + ((length + 3) & ~3)
+
+
+def _valid_tsresol(tsresol: int) -> bool:
+    """An ``if_tsresol`` whose unit the 64-bit arithmetic can hold: 10^-v s with v <= 28, 2^-v s
+    with v <= 63 (127 in either base is nonsense, and the spec's arithmetic would overflow).
+
+    >>> _valid_tsresol(6), _valid_tsresol(0x80 | 30), _valid_tsresol(127), _valid_tsresol(0x80 | 64)
+    (True, True, False, False)
+    """
+    v = tsresol & 0x7F
+    return v <= 63 if tsresol & 0x80 else v <= 28
+
+
+def _ticks_to_ns_checked(ticks: np.ndarray, tsresol: int, tsoffset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Capture time in ns of each tick count, and which of them lie in ``[0, MAX_TS_S)`` s (1970 to
+    2106, what pcap can say); out-of-range ones are 0 and must be skipped, not trusted.
+
+    >>> ns, ok = _ticks_to_ns_checked(np.array([5, 2**64 - 1], dtype=np.uint64), 6, 0); ns.tolist(), ok.tolist()
+    ([5000, 0], [True, False])
+    >>> _ticks_to_ns_checked(np.array([1], dtype=np.uint64), 6, -10)[1].tolist()
+    [False]
+    """
+    v = tsresol & 0x7F
+    unit = 2.0 ** -v if tsresol & 0x80 else 10.0 ** -v
+    approx = ticks.astype(np.float64) * unit + float(tsoffset)  # only to keep the exact sums in int64
+    near = (approx > -2.0) & (approx < MAX_TS_S + 2.0)
+    ns = np.zeros(ticks.shape[0], dtype=np.int64)
+    if near.any():
+        ns[near] = _ticks_to_ns(ticks[near], tsresol) + tsoffset * 1_000_000_000
+    ok = near & (ns >= 0) & (ns < MAX_TS_S * 1_000_000_000)
+    ns[~ok] = 0
+    return ns, ok
 
 
 def _ticks_to_ns(ticks: np.ndarray, tsresol: int) -> np.ndarray:
