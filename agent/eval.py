@@ -88,11 +88,23 @@ class Batches(list):
 
 
 def load_batches(capture) -> Batches:
+    """Each event batch comes after the columns of its frames the wire detector reads
+    (:class:`models.wire.WireFrames`)."""
+    from models.wire import WireFrames
+
     parts = Batches()
     pipeline = Pipeline()
+    pipeline.frame_observers.append(lambda b, d, p: parts.append(WireFrames.from_decoded(b, d, p)))
     replay_files([Path(capture)], pipeline, None, on_events=lambda ev: parts.append(ev) if len(ev) else None)
     parts.first_frame_ns = pipeline.stats.first_ts
     return parts
+
+
+def _feed(engine: DetectionEngine, part) -> None:
+    if isinstance(part, EventBatch):
+        engine.process(part)
+    else:
+        engine.process_wire(part)
 
 
 def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETECTORS, grace_s: float = GRACE_S,
@@ -113,10 +125,11 @@ def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETEC
     first_frame = getattr(parts, "first_frame_ns", None)
     if first_frame is not None:
         engine.start_clock(first_frame)
-    for ev in parts:
-        engine.process(ev)
+    for part in parts:
+        _feed(engine, part)
     engine.finish()
     t2 = time.perf_counter()
+    parts = [p for p in parts if isinstance(p, EventBatch)]
     events = EventBatch.concat(parts) if parts else EventBatch.empty()
     if engine.mode != "monitor" or len(events) == 0:
         raise InputError(f"{capture}: the capture ended while learning; nothing was monitored")
@@ -279,6 +292,10 @@ class ReplayDetection:
         self.engine.process(ev)
         for a in self.engine.pop_closed():
             self._write(a)
+
+    def on_frames(self, batch, decoded, proto) -> None:
+        """A ``Pipeline.frame_observers`` callable: every frame batch to the wire detector."""
+        self.engine.process_frames(decoded, batch, proto)
 
     def _write(self, a) -> None:
         if self.log is not None:

@@ -148,6 +148,8 @@ def run(args) -> int:
     from .eval import ReplayDetection, format_detection
 
     detection = ReplayDetection.from_args(args)
+    if detection is not None:
+        pipeline.frame_observers.append(detection.on_frames)
     if exporter is not None and detection is not None:
         exporter.attach(detection.engine)  # alerts opened, detection time, model health, scores
 

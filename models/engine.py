@@ -16,7 +16,12 @@ polling-cycle model     PDU rows grouped by channel; windows    every event / pe
 parser health           per channel-second error counts         one row per channel-second
 River HalfSpaceTrees    per channel-second feature vectors      one row per channel-second
 PyOD (IForest)          per channel-second feature vectors      one row per channel-second
+wire (L2-L4)            every IP and ARP frame (process_frames) every frame
 ======================= ======================================= ==========================
+
+The wire detector (:mod:`models.wire`) reads frames, not events: front ends pass each batch's
+decoded columns to :meth:`DetectionEngine.process_frames` before the ICS-only filtering, and it
+learns until the same ``learn_until_ns``.
 
 Large batches are cut into slices of at most ``slice_s`` seconds of capture time so that silence
 checks and alert cool-downs follow capture time, not batch size.  ``health()`` returns the model
@@ -41,10 +46,11 @@ from .features import F, FEATURE_NAMES, FEATURE_WORDS, NS, FeatureBatch, WindowF
 from .findings import Finding, ip_text, protocol_text
 from .process import ProcessModel
 from .thresholds import ScoreMonitor, calibrate
+from .wire import WireDetector, WireFrames
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("allowlist", "process", "cycle", "parser", "river", "pyod")
+DETECTORS = ("allowlist", "process", "cycle", "parser", "river", "pyod", "wire")
 _ERR = (F["bad_pdus"], F["sequence_errors"])
 
 
@@ -70,6 +76,7 @@ class DetectionEngine:
         self.cycle = CycleModel()
         self.flood = FloodModel()  # part of the "cycle" detector: request rates per pair
         self.process_model = ProcessModel()
+        self.wire = WireDetector()
         self.river = None
         self.pyod = None
         self.manager = AlertManager(cooldown_s=cooldown_s)
@@ -125,6 +132,34 @@ class DetectionEngine:
             out.extend(self._monitor(events.select(slice(a, b))))
         return out
 
+    def process_frames(self, decoded, batch, proto=None) -> list:
+        """Learn from or monitor one frame batch at layers 2-4 (its decoded columns, ARP included;
+        ``proto``: the pipeline's protocol per frame); return the alerts it opened."""
+        if "wire" not in self.detectors or len(batch) == 0:
+            return []
+        return self.process_wire(WireFrames.from_decoded(batch, decoded, proto))
+
+    def process_wire(self, wf: WireFrames) -> list:
+        """:meth:`process_frames` on columns already taken from a batch (``otwatch eval`` keeps them)."""
+        if "wire" not in self.detectors or len(wf) == 0:
+            return []
+        t0 = time.perf_counter()
+        self.start_clock(int(wf.ts.min()))  # learning counts from the first frame
+        before = wf.ts < self.learn_until_ns
+        if before.any() and self.wire.learning:
+            self.wire.learn(wf.select(before) if not before.all() else wf)
+        if before.all():
+            self.busy_s["wire"] += time.perf_counter() - t0
+            return []
+        if self.wire.learning:
+            self.wire.finish_learning()
+        findings = self.wire.findings(wf.select(~before))
+        self.busy_s["wire"] += time.perf_counter() - t0
+        self.now_ns = max(self.now_ns, int(wf.ts.max()))
+        opened = self.manager.add(findings)
+        self.closed.extend(self.manager.expire(self.now_ns))
+        return opened
+
     def finish(self) -> list:
         """End of input: flush the last windows and close every incident; returns the closed alerts."""
         if self.mode == "learn":
@@ -166,6 +201,8 @@ class DetectionEngine:
         self.cycle.learn(EventBatch.empty(), fb)
         self._learn_windows(fb)
         self.allowlist.finish_learning()
+        if self.wire.learning:
+            self.wire.finish_learning()
         Xl = np.concatenate(self.learn_X) if self.learn_X else np.empty((0, len(FEATURE_NAMES)))
         hours = max(((self.learned_to or 0) - (self.learned_from or 0)) / NS / 3600, 1 / 60)
         budget = self.alerts_per_hour * hours / max(Xl.shape[0], 1)  # fraction of windows allowed over
@@ -347,6 +384,8 @@ class DetectionEngine:
         e.flood = FloodModel.from_state(arrays, meta.get("flood", {}))
         e.process_model = ProcessModel.from_state(arrays, meta["process"])
         e.process_model.learning = True
+        if "wire" in meta:
+            e.wire = WireDetector.from_state(arrays, meta["wire"])
         e.learned_from, e.learned_to = meta["learned_from"], meta["learned_to"]
         e.first_ts = meta["first_ts"]
         e.err_max = meta["err_max"]
@@ -389,6 +428,7 @@ class DetectionEngine:
             for k, v in m.as_dict().items():
                 h[f"{name}_{k}"] = v
         h["latency_threshold_ms"] = self.cycle.latency_threshold
+        h.update(self.wire.health())
         return h
 
     def save_progress(self, directory, key: bytes | None = None) -> None:
@@ -405,7 +445,8 @@ class DetectionEngine:
                             "pyod_method": self.pyod_method, "err_max": self.err_max,
                             "events_seen": self.events_seen, "events_learned": self.events_learned}
         for name, (a, m) in (("allowlist", self.allowlist.to_state()), ("cycle", self.cycle.learning_state()),
-                             ("process", self.process_model.to_state()), ("flood", self.flood.to_state())):
+                             ("process", self.process_model.to_state()), ("flood", self.flood.to_state()),
+                             ("wire", self.wire.to_state())):
             arrays.update(a)
             meta[name] = m
         arrays["ml.learn_matrix"] = (np.concatenate(self.learn_X) if self.learn_X
@@ -421,7 +462,7 @@ class DetectionEngine:
                             "budget": getattr(self, "budget", 1e-4), "events_learned": self.events_learned,
                             "learn_first_ts": self.first_ts, "learn_until_ns": self.learn_until_ns}
         for name, part in (("allowlist", self.allowlist), ("cycle", self.cycle), ("process", self.process_model),
-                           ("flood", self.flood)):
+                           ("flood", self.flood), ("wire", self.wire)):
             a, m = part.to_state()
             arrays.update(a)
             meta[name] = m
@@ -441,6 +482,9 @@ class DetectionEngine:
         e.cycle = CycleModel.from_state(arrays, meta["cycle"])
         e.flood = FloodModel.from_state(arrays, meta.get("flood", {}))
         e.process_model = ProcessModel.from_state(arrays, meta["process"])
+        if "wire" in meta:  # states saved before the wire detector: it starts empty, learning new stations
+            e.wire = WireDetector.from_state(arrays, meta["wire"])
+        e.wire.learning = False
         e.learned_from, e.learned_to = meta["learned_from"], meta["learned_to"]
         e.err_max = meta["err_max"]
         e.budget = meta["budget"]
