@@ -627,8 +627,10 @@ class Agent:
                 if batch is not False:
                     t0 = time.perf_counter()
                     events = self.pipeline.process(batch)
-                    alerts, self._wire_alerts = self._wire_alerts, []
-                    alerts += self.engine.process(events)
+                    alerts = self.engine.process(events)
+                    for d, b, p in self._wire_frames:
+                        alerts += self.engine.process_frames(d, b, p)
+                    self._wire_frames.clear()
                     alerts += self.inventory.observe(events, self.engine.mode)
                     self._after_batch(events, alerts, t0, q_out, next_health)
                 now = time.monotonic()
@@ -785,10 +787,10 @@ class Agent:
                                                          idle_timeout_s=lim.flow_idle_timeout),
                                  compiled=self.cfg.capture.compiled_parsers)
         self.engine = self.load_state()
-        # every frame (ARP too) reaches the wire detector before the ICS-only filtering
-        self._wire_alerts: list = []
-        self.pipeline.frame_observers.append(
-            lambda b, d, p: self._wire_alerts.extend(self.engine.process_frames(d, b, p)))
+        # every frame (ARP too) reaches the wire detector before the ICS-only filtering, after the
+        # batch's events (DetectionEngine.process_wire)
+        self._wire_frames: list = []
+        self.pipeline.frame_observers.append(lambda b, d, p: self._wire_frames.append((d, b, p)))
         self.inventory = self.load_inventory()
         if self.endpoint is not None:
             self.endpoint.metrics.set_mode(self.engine.mode)

@@ -88,14 +88,22 @@ class Batches(list):
 
 
 def load_batches(capture) -> Batches:
-    """Each event batch comes after the columns of its frames the wire detector reads
+    """Each event batch is followed by the columns of its frames the wire detector reads
     (:class:`models.wire.WireFrames`)."""
     from models.wire import WireFrames
 
     parts = Batches()
     pipeline = Pipeline()
-    pipeline.frame_observers.append(lambda b, d, p: parts.append(WireFrames.from_decoded(b, d, p)))
-    replay_files([Path(capture)], pipeline, None, on_events=lambda ev: parts.append(ev) if len(ev) else None)
+    frames: list = []  # each batch's frames go after its events (DetectionEngine.process_wire)
+
+    def on_events(ev):
+        if len(ev):
+            parts.append(ev)
+        parts.extend(frames)
+        frames.clear()
+
+    pipeline.frame_observers.append(lambda b, d, p: frames.append(WireFrames.from_decoded(b, d, p)))
+    replay_files([Path(capture)], pipeline, None, on_events=on_events)
     parts.first_frame_ns = pipeline.stats.first_ts
     return parts
 
@@ -129,12 +137,15 @@ def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETEC
         _feed(engine, part)
     engine.finish()
     t2 = time.perf_counter()
+    # the last frame ends monitoring (a capture may hold no ICS events after learning: the wire detector
+    # still monitored it)
+    last_ns = max((int(p.ts.max()) for p in parts if len(p)), default=0)
     parts = [p for p in parts if isinstance(p, EventBatch)]
     events = EventBatch.concat(parts) if parts else EventBatch.empty()
-    if engine.mode != "monitor" or len(events) == 0:
+    if engine.mode != "monitor" or last_ns == 0:
         raise InputError(f"{capture}: the capture ended while learning; nothing was monitored")
     mon_start = engine.learn_until_ns / 1e9
-    mon_end = int(events.ts.max()) / 1e9
+    mon_end = last_ns / 1e9
     result = score_alerts(engine.alerts, labels, mon_start, mon_end, grace_s=grace_s, events=events)
     result.update({"capture": str(capture), "detectors": list(detectors), "learn_s": round(
         (engine.learn_until_ns - engine.first_ts) / 1e9, 3), "monitor_s": round(mon_end - mon_start, 3),
@@ -272,6 +283,7 @@ class ReplayDetection:
         else:
             self.engine = DetectionEngine(learn_seconds=learn_s if learn_s is not None else 600.0)
         self.log = None
+        self._frames: list = []
         if alerts_path:
             from .sinks import AlertLog
             self.log = AlertLog(alerts_path)
@@ -290,12 +302,17 @@ class ReplayDetection:
         if first_frame_ns is not None:
             self.engine.start_clock(first_frame_ns)  # --learn counts from the first frame
         self.engine.process(ev)
+        for wf in self._frames:  # the batch's frames after its events (DetectionEngine.process_wire)
+            self.engine.process_wire(wf)
+        self._frames.clear()
         for a in self.engine.pop_closed():
             self._write(a)
 
     def on_frames(self, batch, decoded, proto) -> None:
         """A ``Pipeline.frame_observers`` callable: every frame batch to the wire detector."""
-        self.engine.process_frames(decoded, batch, proto)
+        from models.wire import WireFrames
+
+        self._frames.append(WireFrames.from_decoded(batch, decoded, proto))
 
     def _write(self, a) -> None:
         if self.log is not None:

@@ -60,7 +60,7 @@ DROP_SOURCES = ("kernel", "internal")
 FLOW_END_REASONS = ("closed", "expired", "evicted")
 # Detectors an alert or a score can come from (models/alerts.py, Alert.detector); anything else
 # is counted as "other" so a new detector cannot grow the label set by accident.
-DETECTORS = ("allowlist", "cycle", "process", "river", "pyod", "parser", "inventory", "other")
+DETECTORS = ("allowlist", "cycle", "process", "river", "pyod", "parser", "inventory", "wire", "other")
 SEVERITIES = ("low", "medium", "high", "critical")
 MODES = ("learn", "monitor")
 #: (protocol, role) label pairs of otwatch_assets: each protocol's own words for its two roles.

@@ -43,6 +43,7 @@ ATTACK_ICS = {
     "T0869": "Standard Application Layer Protocol",
     "T0861": "Point & Tag Identification",
     "T0801": "Monitor Process State",
+    "T0840": "Network Connection Enumeration",
 }
 
 

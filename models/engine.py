@@ -134,34 +134,52 @@ class DetectionEngine:
 
     def process_frames(self, decoded, batch, proto=None) -> list:
         """Learn from or monitor one frame batch at layers 2-4 (its decoded columns, ARP included;
-        ``proto``: the pipeline's protocol per frame); return the alerts it opened."""
+        ``proto``: the pipeline's protocol per frame); return the alerts it opened.  After
+        :meth:`process` of the batch's events (see :meth:`process_wire`)."""
         if "wire" not in self.detectors or len(batch) == 0:
             return []
         return self.process_wire(WireFrames.from_decoded(batch, decoded, proto))
 
     def process_wire(self, wf: WireFrames) -> list:
-        """:meth:`process_frames` on columns already taken from a batch (``otwatch eval`` keeps them)."""
+        """:meth:`process_frames` on columns already taken from a batch (``otwatch eval`` keeps them).
+
+        Call it after :meth:`process` of the same batch's events: a batch's frames run ahead of its
+        events (reassembly holds them), and the frames' clock closes quiet incidents."""
         if "wire" not in self.detectors or len(wf) == 0:
             return []
         t0 = time.perf_counter()
         self.start_clock(int(wf.ts.min()))  # learning counts from the first frame
         before = wf.ts < self.learn_until_ns
-        if before.any() and self.wire.learning:
+        if before.any():  # (the events of the same batch may have ended learning already)
             self.wire.learn(wf.select(before) if not before.all() else wf)
         if before.all():
             self.busy_s["wire"] += time.perf_counter() - t0
             return []
         if self.wire.learning:
             self.wire.finish_learning()
-        findings = self.wire.findings(wf.select(~before))
+        elif self.mode == "learn":
+            # frames crossed the boundary in an earlier batch and no event has since (a capture with no ICS
+            # traffic after learning): learning ends for every detector, by capture time
+            self.finish_learning()
+        wf = wf.select(~before) if before.any() else wf
+        # slices of capture time, as for events: windows and cool-downs follow capture time, not batch size
+        ts = wf.ts
+        cuts = np.flatnonzero(np.diff((ts - int(ts.min())) // self.slice_ns)) + 1
+        bounds = np.r_[0, cuts, ts.shape[0]].tolist()
+        opened = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            part = wf.select(slice(a, b))
+            findings = self.wire.findings(part)
+            self.now_ns = max(self.now_ns, int(part.ts.max()))
+            opened += self.manager.add(findings)
+            self.closed.extend(self.manager.expire(self.now_ns))
         self.busy_s["wire"] += time.perf_counter() - t0
-        self.now_ns = max(self.now_ns, int(wf.ts.max()))
-        opened = self.manager.add(findings)
-        self.closed.extend(self.manager.expire(self.now_ns))
         return opened
 
     def finish(self) -> list:
         """End of input: flush the last windows and close every incident; returns the closed alerts."""
+        if self.mode == "learn" and not self.wire.learning:
+            self.finish_learning()  # the frames went past learn_until_ns (see process_wire)
         if self.mode == "learn":
             fb = self.features.flush()
             self._learn_windows(fb)

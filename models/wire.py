@@ -135,6 +135,14 @@ class _Table:
         i = np.minimum(np.searchsorted(self.keys, keys), self.keys.shape[0] - 1)
         return np.where(self.keys[i] == keys, i, -1)
 
+    def at(self, col: str, pos) -> np.ndarray:
+        """``col`` at positions from :meth:`find`; 0/False where the key is absent (pos -1)."""
+        pos = np.asarray(pos)
+        out = np.zeros(pos.shape[0], self.dtypes[col])
+        ok = pos >= 0
+        out[ok] = self.cols[col][pos[ok]]
+        return out
+
     def insert(self, keys, **values) -> None:
         """Add keys not present yet (first occurrence wins); values are per-key arrays or scalars."""
         keys = np.asarray(keys, _I64)
@@ -227,7 +235,10 @@ class WireDetector:
         self.arp_sweep_targets = int(arp_sweep_targets)
         self.learning = True
         # (vlan, ip) -> the MAC that announces it in ARP; shared: two MACs did so while learning (a cluster)
-        self.owner = _Table({"mac": np.uint64, "last": _I64, "shared": bool}, capacity)
+        # cand: another MAC claiming the address since cand_first; it takes over only once the owner has
+        # been silent since then for rebind_s (a replaced device), never while the owner still speaks
+        self.owner = _Table({"mac": np.uint64, "last": _I64, "shared": bool, "cand": np.uint64, "cand_first": _I64},
+                            capacity)
         # (vlan, mac) -> the first address it announced; multi: it announced several while learning;
         # router: it sourced IPv4 frames for many addresses while learning; arp_max: most addresses it
         # asked for in one window while learning
@@ -403,17 +414,24 @@ class WireDetector:
         v, spa, sha, eth, ts = wf.vlan[arp], wf.arp_spa[arp], wf.arp_sha[arp], wf.src_mac[arp], wf.ts[arp]
         pos = self.owner.find(_ip_key(v, spa))
         has = pos >= 0
-        owner = np.where(has, self.owner.cols["mac"][np.maximum(pos, 0)], 0)
-        shared = has & self.owner.cols["shared"][np.maximum(pos, 0)]
-        last = np.where(has, self.owner.cols["last"][np.maximum(pos, 0)], 0)
+        owner = self.owner.at("mac", pos)
+        shared = self.owner.at("shared", pos)
+        last = self.owner.at("last", pos)
         sp = self.station.find(_mac_key(v, sha))
-        st_ip = np.where(sp >= 0, self.station.cols["ip"][np.maximum(sp, 0)], 0)
+        st_ip = self.station.at("ip", sp)
         op = self.owner.find(_ip_key(v, st_ip))
-        st_ip = np.where((op >= 0) & (self.owner.cols["mac"][np.maximum(op, 0)] == sha), st_ip, 0)  # by its ARP
-        st_free = (sp >= 0) & (self.station.cols["multi"][np.maximum(sp, 0)]
-                               | self.station.cols["router"][np.maximum(sp, 0)])
+        st_ip = np.where((op >= 0) & (self.owner.at("mac", op) == sha), st_ip, 0)  # by its ARP
+        st_free = self.station.at("multi", sp) | self.station.at("router", sp)
         moved = has & ~shared & (sha != owner)
-        silent = moved & (ts - last > self.rebind_ns)  # the owner went quiet: a replaced device (still said)
+        silent = np.zeros(moved.shape[0], bool)
+        for i in np.flatnonzero(moved).tolist():  # rows that contradict an owner: few, and always reported
+            p = int(pos[i])
+            c = self.owner.cols
+            if c["cand"][p] != sha[i] or c["last"][p] >= c["cand_first"][p]:
+                c["cand"][p], c["cand_first"][p] = sha[i], ts[i]
+            elif ts[i] - c["cand_first"][p] > self.rebind_ns:
+                silent[i] = True  # the owner went quiet when the new MAC appeared: a replaced device
+                c["mac"][p], c["last"][p] = sha[i], ts[i]
         claims = ~has & (st_ip != 0) & (st_ip != spa) & ~st_free
         forged = (eth != 0) & (eth != sha)
         consistent = has & (sha == owner)
@@ -423,10 +441,6 @@ class WireDetector:
         if fresh.any():
             self.owner.insert(_ip_key(v[fresh], spa[fresh]), mac=sha[fresh], last=ts[fresh])
             self._station_ip(v[fresh], sha[fresh], spa[fresh], mark_multi=False)
-        if silent.any():  # rebind after reporting (below)
-            p = pos[silent]
-            self.owner.cols["mac"][p] = sha[silent]
-            self.owner.cols["last"][p] = ts[silent]
         bad = moved | claims | forged
         if not bad.any():
             return []
@@ -446,8 +460,8 @@ class WireDetector:
             if moved[j]:
                 why = (f"ARP {'replies' if (wf.arp_op[frames] == 2).any() else 'frames'} from {host} say "
                        f"{ip_text(victim)} is at {format_mac(int(sha[j]))}; it belongs to {format_mac(real)}")
-                why += (" (silent for the last " f"{(int(ts[j]) - int(last[j])) / NS / 3600:.1f} h: a replaced "
-                        "device, or an attacker taking over an address nobody uses)") if silent[j] else \
+                why += (f" (silent for the last {(int(ts[j]) - int(last[j])) / NS / 3600:.1f} h: a replaced "
+                        "device, or an attacker taking over an address nobody uses; learned from now on)") if silent[j] else \
                     " (ARP spoofing: traffic to that address now goes through the attacker)"
             elif claims[j]:
                 why = (f"{host} now also claims {ip_text(victim)} in ARP (ARP spoofing: a host taking over "
@@ -472,13 +486,12 @@ class WireDetector:
         v, src, mac, ts = wf.vlan[ipr], wf.src[ipr], wf.src_mac[ipr], wf.ts[ipr]
         pos = self.owner.find(_ip_key(v, src))
         has = pos >= 0
-        p0 = np.maximum(pos, 0)
-        owner = np.where(has, self.owner.cols["mac"][p0], 0)
-        shared = has & self.owner.cols["shared"][p0]
+        owner = self.owner.at("mac", pos)
+        shared = self.owner.at("shared", pos)
         mine = has & (mac == owner)
         np.maximum.at(self.owner.cols["last"], pos[mine], ts[mine])
         sp = self.station.find(_mac_key(v, mac))
-        router = (sp >= 0) & self.station.cols["router"][np.maximum(sp, 0)]
+        router = self.station.at("router", sp)
         bad = has & ~shared & ~mine & ~router
         if not bad.any():
             return []
@@ -534,10 +547,10 @@ class WireDetector:
             return []
         # the relaying MAC: the later copy's, unless that one is the address's own MAC
         pos = self.owner.find(_ip_key(allw.vlan[b], allw.src[b]))
-        own = np.where(pos >= 0, self.owner.cols["mac"][np.maximum(pos, 0)], 0)
+        own = self.owner.at("mac", pos)
         relay = np.where(allw.src_mac[b] == own, allw.src_mac[a], allw.src_mac[b])
         sp = self.station.find(_mac_key(allw.vlan[b], relay))
-        router = (sp >= 0) & self.station.cols["router"][np.maximum(sp, 0)]
+        router = self.station.at("router", sp)
         a, b, relay = a[~router], b[~router], relay[~router]
         if a.shape[0] == 0:
             return []
@@ -686,9 +699,24 @@ class WireDetector:
         req = (wf.arp_op == ARP_REQUEST) & (wf.arp_sha != 0) & (wf.arp_tpa != wf.arp_spa)
         if not req.any() and not self._asks.shape[0]:
             return []
-        now_b = int(wf.ts.max()) // self.scan_ns
         rows = np.stack([wf.vlan[req].astype(_I64), wf.arp_sha[req].astype(np.uint64).astype(_I64),
                          wf.arp_tpa[req].astype(_I64), wf.ts[req] // self.scan_ns], axis=1)
+        if learning:
+            # most distinct addresses each MAC asked for in one window (a learning batch may span hours)
+            if not rows.shape[0]:
+                return []
+            per = np.unique(rows, axis=0)
+            wins, nw = np.unique(per[:, [0, 1, 3]], axis=0, return_counts=True)
+            macs, inv = np.unique(wins[:, :2], axis=0, return_inverse=True)
+            n = np.zeros(macs.shape[0], np.int64)
+            np.maximum.at(n, inv.reshape(-1), nw)
+            mk = _mac_key(macs[:, 0], macs[:, 1].astype(np.uint64))
+            self.station.insert(mk, ip=0)
+            pos = self.station.find(mk)
+            ok = pos >= 0
+            np.maximum.at(self.station.cols["arp_max"], pos[ok], n[ok].astype(np.int32))
+            return []
+        now_b = int(wf.ts.max()) // self.scan_ns
         allr = np.unique(np.concatenate([self._asks, rows]), axis=0)
         allr = allr[allr[:, 3] >= now_b - 1][: self.capacity * 4]
         self._asks = allr
@@ -697,14 +725,8 @@ class WireDetector:
         pairs = np.unique(allr[:, :3], axis=0)
         macs, n = np.unique(pairs[:, :2], axis=0, return_counts=True)
         mk = _mac_key(macs[:, 0], macs[:, 1].astype(np.uint64))
-        if learning:
-            self.station.insert(mk, ip=0)
-            pos = self.station.find(mk)
-            ok = pos >= 0
-            np.maximum.at(self.station.cols["arp_max"], pos[ok], n[ok].astype(np.int32))
-            return []
         pos = self.station.find(mk)
-        learned = np.where(pos >= 0, self.station.cols["arp_max"][np.maximum(pos, 0)], 0)
+        learned = self.station.at("arp_max", pos)
         limit = np.maximum(self.arp_sweep_targets, 2 * learned)
         out = []
         for (vl, mac), k in zip(macs[n >= limit].tolist(), n[n >= limit].tolist()):
