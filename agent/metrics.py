@@ -45,6 +45,7 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from models.function_classes import CLASS_NAMES, N_CLASSES, function_class
+from models.wire import RULES as WIRE_RULES
 from parsers.events import KIND_PDU, PROTOCOL_NAMES, REASON_NAMES
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ MODES = ("learn", "monitor")
 ASSET_ROLES = (("modbus", "client"), ("modbus", "server"), ("dnp3", "master"), ("dnp3", "outstation"),
                ("iec104", "controlling"), ("iec104", "controlled"), ("other", "none"))
 #: Rule names the detectors raise (models/allowlist.py TABLES incl. "peer", models/cycle.py,
-#: models/process.py, models/engine.py): their by-rule series are created at 0 up front, so the
+#: models/process.py, models/engine.py, models/wire.py): their by-rule series are created at 0 up front, so the
 #: first alert of a rule shows in increase().  A rule missing here is still counted, from its
 #: first alert on; tests/test_metrics.py checks this list against a real engine run.
 KNOWN_RULES = (
@@ -75,7 +76,7 @@ KNOWN_RULES = (
                                                                      "read")),
     "cycle.latency", "cycle.period", "cycle.burst", "cycle.inactive",
     "process.out_of_range", "process.fast_change", "process.stuck", "process.new_point", "process.inconsistent",
-    "parser.errors", "ml.river", "ml.pyod", "inventory.new_asset",
+    "parser.errors", "ml.river", "ml.pyod", "inventory.new_asset", *WIRE_RULES,
 )
 #: Alert rule names are code-defined ("allowlist.new_talker", ...), but a label must stay bounded
 #: even if a rule name were ever built from data: after this many distinct names, "other".
@@ -725,7 +726,7 @@ class MetricsEndpoint:
     def attach(self, engine) -> None:
         """Count what a :class:`models.engine.DetectionEngine` does, without changing its callers.
 
-        Wraps ``engine.process`` and ``engine.finish``: the alerts they open are counted, their time
+        Wraps ``engine.process``, ``engine.process_wire`` and ``engine.finish``: the alerts they open are counted, their time
         goes to ``otwatch_detection_duration_seconds``, and the engine's health numbers are read
         after each call; the ML detectors' scores feed ``otwatch_anomaly_score`` (:func:`tap_scores`).
         """
@@ -745,6 +746,8 @@ class MetricsEndpoint:
 
         engine.process = counted(engine.process)
         engine.finish = counted(engine.finish)
+        if hasattr(engine, "process_wire"):  # frames (process_frames calls it): the wire detector's alerts
+            engine.process_wire = counted(engine.process_wire)
         engine._otwatch_attached = True
         metrics.declare_rules(getattr(engine, "RULES", ()))
         metrics.set_health(engine.health())

@@ -61,6 +61,8 @@ from .features import hash_columns
 from .findings import Finding, ip_text
 
 NS = 1_000_000_000
+RULES = ("wire.arp_spoof", "wire.mac_change", "wire.relay", "wire.ttl_change", "wire.port_scan", "wire.host_sweep",
+         "wire.arp_sweep")
 # Which frames carry usable L3 columns: decoded, or IP with an L4 the decoder does not read.
 _L3_OK = (SKIP_OK, SKIP_OTHER_L4, SKIP_FRAGMENT)
 _GROUP_BIT = np.uint64(1 << 40)  # I/G bit of a MAC address: multicast/broadcast
@@ -229,6 +231,8 @@ class WireDetector:
         self.router_min_ips = int(router_min_ips)
         self.relay_ns = int(relay_window_s * NS)
         self.ttl_flap_ns = int(ttl_flap_s * NS)
+        self.ttl_min_frames = 3  # within ttl_run_ns: a spoofer's connection is several frames
+        self.ttl_run_ns = 60 * NS
         self.scan_ns = max(int(scan_window_s * NS), 1)
         self.scan_ports = int(scan_ports)
         self.sweep_hosts = int(sweep_hosts)
@@ -244,8 +248,9 @@ class WireDetector:
         # asked for in one window while learning
         self.station = _Table({"ip": np.uint32, "multi": bool, "router": bool, "arp_max": np.int32}, capacity)
         self.ip_macs = _Table({}, capacity * 4)  # hash(vlan, mac, ip) of IPv4 sources while learning
-        self.ttl = _Table({"learned": np.uint8, "seen": np.uint8, "t64": _I64, "t128": _I64, "t255": _I64},
-                          capacity)
+        # odd_n/odd_first: frames of an unexpected class in the current run (one corrupted frame is no stack)
+        self.ttl = _Table({"learned": np.uint8, "seen": np.uint8, "t64": _I64, "t128": _I64, "t255": _I64,
+                           "odd_n": np.int32, "odd_first": _I64}, capacity)
         self.services = _Table({}, capacity * 4)  # (ip, port) that answered a SYN or carried ICS traffic
         self.habits = _Table({}, capacity * 4)  # (client ip, port) the client opens connections to
         self.ics_hosts = _Table({}, capacity)
@@ -609,6 +614,12 @@ class WireDetector:
         for g in range(n):
             sel = b[inv == g]
             j = int(sel[0])
+            p, c = int(pos[j]), self.ttl.cols
+            if ts[j] - c["odd_first"][p] > self.ttl_run_ns:
+                c["odd_n"][p], c["odd_first"][p] = 0, ts[j]
+            c["odd_n"][p] += sel.shape[0]
+            if c["odd_n"][p] < self.ttl_min_frames:
+                continue
             victim, c, lm = int(src[j]), int(cls[j]), int(learned[j])
             fr = rows[sel]
             ttl_vals = sorted(set(wf.ttl[fr].tolist()))[:5]
