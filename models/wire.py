@@ -233,6 +233,8 @@ class WireDetector:
         self.ttl_flap_ns = int(ttl_flap_s * NS)
         self.ttl_min_frames = 3  # within ttl_run_ns: a spoofer's connection is several frames
         self.ttl_run_ns = 60 * NS
+        # an address first seen after learning adopts its class once it sent only that class for this long
+        self.ttl_adopt_frames, self.ttl_adopt_ns = 20, 300 * NS
         self.scan_ns = max(int(scan_window_s * NS), 1)
         self.scan_ports = int(scan_ports)
         self.sweep_hosts = int(sweep_hosts)
@@ -249,8 +251,10 @@ class WireDetector:
         self.station = _Table({"ip": np.uint32, "multi": bool, "router": bool, "arp_max": np.int32}, capacity)
         self.ip_macs = _Table({}, capacity * 4)  # hash(vlan, mac, ip) of IPv4 sources while learning
         # odd_n/odd_first: frames of an unexpected class in the current run (one corrupted frame is no stack)
+        # solo_*: the current run of frames of one class only, for an address first seen after learning
         self.ttl = _Table({"learned": np.uint8, "seen": np.uint8, "t64": _I64, "t128": _I64, "t255": _I64,
-                           "odd_n": np.int32, "odd_first": _I64}, capacity)
+                           "odd_n": np.int32, "odd_first": _I64, "solo_cls": np.uint8, "solo_n": np.int64,
+                           "solo_first": _I64}, capacity)
         self.services = _Table({}, capacity * 4)  # (ip, port) that answered a SYN or carried ICS traffic
         self.habits = _Table({}, capacity * 4)  # (client ip, port) the client opens connections to
         self.ics_hosts = _Table({}, capacity)
@@ -606,6 +610,7 @@ class WireDetector:
         mixed = np.bitwise_count(batch_mask[inv]) > 1 if hasattr(np, "bitwise_count") else \
             np.isin(batch_mask[inv], (3, 5, 6, 7))
         bad = np.where(learned != 0, (cls & learned) == 0, other_recent | mixed)
+        self._ttl_adopt(pos[first], batch_mask, inv, ts, learned[first])
         if not bad.any():
             return []
         b = np.flatnonzero(bad)
@@ -647,6 +652,25 @@ class WireDetector:
                 sender, victim if sender != victim else int(wf.dst[fr[0]]), f"{ip_text(victim)}/ttl", why,
                 {"ttl": ttl_vals, "learned_initial_ttl": _mask_text(lm), "macs": macs[:5], "ics_host": is_ics}))
         return out
+
+    def _ttl_adopt(self, gpos, gmask, inv, ts, glearned) -> None:
+        """Addresses first seen after learning: a class sent alone for ``ttl_adopt_ns`` (and
+        ``ttl_adopt_frames`` frames) becomes the address's learned class, so a later impostor of another
+        class is reported when it starts, not when the owner comes back."""
+        c = self.ttl.cols
+        n_g = np.bincount(inv, minlength=gpos.shape[0])
+        t_first = np.full(gpos.shape[0], np.iinfo(np.int64).max)
+        t_last = np.zeros(gpos.shape[0], np.int64)
+        np.minimum.at(t_first, inv, ts)
+        np.maximum.at(t_last, inv, ts)
+        single = np.isin(gmask, (1, 2, 4))
+        same = single & (c["solo_cls"][gpos] == gmask)
+        c["solo_n"][gpos] = np.where(same, c["solo_n"][gpos] + n_g, np.where(single, n_g, 0))
+        c["solo_first"][gpos] = np.where(same, c["solo_first"][gpos], np.where(single, t_first, 0))
+        c["solo_cls"][gpos] = np.where(single, gmask, 0)
+        adopt = ((glearned == 0) & single & (c["solo_n"][gpos] >= self.ttl_adopt_frames)
+                 & (t_last - c["solo_first"][gpos] >= self.ttl_adopt_ns))
+        c["learned"][gpos[adopt]] = gmask[adopt]
 
     def _scan_findings(self, wf: WireFrames) -> list:
         tcp = wf.l4 == L4_TCP

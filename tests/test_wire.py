@@ -136,6 +136,21 @@ def test_ttl_of_another_stack():
     assert a.src == MASTER[0] and "128" in a.message and "64" in a.message
 
 
+def test_ttl_class_adopted_after_learning():
+    """A host first seen while monitoring: its class, alone for five minutes, becomes its baseline."""
+    run = learned_plant()
+    new = ("10.0.0.30", "02:00:00:00:00:30")
+    t = LEARN_S + 40
+    run.feed([tcp(new, OUT, 47000, 8000, seq=10 * k, ip_id=k) for k in range(25)],
+             [at(t + 15 * k) for k in range(25)])  # six minutes at TTL 64
+    assert not run.wire()
+    t += 400
+    run.feed([tcp(new, OUT, 47000, 8000, ttl=128, seq=10 * k + 5, ip_id=500 + k) for k in range(3)],
+             [at(t + k) for k in range(3)])
+    (a,) = run.wire("wire.ttl_change")
+    assert a.src == new[0] and a.fields["learned_initial_ttl"] == "64" and a.first_ts == at(t)
+
+
 def test_syn_scan_and_sweeps():
     run = learned_plant()
     t = LEARN_S + 40
