@@ -170,6 +170,8 @@ class DetectionEngine:
         for a, b in zip(bounds[:-1], bounds[1:]):
             part = wf.select(slice(a, b))
             findings = self.wire.findings(part)
+            # incidents quiet since before this slice close first, as in _monitor
+            self.closed.extend(self.manager.expire(max(self.now_ns, int(part.ts.min()))))
             self.now_ns = max(self.now_ns, int(part.ts.max()))
             opened += self.manager.add(findings)
             self.closed.extend(self.manager.expire(self.now_ns))

@@ -433,14 +433,17 @@ class WireDetector:
         st_free = self.station.at("multi", sp) | self.station.at("router", sp)
         moved = has & ~shared & (sha != owner)
         silent = np.zeros(moved.shape[0], bool)
-        for i in np.flatnonzero(moved).tolist():  # rows that contradict an owner: few, and always reported
-            p = int(pos[i])
+        if moved.any():  # per owned address, its first contradicting row in this slice
+            mv = np.flatnonzero(moved)
+            up, k = np.unique(pos[mv], return_index=True)
+            i = mv[k]
             c = self.owner.cols
-            if c["cand"][p] != sha[i] or c["last"][p] >= c["cand_first"][p]:
-                c["cand"][p], c["cand_first"][p] = sha[i], ts[i]
-            elif ts[i] - c["cand_first"][p] > self.rebind_ns:
-                silent[i] = True  # the owner went quiet when the new MAC appeared: a replaced device
-                c["mac"][p], c["last"][p] = sha[i], ts[i]
+            restart = (c["cand"][up] != sha[i]) | (c["last"][up] >= c["cand_first"][up])
+            c["cand"][up[restart]], c["cand_first"][up[restart]] = sha[i][restart], ts[i][restart]
+            # the owner went quiet when the new MAC appeared and stayed so: a replaced device
+            take = ~restart & (ts[i] - c["cand_first"][up] > self.rebind_ns)
+            c["mac"][up[take]], c["last"][up[take]] = sha[i][take], ts[i][take]
+            silent[mv] = np.isin(pos[mv], up[take]) & (sha[mv] == self.owner.at("mac", pos[mv]))
         claims = ~has & (st_ip != 0) & (st_ip != spa) & ~st_free
         forged = (eth != 0) & (eth != sha)
         consistent = has & (sha == owner)

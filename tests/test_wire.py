@@ -100,6 +100,19 @@ def test_arp_spoof_names_attacker_and_victim():
     assert len(run.wire("wire.arp_spoof")) == 1 and run.wire("wire.arp_spoof")[0].count == 2
 
 
+def test_replaced_device_takes_over_only_after_the_owner_fell_silent():
+    run = learned_plant()
+    new = (OUT[0], "02:00:00:00:00:99")  # the outstation's new network card
+    t = LEARN_S + 3600
+    run.feed([arp(new, OUT[0], op=2, target=MASTER[0])], [at(t)])
+    assert [a.severity for a in run.wire("wire.arp_spoof")] == ["high"]
+    run.feed([arp(new, OUT[0], op=2, target=MASTER[0])], [at(t + 2 * 3600)])  # old card silent since
+    moved = run.wire("wire.arp_spoof")[-1]
+    assert moved.severity == "medium" and "replaced device" in moved.message
+    run.feed([arp(new, OUT[0], op=2, target=MASTER[0])], [at(t + 3 * 3600)])
+    assert len(run.wire("wire.arp_spoof")) == 2  # the new card is the owner now
+
+
 def test_known_ip_from_other_mac_alternating_is_a_relay():
     run = learned_plant()
     frames, ts = [], []
