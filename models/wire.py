@@ -51,6 +51,7 @@ silent for ``rebind_s`` (a replaced device), and even then the move is reported.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -67,6 +68,7 @@ RULES = ("wire.arp_spoof", "wire.mac_change", "wire.relay", "wire.ttl_change", "
 _L3_OK = (SKIP_OK, SKIP_OTHER_L4, SKIP_FRAGMENT)
 _GROUP_BIT = np.uint64(1 << 40)  # I/G bit of a MAC address: multicast/broadcast
 _I64 = np.int64
+_RELAY_COLS = ("ts", "vlan", "src", "dst", "src_mac", "ttl")  # what a relayed copy is compared on
 
 
 @dataclass
@@ -261,8 +263,7 @@ class WireDetector:
         # sliding state (last two windows): unique probe rows and ARP request rows
         self._probes = np.zeros((0, 4), _I64)  # src, dst, port, bucket
         self._asks = np.zeros((0, 4), _I64)  # vlan, mac, target ip, bucket
-        self._recent = None  # WireFrames of the last relay window, with their packet keys
-        self._recent_keys = np.empty(0, _I64)
+        self._recent = None  # columns (_RELAY_COLS and packet key) of the last relay window
         self._mac_src_rows = np.zeros((0, 3), _I64)  # distinct (vlan, mac, source ip) while learning
         self.counts = {"frames": 0, "arp": 0}
 
@@ -372,7 +373,7 @@ class WireDetector:
         self._ttl_seen(pos[ok], cls[ok], ts[ok])
 
     def _ttl_rows(self, wf: WireFrames) -> np.ndarray:
-        return (np.isin(wf.l4, (L4_TCP, L4_UDP)) & (wf.src != 0) & self._unicast_dst(wf)
+        return (((wf.l4 == L4_TCP) | (wf.l4 == L4_UDP)) & (wf.src != 0) & self._unicast_dst(wf)
                 & (_ttl_class(wf.ttl) != 0))
 
     def _ttl_seen(self, pos, cls, ts) -> None:
@@ -530,23 +531,25 @@ class WireDetector:
         return out
 
     def _relay_findings(self, wf: WireFrames) -> list:
-        cand = (wf.l3 == L3_IPV4) & np.isin(wf.l4, (L4_TCP, L4_UDP)) & (wf.src_mac != 0)
+        cand = (wf.l3 == L3_IPV4) & ((wf.l4 == L4_TCP) | (wf.l4 == L4_UDP)) & (wf.src_mac != 0)
         # an IP id of 0 with nothing else to tell packets apart would pair unrelated datagrams
         cand &= (wf.ip_id != 0) | ((wf.l4 == L4_TCP) & ((wf.plen > 0) | ((wf.flags & TCP_SYN) != 0)))
         rows = np.flatnonzero(cand)
-        keys = hash_columns(wf.vlan[rows], wf.src[rows], wf.dst[rows], wf.ip_id[rows], wf.l4[rows], wf.sport[rows],
-                            wf.dport[rows], wf.seq[rows], wf.ack[rows], wf.plen[rows])
-        cur = wf.select(rows)
+        u = lambda c: c[rows].astype(_I64)  # noqa: E731
+        # the packet's identity, packed into four words before hashing (vlan 12, ip id 16, l4 8 bits)
+        keys = hash_columns((u(wf.src) << 32) | u(wf.dst), (u(wf.vlan) << 32) | (u(wf.ip_id) << 8) | u(wf.l4),
+                            (u(wf.sport) << 48) | (u(wf.dport) << 32) | u(wf.seq), (u(wf.ack) << 32) | u(wf.plen))
+        cur = {"key": keys, **{c: getattr(wf, c)[rows] for c in _RELAY_COLS}}
         prev = self._recent
-        allw = cur if prev is None else _concat(prev, cur)
-        allk = keys if prev is None else np.concatenate([self._recent_keys, keys])
-        n_prev = 0 if prev is None else len(prev)
-        # keep the last window for the next batch
-        if len(allw):
-            keep = allw.ts >= int(allw.ts.max()) - self.relay_ns
-            self._recent, self._recent_keys = allw.select(keep), allk[keep]
-        if len(allw) < 2:
+        allc = cur if prev is None else {c: np.concatenate([prev[c], cur[c]]) for c in cur}
+        n_prev = 0 if prev is None else prev["ts"].shape[0]
+        if allc["ts"].shape[0]:  # keep the last window for the next slice
+            keep = allc["ts"] >= int(allc["ts"].max()) - self.relay_ns
+            self._recent = {c: v[keep] for c, v in allc.items()}
+        if allc["ts"].shape[0] < 2 or rows.shape[0] == 0:
             return []
+        allw = SimpleNamespace(**allc)
+        allk = allc["key"]
         order = np.lexsort((allw.ts, allk))
         k, t = allk[order], allw.ts[order]
         same = (k[1:] == k[:-1]) & (t[1:] - t[:-1] <= self.relay_ns)
@@ -594,11 +597,16 @@ class WireDetector:
         if rows.shape[0] == 0:
             return []
         src, cls, ts = wf.src[rows].astype(_I64), _ttl_class(wf.ttl[rows]), wf.ts[rows]
-        self.ttl.insert(src)
         pos = self.ttl.find(src)
-        ok = pos >= 0
-        rows, src, cls, ts, pos = rows[ok], src[ok], cls[ok], ts[ok], pos[ok]
-        learned = self.ttl.cols["learned"][pos]
+        if (pos < 0).any():
+            self.ttl.insert(src[pos < 0])
+            pos = self.ttl.find(src)
+        learned = self.ttl.at("learned", pos)
+        # the common case, a host sending its learned class, needs nothing more
+        look = (pos >= 0) & ((learned == 0) | ((cls & learned) == 0))
+        if not look.any():
+            return []
+        rows, src, cls, ts, pos, learned = rows[look], src[look], cls[look], ts[look], pos[look], learned[look]
         # before this batch: when was each class last seen for the address
         last = np.stack([self.ttl.cols[c][pos] for c in ("t64", "t128", "t255")], axis=1)
         self._ttl_seen(pos, cls, ts)
@@ -666,7 +674,7 @@ class WireDetector:
         t_last = np.zeros(gpos.shape[0], np.int64)
         np.minimum.at(t_first, inv, ts)
         np.maximum.at(t_last, inv, ts)
-        single = np.isin(gmask, (1, 2, 4))
+        single = (gmask == 1) | (gmask == 2) | (gmask == 4)
         same = single & (c["solo_cls"][gpos] == gmask)
         c["solo_n"][gpos] = np.where(same, c["solo_n"][gpos] + n_g, np.where(single, n_g, 0))
         c["solo_first"][gpos] = np.where(same, c["solo_first"][gpos], np.where(single, t_first, 0))
@@ -687,9 +695,14 @@ class WireDetector:
         port = np.concatenate([wf.dport[syn], wf.sport[rst]]).astype(_I64)
         ts = np.concatenate([wf.ts[syn], wf.ts[rst]])
         frames = np.concatenate([np.flatnonzero(syn), np.flatnonzero(rst)])
-        usual = (self.services.find(_port_key(dst, port)) >= 0) | (self.habits.find(_port_key(src, port)) >= 0)
-        src, dst, port, ts, frames = src[~usual], dst[~usual], port[~usual], ts[~usual], frames[~usual]
+        if src.shape[0]:
+            usual = (self.services.find(_port_key(dst, port)) >= 0) | (self.habits.find(_port_key(src, port)) >= 0)
+            src, dst, port, ts, frames = src[~usual], dst[~usual], port[~usual], ts[~usual], frames[~usual]
         now_b = int(wf.ts.max()) // self.scan_ns
+        if src.shape[0] == 0:  # nothing new: only forget old windows
+            if self._probes.shape[0]:
+                self._probes = self._probes[self._probes[:, 3] >= now_b - 1]
+            return []
         rows = np.stack([src, dst, port, ts // self.scan_ns], axis=1) if src.shape[0] else np.zeros((0, 4), _I64)
         allr = np.unique(np.concatenate([self._probes, rows]), axis=0)
         allr = allr[allr[:, 3] >= now_b - 1][: self.capacity * 4]
@@ -815,7 +828,3 @@ class WireDetector:
 
     def health(self) -> dict:
         return {"wire_hosts": len(self.owner), "wire_stations": len(self.station), "wire_overflow": self.overflow()}
-
-
-def _concat(a: WireFrames, b: WireFrames) -> WireFrames:
-    return WireFrames(**{f.name: np.concatenate([getattr(a, f.name), getattr(b, f.name)]) for f in fields(a)})
