@@ -94,7 +94,7 @@ def load_batches(capture) -> Batches:
 
     parts = Batches()
     pipeline = Pipeline()
-    frames: list = []  # each batch's frames go after its events (DetectionEngine.process_wire)
+    frames: list = []  # each batch's frames go after its events (DetectionEngine.process_batch)
 
     def on_events(ev):
         if len(ev):
@@ -108,11 +108,19 @@ def load_batches(capture) -> Batches:
     return parts
 
 
-def _feed(engine: DetectionEngine, part) -> None:
-    if isinstance(part, EventBatch):
-        engine.process(part)
-    else:
-        engine.process_wire(part)
+def _feed(engine: DetectionEngine, parts) -> None:
+    """Each event batch with the frames of its pipeline batch (DetectionEngine.process_batch)."""
+    events = None
+    for part in parts:
+        if isinstance(part, EventBatch):
+            if events is not None:
+                engine.process(events)
+            events = part
+        else:
+            engine.process_batch(events if events is not None else EventBatch.empty(), part)
+            events = None
+    if events is not None:
+        engine.process(events)
 
 
 def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETECTORS, grace_s: float = GRACE_S,
@@ -133,8 +141,7 @@ def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETEC
     first_frame = getattr(parts, "first_frame_ns", None)
     if first_frame is not None:
         engine.start_clock(first_frame)
-    for part in parts:
-        _feed(engine, part)
+    _feed(engine, parts)
     engine.finish()
     t2 = time.perf_counter()
     # the last frame ends monitoring (a capture may hold no ICS events after learning: the wire detector
@@ -301,10 +308,11 @@ class ReplayDetection:
     def on_events(self, ev, first_frame_ns: int | None = None) -> None:
         if first_frame_ns is not None:
             self.engine.start_clock(first_frame_ns)  # --learn counts from the first frame
-        self.engine.process(ev)
-        for wf in self._frames:  # the batch's frames after its events (DetectionEngine.process_wire)
-            self.engine.process_wire(wf)
-        self._frames.clear()
+        frames, self._frames = self._frames, []
+        # the batch's events and frames together, in slices of capture time (DetectionEngine.process_batch)
+        self.engine.process_batch(ev, frames[0] if frames else None)
+        for wf in frames[1:]:
+            self.engine.process_batch(EventBatch.empty(), wf)
         for a in self.engine.pop_closed():
             self._write(a)
 

@@ -132,19 +132,37 @@ class DetectionEngine:
             out.extend(self._monitor(events.select(slice(a, b))))
         return out
 
+    def process_batch(self, events: EventBatch, frames: "WireFrames | None") -> list:
+        """One pipeline batch: its events and its frames' columns, taken together in slices of capture
+        time (a batch may span hours; neither side's clock may close the other's incidents early)."""
+        if frames is None or len(frames) == 0 or "wire" not in self.detectors:
+            return self.process(events)
+        ids_e = events.ts // self.slice_ns
+        ids_w = frames.ts // self.slice_ns
+        oe, ow = np.argsort(ids_e, kind="stable"), np.argsort(ids_w, kind="stable")
+        se, sw = ids_e[oe], ids_w[ow]
+        out = []
+        for sid in np.union1d(se, sw).tolist():
+            a, b = np.searchsorted(se, sid), np.searchsorted(se, sid, side="right")
+            if b > a:
+                out += self.process(events.select(oe[a:b]))
+            a, b = np.searchsorted(sw, sid), np.searchsorted(sw, sid, side="right")
+            if b > a:
+                out += self.process_wire(frames.select(ow[a:b]))
+        return out
+
     def process_frames(self, decoded, batch, proto=None) -> list:
         """Learn from or monitor one frame batch at layers 2-4 (its decoded columns, ARP included;
-        ``proto``: the pipeline's protocol per frame); return the alerts it opened.  After
-        :meth:`process` of the batch's events (see :meth:`process_wire`)."""
+        ``proto``: the pipeline's protocol per frame); return the alerts it opened.  See
+        :meth:`process_batch` to give a batch's events and frames together."""
         if "wire" not in self.detectors or len(batch) == 0:
             return []
         return self.process_wire(WireFrames.from_decoded(batch, decoded, proto))
 
     def process_wire(self, wf: WireFrames) -> list:
         """:meth:`process_frames` on columns already taken from a batch (``otwatch eval`` keeps them).
-
-        Call it after :meth:`process` of the same batch's events: a batch's frames run ahead of its
-        events (reassembly holds them), and the frames' clock closes quiet incidents."""
+        A batch's frames and events are best given together to :meth:`process_batch`: each side's
+        clock closes quiet incidents, so neither may run ahead of the other by more than a slice."""
         if "wire" not in self.detectors or len(wf) == 0:
             return []
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ from scapy.all import ARP, IP, TCP, Ether, raw
 from agent.pipeline import Pipeline
 from agent.sources import CaptureReader
 from models.engine import DetectionEngine
+from models.wire import WireFrames
 from parsers.decode import decode
 from parsers.frames import FrameBatch
 
@@ -56,10 +57,10 @@ class Run:
         self.pipeline.frame_observers.append(lambda b, d, p: self.pending.append((d, b, p)))
 
     def batch(self, batch):
-        self.alerts += self.engine.process(self.pipeline.process(batch))
-        for d, b, p in self.pending:
-            self.alerts += self.engine.process_frames(d, b, p)
+        events = self.pipeline.process(batch)
+        (d, b, p), = self.pending
         self.pending.clear()
+        self.alerts += self.engine.process_batch(events, WireFrames.from_decoded(b, d, p))
 
     def feed(self, frames, ts):
         self.batch(FrameBatch.from_frames(frames, ts=ts))
