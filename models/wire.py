@@ -386,20 +386,11 @@ class WireDetector:
         """Routers: MACs that sourced IPv4 frames for ``router_min_ips`` addresses or more."""
         rows = self._mac_src_rows
         if rows.shape[0]:
-            macs, inv_m, n = np.unique(rows[:, :2], axis=0, return_inverse=True, return_counts=True)
+            macs, n = np.unique(rows[:, :2], axis=0, return_counts=True)
             r = macs[n >= self.router_min_ips]
             if r.shape[0]:
                 pos = self.station.find(_mac_key(r[:, 0], r[:, 1].astype(np.uint64)))
                 self.station.cols["router"][pos[pos >= 0]] = True
-            # an address that never announced itself in ARP but always came from one MAC that sent for no
-            # other address (one to one, no router): that MAC is its own
-            ips, inv_i, n_i = np.unique(rows[:, [0, 2]], axis=0, return_inverse=True, return_counts=True)
-            one = (n[inv_m.reshape(-1)] == 1) & (n_i[inv_i.reshape(-1)] == 1)
-            if one.any():
-                r = rows[one]
-                ik = _ip_key(r[:, 0], r[:, 2])
-                free = self.owner.find(ik) < 0
-                self.owner.insert(ik[free], mac=r[free, 1].astype(np.uint64), last=0)
         self._mac_src_rows = np.zeros((0, 3), _I64)
         self.learning = False
 
@@ -513,10 +504,6 @@ class WireDetector:
         mine = has & (mac == owner)
         np.maximum.at(self.owner.cols["last"], pos[mine], ts[mine])
         sp = self.station.find(_mac_key(v, mac))
-        name = (sp < 0) & (~has | mine)  # a MAC first seen now, sending for an address of its own
-        if name.any():
-            self.station.insert(_mac_key(v[name], mac[name]), ip=src[name])
-            sp = self.station.find(_mac_key(v, mac))
         router = self.station.at("router", sp)
         bad = has & ~shared & ~mine & ~router
         if not bad.any():
