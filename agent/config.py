@@ -35,12 +35,13 @@ from pathlib import Path
 from .errors import InputError
 
 DEFAULT_PATH = "/etc/otwatch/otwatch.toml"
-DETECTORS = ["allowlist", "process", "cycle", "parser", "river", "pyod", "sessions", "sequence", "state"]  # models.engine.DETECTORS
-# On the edge box: the four models that carry detection (docs/detection.md, ablation) in 88 MB
-# resident; River and PyOD pull in scikit-learn/SciPy/Numba (~190-270 MB) and found 1 and 0 of 84
-# held-out attacks on their own.  Add them where memory allows; replay and eval run all of them.  The
-# sequence and replayed-state models (NumPy only, ~5 MB) find what no rule can and run on the edge too.
-EDGE_DETECTORS = ["allowlist", "process", "cycle", "parser", "sessions", "sequence", "state"]  # sessions: a few dicts
+DETECTORS = ["allowlist", "process", "cycle", "parser", "river", "pyod", "sessions", "sequence", "state", "wire"]  # models.engine.DETECTORS
+# On the edge box: the models that carry detection (docs/detection.md, ablation) in ~90 MB resident;
+# River and PyOD pull in scikit-learn/SciPy/Numba (~190-270 MB) and found 1 and 0 of 84 held-out attacks
+# on their own.  Add them where memory allows; replay and eval run all of them.  The sequence and
+# replayed-state models (NumPy only, ~5 MB) find what no rule can, and the wire detector (L2-L4: ARP
+# spoofing, relays, scans) needs no ICS parsing: they run on the edge too.
+EDGE_DETECTORS = ["allowlist", "process", "cycle", "parser", "sessions", "sequence", "state", "wire"]
 ICS_PORTS = [502, 2404, 20000]  # Modbus/TCP, IEC 60870-5-104 (§10.2), DNP3 (IEEE 1815 §A.1)
 
 
@@ -55,7 +56,7 @@ def _opt(default, kind: str, help: str, **extra):  # noqa: A002 - "help" reads b
 @dataclass
 class Capture:
     interface: str = _opt("", "iface", "network interface on the SPAN/mirror port (or --iface)")
-    ports: list = _opt(ICS_PORTS, "ports", "TCP/UDP ports passed by the kernel filter (empty list: all)")
+    ports: list = _opt(ICS_PORTS, "ports", "TCP/UDP ports passed by the kernel filter (empty list: all); ARP and TCP SYN/RST always pass")
     snaplen: int = _opt(65535, "int", "bytes kept per frame", min=64, max=262144)
     ring_block_size: int = _opt(1 << 20, "size", "AF_PACKET ring block size (power of two)", min=4096,
                                 max=1 << 28, power_of_two=True)

@@ -668,7 +668,9 @@ class Agent:
                 if batch is not False:
                     t0 = time.perf_counter()
                     events = self.pipeline.process(batch)
-                    alerts = self.engine.process(events)
+                    # the batch's events and frames together, in slices of capture time
+                    frames, self._wire_frames = self._wire_frames, []
+                    alerts = self.engine.process_batch(events, frames[0] if frames else None)
                     alerts += self.inventory.observe(events, self.engine.mode)
                     self._after_batch(events, alerts, t0, q_out, next_health)
                 now = time.monotonic()
@@ -895,6 +897,13 @@ class Agent:
                                  compiled=self.cfg.capture.compiled_parsers)
         self.engine = self.load_state()
         self.apply_review("start")
+        # every frame (ARP too) reaches the wire detector before the ICS-only filtering, with the
+        # batch's events (DetectionEngine.process_batch)
+        from models.wire import WireFrames
+
+        self._wire_frames: list = []
+        self.pipeline.frame_observers.append(
+            lambda b, d, p: self._wire_frames.append(WireFrames.from_decoded(b, d, p)))
         self.inventory = self.load_inventory()
         if self.endpoint is not None:
             self.endpoint.metrics.set_mode(self.engine.mode)

@@ -109,13 +109,41 @@ class Batches(list):
 
 
 def load_batches(capture, progress=None) -> Batches:
+    """Each event batch is followed by the columns of its frames the wire detector reads
+    (:class:`models.wire.WireFrames`)."""
+    from models.wire import WireFrames
+
     parts = Batches()
     pipeline = Pipeline()
-    replay_files([Path(capture)], pipeline, progress, on_events=lambda ev: parts.append(ev) if len(ev) else None)
+    frames: list = []  # each batch's frames go after its events (DetectionEngine.process_batch)
+
+    def on_events(ev):
+        if len(ev):
+            parts.append(ev)
+        parts.extend(frames)
+        frames.clear()
+
+    pipeline.frame_observers.append(lambda b, d, p: frames.append(WireFrames.from_decoded(b, d, p)))
+    replay_files([Path(capture)], pipeline, progress, on_events=on_events)
     if progress is not None:
         progress.close()
     parts.first_frame_ns = pipeline.stats.first_ts
     return parts
+
+
+def _feed(engine: DetectionEngine, parts) -> None:
+    """Each event batch with the frames of its pipeline batch (DetectionEngine.process_batch)."""
+    events = None
+    for part in parts:
+        if isinstance(part, EventBatch):
+            if events is not None:
+                engine.process(events)
+            events = part
+        else:
+            engine.process_batch(events if events is not None else EventBatch.empty(), part)
+            events = None
+    if events is not None:
+        engine.process(events)
 
 
 def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETECTORS, grace_s: float = GRACE_S,
@@ -136,15 +164,18 @@ def evaluate(capture, labels_path, learn_s: float | None = None, detectors=DETEC
     first_frame = getattr(parts, "first_frame_ns", None)
     if first_frame is not None:
         engine.start_clock(first_frame)
-    for ev in parts:
-        engine.process(ev)
+    _feed(engine, parts)
     engine.finish()
     t2 = time.perf_counter()
+    # the last frame ends monitoring (a capture may hold no ICS events after learning: the wire detector
+    # still monitored it)
+    last_ns = max((int(p.ts.max()) for p in parts if len(p)), default=0)
+    parts = [p for p in parts if isinstance(p, EventBatch)]
     events = EventBatch.concat(parts) if parts else EventBatch.empty()
-    if engine.mode != "monitor" or len(events) == 0:
+    if engine.mode != "monitor" or last_ns == 0:
         raise InputError(f"{capture}: the capture ended while learning; nothing was monitored")
     mon_start = engine.learn_until_ns / 1e9
-    mon_end = int(events.ts.max()) / 1e9
+    mon_end = last_ns / 1e9
     result = score_alerts(engine.alerts, labels, mon_start, mon_end, grace_s=grace_s, events=events)
     result.update({"capture": str(capture), "detectors": list(detectors), "learn_s": round(
         (engine.learn_until_ns - engine.first_ts) / 1e9, 3), "monitor_s": round(mon_end - mon_start, 3),
@@ -375,6 +406,7 @@ class ReplayDetection:
                                           detectors=default_detectors())
         self.resumed_learning = self.loaded and self.engine.mode == "learn"
         self.log = None
+        self._frames: list = []
         if alerts_path:
             from models.safefile import UnsafeFile
 
@@ -402,9 +434,20 @@ class ReplayDetection:
     def on_events(self, ev, first_frame_ns: int | None = None) -> None:
         if first_frame_ns is not None:
             self.engine.start_clock(first_frame_ns)  # --learn counts from the first frame
-        self._print(self.engine.process(ev))
+        frames, self._frames = self._frames, []
+        # the batch's events and frames together, in slices of capture time (DetectionEngine.process_batch)
+        opened = self.engine.process_batch(ev, frames[0] if frames else None)
+        for wf in frames[1:]:
+            opened += self.engine.process_batch(EventBatch.empty(), wf)
+        self._print(opened)
         for a in self.engine.pop_closed():
             self._write(a)
+
+    def on_frames(self, batch, decoded, proto) -> None:
+        """A ``Pipeline.frame_observers`` callable: every frame batch to the wire detector."""
+        from models.wire import WireFrames
+
+        self._frames.append(WireFrames.from_decoded(batch, decoded, proto))
 
     def _print(self, opened) -> None:
         if self.print_to is None or not opened:

@@ -58,20 +58,25 @@ ICS_PORTS = (502, 20000, 2404)
 
 # -- classic BPF -------------------------------------------------------------------------------
 # Opcodes (linux/filter.h)
-_LD_H_ABS, _LD_B_ABS, _LDX_MSH, _LD_H_IND = 0x28, 0x30, 0xB1, 0x48
+_LD_H_ABS, _LD_B_ABS, _LDX_MSH, _LD_H_IND, _LD_B_IND = 0x28, 0x30, 0xB1, 0x48, 0x50
 _JEQ, _JSET, _RET = 0x15, 0x45, 0x06
 
 
-def bpf_for_ports(ports, snaplen: int = 262144) -> list[tuple[int, int, int, int]]:
+def bpf_for_ports(ports, snaplen: int = 262144, wire: bool = True) -> list[tuple[int, int, int, int]]:
     """A classic BPF program accepting IPv4/IPv6 TCP or UDP to or from any of ``ports``.
+
+    With ``wire`` (the default) it also accepts every ARP frame and every TCP segment with SYN or RST
+    set, on any port: what the wire detector (:mod:`models.wire`) needs to see ARP spoofing and port
+    scans of ICS hosts on ports no ICS protocol uses.  Connection setup and reset are a few frames per
+    connection, so the extra load stays small.
 
     IPv4 fragments after the first are dropped (they carry no ports); IPv6 with extension headers is
     not matched (rare on ICS links).  Offsets assume Ethernet, as the kernel hands frames to
     AF_PACKET with the VLAN tag already removed.
 
     >>> prog = bpf_for_ports([502])
-    >>> len(prog), prog[-1]
-    (22, (6, 0, 0, 0))
+    >>> len(prog), prog[-1], len(bpf_for_ports([502], wire=False))
+    (27, (6, 0, 0, 0), 22)
     """
     ports = sorted(set(int(p) for p in ports))
     if not ports or len(ports) > 60:
@@ -99,6 +104,9 @@ def bpf_for_ports(ports, snaplen: int = 262144) -> list[tuple[int, int, int, int
     emit(_LD_H_ABS, 12)
     emit(_JEQ, 0x0800, "ip4", "not4")
     label("not4")
+    if wire:
+        emit(_JEQ, 0x0806, "accept", "not_arp")  # ARP (RFC 826)
+        label("not_arp")
     emit(_JEQ, 0x86DD, "ip6", "reject")
     label("ip4")
     emit(_LD_B_ABS, 23)
@@ -110,6 +118,13 @@ def bpf_for_ports(ports, snaplen: int = 262144) -> list[tuple[int, int, int, int
     emit(_JSET, 0x1FFF, "reject", "hdr4")
     label("hdr4")
     emit(_LDX_MSH, 14)
+    if wire:  # TCP flags at X+14+13: SYN (0x02) or RST (0x04) on any port; UDP has no flags there
+        emit(_LD_B_ABS, 23)
+        emit(_JEQ, 6, "flags4", "ports4")
+        label("flags4")
+        emit(_LD_B_IND, 27)
+        emit(_JSET, 0x06, "accept", "ports4")
+        label("ports4")
     match_ports(_LD_H_IND, 14, "s4", "d4")  # IPv4: X = header length, ports at X+14 and X+16
     label("d4")
     match_ports(_LD_H_IND, 16, "d4", "reject")
@@ -372,7 +387,9 @@ class ScapySource:
         from scapy.all import conf
 
         _check_iface(self.iface)
-        flt = " or ".join(f"port {p}" for p in self.ports) if self.ports else None
+        # as bpf_for_ports: ARP and TCP SYN/RST on any port for the wire detector, then the ICS ports
+        flt = ("arp or (tcp[tcpflags] & (tcp-syn|tcp-rst) != 0) or "
+               + " or ".join(f"port {p}" for p in self.ports)) if self.ports else None
         try:
             self.sock = conf.L2listen(iface=self.iface, filter=flt)
         except PermissionError:
@@ -414,7 +431,8 @@ class ScapySource:
             from parsers.decode import decode
 
             d = decode(FrameBatch.from_frames(frames, ts=ts))
-            keep = np.flatnonzero((d.l4 != 0) & (np.isin(d.sport, self.ports) | np.isin(d.dport, self.ports)))
+            wire = (d.arp_op != 0) | ((d.l4 == 6) & ((d.tcp_flags & 0x06) != 0))
+            keep = np.flatnonzero(wire | ((d.l4 != 0) & (np.isin(d.sport, self.ports) | np.isin(d.dport, self.ports))))
             frames = [frames[i] for i in keep]
             ts = [ts[i] for i in keep]
         if not frames:

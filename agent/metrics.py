@@ -60,7 +60,7 @@ FLOW_END_REASONS = ("closed", "expired", "evicted")
 # Detectors an alert or a score can come from (models/alerts.py, Alert.detector); anything else
 # is counted as "other" so a new detector cannot grow the label set by accident.
 DETECTORS = ("allowlist", "cycle", "process", "river", "pyod", "sequence", "state", "parser", "inventory", "sessions",
-             "other")
+             "wire", "other")
 SEVERITIES = ("low", "medium", "high", "critical")
 MODES = ("learn", "monitor")
 #: (protocol, role) label pairs of otwatch_assets: each protocol's own words for its two roles.
@@ -845,7 +845,7 @@ class MetricsEndpoint:
     def attach(self, engine) -> None:
         """Count what a :class:`models.engine.DetectionEngine` does, without changing its callers.
 
-        Wraps ``engine.process`` and ``engine.finish``: the alerts they open are counted, their time
+        Wraps ``engine.process``, ``engine.process_wire`` and ``engine.finish``: the alerts they open are counted, their time
         goes to ``otwatch_detection_duration_seconds``, and the engine's health numbers are read
         after each call; the ML detectors' scores feed ``otwatch_anomaly_score`` (:func:`tap_scores`).
         """
@@ -865,6 +865,8 @@ class MetricsEndpoint:
 
         engine.process = counted(engine.process)
         engine.finish = counted(engine.finish)
+        if hasattr(engine, "process_wire"):  # frames (process_frames calls it): the wire detector's alerts
+            engine.process_wire = counted(engine.process_wire)
         engine._otwatch_attached = True
         metrics.declare_rules(getattr(engine, "RULES", ()))
         metrics.set_health(engine.health())

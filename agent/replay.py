@@ -250,6 +250,8 @@ def run(args) -> int:
     out = sys.stderr if to_stdout else sys.stdout
     show = args.print_alerts if args.print_alerts is not None else (out.isatty() and not args.json)
     detection = ReplayDetection.from_args(args, print_to=out if show else None)
+    if detection is not None:
+        pipeline.frame_observers.append(detection.on_frames)
     if exporter is not None and detection is not None:
         exporter.attach(detection.engine)  # alerts opened, detection time, model health, scores
 

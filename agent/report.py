@@ -25,7 +25,7 @@ import numpy as np
 
 from models.alerts import SEVERITIES
 from models.rules import tactics_of, technique_name, technique_url
-from parsers.events import KIND_PDU, PROTOCOL_NAMES
+from parsers.events import KIND_PDU, PROTOCOL_NAMES, EventBatch
 
 from .errors import InputError
 
@@ -84,7 +84,7 @@ def collect(paths, labels_path=None, learn_s=None, detectors=None, progress=None
     from models.scoring import read_labels
 
     from .assets_cmd import format_dot
-    from .eval import Batches, default_detectors, evaluate
+    from .eval import Batches, _feed, default_detectors, evaluate
     from .pipeline import Pipeline
     from .replay import replay_files, summary
     from .sinks import default_observer
@@ -94,11 +94,18 @@ def collect(paths, labels_path=None, learn_s=None, detectors=None, progress=None
     pipeline = Pipeline()
     inventory = AssetInventory().attach(pipeline)
     parts = Batches()
+    frames: list = []  # each batch's frame columns after its events, for the wire detector (as eval's)
 
     def on_events(ev):
         inventory.observe_events(ev)
         if len(ev):
             parts.append(ev)
+        parts.extend(frames)
+        frames.clear()
+
+    from models.wire import WireFrames
+
+    pipeline.frame_observers.append(lambda b, d, p: frames.append(WireFrames.from_decoded(b, d, p)))
 
     replay_files(paths, pipeline, progress, on_events=on_events,
                  on_frames=lambda b: _add_counts(data.frame_seconds, b.ts // 1_000_000_000))
@@ -112,6 +119,8 @@ def collect(paths, labels_path=None, learn_s=None, detectors=None, progress=None
     data.frames, data.bytes, data.by_protocol, data.errors = s["frames"], s["bytes"], s["by_protocol"], s["errors"]
     data.first_ts, data.last_ts = s["first_ts"], s["last_ts"]
     for b in parts:
+        if not isinstance(b, EventBatch):
+            continue
         pdu = b.kind == KIND_PDU
         for code in np.unique(b.protocol[pdu]).tolist():
             name = PROTOCOL_NAMES.get(int(code), str(code))
@@ -132,8 +141,7 @@ def collect(paths, labels_path=None, learn_s=None, detectors=None, progress=None
             engine = DetectionEngine(learn_seconds=learn_s or 600.0, detectors=detectors)
         if parts.first_frame_ns is not None:
             engine.start_clock(parts.first_frame_ns)
-        for b in parts:
-            engine.process(b)
+        _feed(engine, parts)
         engine.finish()
     if engine.learn_until_ns:
         data.learn_until = engine.learn_until_ns / 1e9

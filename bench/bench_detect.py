@@ -134,7 +134,7 @@ def public(directory: Path) -> list[dict]:
     benign, and mostly seconds long: what the baseline has not seen is what alerts)."""
     rows = []
     for path in sorted(directory.glob("*/*.pcap*")):
-        batches = [b for b in load_batches(path) if len(b)]
+        batches = [b for b in load_batches(path) if isinstance(b, EventBatch) and len(b)]
         if not batches:
             rows.append({"file": str(path.relative_to(directory)), "events": 0, "alerts": 0, "rules": {}})
             continue
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     parse_duration(args.duration)
     cap = Path(args.capture) if args.capture else generate(args.duration, args.seed, Path(args.cache))
     t0 = time.perf_counter()
-    events = EventBatch.concat(load_batches(cap))
+    events = EventBatch.concat([b for b in load_batches(cap) if isinstance(b, EventBatch)])
     events = replicate(events.select(np.argsort(events.ts, kind="stable")), args.copies)
     # batches as a live pipeline hands them over: --batch-s of capture time each
     edges = np.searchsorted(events.ts, np.arange(int(events.ts[0]), int(events.ts[-1]) + 1,

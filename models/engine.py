@@ -17,7 +17,12 @@ protocol sessions       PDU rows grouped by session             every event
 parser health           per channel-second error counts         one row per channel-second
 River HalfSpaceTrees    per channel-second feature vectors      one row per channel-second
 PyOD (IForest)          per channel-second feature vectors      one row per channel-second
+wire (L2-L4)            every IP and ARP frame (process_frames) every frame
 ======================= ======================================= ==========================
+
+The wire detector (:mod:`models.wire`) reads frames, not events: front ends pass each batch's
+decoded columns to :meth:`DetectionEngine.process_frames` before the ICS-only filtering, and it
+learns until the same ``learn_until_ns``.
 
 Large batches are cut into slices of at most ``slice_s`` seconds of capture time so that silence
 checks and alert cool-downs follow capture time, not batch size.  ``health()`` returns the model
@@ -45,10 +50,11 @@ from .sessions import SessionModel
 from .process_state import ProcessStateModel
 from .sequence import SequenceModel
 from .thresholds import ScoreMonitor, calibrate
+from .wire import WireDetector, WireFrames
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("allowlist", "process", "cycle", "parser", "river", "pyod", "sessions", "sequence", "state")
+DETECTORS = ("allowlist", "process", "cycle", "parser", "river", "pyod", "sessions", "sequence", "state", "wire")
 ML_DETECTORS = ("river", "pyod", "sequence", "state")  # learned anomaly models (the rest are rules)
 _ERR = (F["bad_pdus"], F["sequence_errors"])
 
@@ -76,6 +82,7 @@ class DetectionEngine:
         self.flood = FloodModel()  # part of the "cycle" detector: request rates per pair
         self.process_model = ProcessModel()
         self.sessions = SessionModel()
+        self.wire = WireDetector()
         self.river = None
         self.pyod = None
         self.sequence = SequenceModel()  # order of requests per channel (models/sequence.py)
@@ -133,8 +140,74 @@ class DetectionEngine:
             out.extend(self._monitor(events.select(slice(a, b))))
         return out
 
+    def process_batch(self, events: EventBatch, frames: "WireFrames | None") -> list:
+        """One pipeline batch: its events and its frames' columns, taken together in slices of capture
+        time (a batch may span hours; neither side's clock may close the other's incidents early)."""
+        if frames is None or len(frames) == 0 or "wire" not in self.detectors:
+            return self.process(events)
+        ids_e = events.ts // self.slice_ns
+        ids_w = frames.ts // self.slice_ns
+        oe, ow = np.argsort(ids_e, kind="stable"), np.argsort(ids_w, kind="stable")
+        se, sw = ids_e[oe], ids_w[ow]
+        out = []
+        for sid in np.union1d(se, sw).tolist():
+            a, b = np.searchsorted(se, sid), np.searchsorted(se, sid, side="right")
+            if b > a:
+                out += self.process(events.select(oe[a:b]))
+            a, b = np.searchsorted(sw, sid), np.searchsorted(sw, sid, side="right")
+            if b > a:
+                out += self.process_wire(frames.select(ow[a:b]))
+        return out
+
+    def process_frames(self, decoded, batch, proto=None) -> list:
+        """Learn from or monitor one frame batch at layers 2-4 (its decoded columns, ARP included;
+        ``proto``: the pipeline's protocol per frame); return the alerts it opened.  See
+        :meth:`process_batch` to give a batch's events and frames together."""
+        if "wire" not in self.detectors or len(batch) == 0:
+            return []
+        return self.process_wire(WireFrames.from_decoded(batch, decoded, proto))
+
+    def process_wire(self, wf: WireFrames) -> list:
+        """:meth:`process_frames` on columns already taken from a batch (``otwatch eval`` keeps them).
+        A batch's frames and events are best given together to :meth:`process_batch`: each side's
+        clock closes quiet incidents, so neither may run ahead of the other by more than a slice."""
+        if "wire" not in self.detectors or len(wf) == 0:
+            return []
+        t0 = time.perf_counter()
+        self.start_clock(int(wf.ts.min()))  # learning counts from the first frame
+        before = wf.ts < self.learn_until_ns
+        if before.any():  # (the events of the same batch may have ended learning already)
+            self.wire.learn(wf.select(before) if not before.all() else wf)
+        if before.all():
+            self.busy_s["wire"] += time.perf_counter() - t0
+            return []
+        if self.wire.learning:
+            self.wire.finish_learning()
+        elif self.mode == "learn":
+            # frames crossed the boundary in an earlier batch and no event has since (a capture with no ICS
+            # traffic after learning): learning ends for every detector, by capture time
+            self.finish_learning()
+        wf = wf.select(~before) if before.any() else wf
+        # slices of capture time, as for events: windows and cool-downs follow capture time, not batch size
+        ts = wf.ts
+        cuts = np.flatnonzero(np.diff((ts - int(ts.min())) // self.slice_ns)) + 1
+        bounds = np.r_[0, cuts, ts.shape[0]].tolist()
+        opened = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            part = wf.select(slice(a, b))
+            findings = self.wire.findings(part)
+            # incidents quiet since before this slice close first, as in _monitor
+            self.closed.extend(self.manager.expire(max(self.now_ns, int(part.ts.min()))))
+            self.now_ns = max(self.now_ns, int(part.ts.max()))
+            opened += self.manager.add(findings)
+            self.closed.extend(self.manager.expire(self.now_ns))
+        self.busy_s["wire"] += time.perf_counter() - t0
+        return opened
+
     def finish(self) -> list:
         """End of input: flush the last windows and close every incident; returns the closed alerts."""
+        if self.mode == "learn" and not self.wire.learning:
+            self.finish_learning()  # the frames went past learn_until_ns (see process_wire)
         if self.mode == "learn":
             fb = self.features.flush()
             self._learn_windows(fb)
@@ -179,6 +252,8 @@ class DetectionEngine:
         self.cycle.learn(EventBatch.empty(), fb)
         self._learn_windows(fb)
         self.allowlist.finish_learning()
+        if self.wire.learning:
+            self.wire.finish_learning()
         Xl = np.concatenate(self.learn_X) if self.learn_X else np.empty((0, len(FEATURE_NAMES)))
         hours = max(((self.learned_to or 0) - (self.learned_from or 0)) / NS / 3600, 1 / 60)
         budget = self.alerts_per_hour * hours / max(Xl.shape[0], 1)  # fraction of windows allowed over
@@ -379,6 +454,8 @@ class DetectionEngine:
         if "sessions" in meta:
             e.sessions = SessionModel.from_state(arrays, meta["sessions"])
             e.sessions.learning = True
+        if "wire" in meta:
+            e.wire = WireDetector.from_state(arrays, meta["wire"])
         e.learned_from, e.learned_to = meta["learned_from"], meta["learned_to"]
         e.first_ts = meta["first_ts"]
         e.err_max = meta["err_max"]
@@ -424,6 +501,7 @@ class DetectionEngine:
             for k, v in m.as_dict().items():
                 h[f"{name}_{k}"] = v
         h["latency_threshold_ms"] = self.cycle.latency_threshold
+        h.update(self.wire.health())
         return h
 
     def save_progress(self, directory, key: bytes | None = None) -> None:
@@ -441,7 +519,7 @@ class DetectionEngine:
                             "events_seen": self.events_seen, "events_learned": self.events_learned}
         for name, (a, m) in (("allowlist", self.allowlist.to_state()), ("cycle", self.cycle.learning_state()),
                              ("process", self.process_model.to_state()), ("flood", self.flood.to_state()),
-                             ("sessions", self.sessions.to_state())):
+                             ("sessions", self.sessions.to_state()), ("wire", self.wire.to_state())):
             arrays.update(a)
             meta[name] = m
         arrays["ml.learn_matrix"] = (np.concatenate(self.learn_X) if self.learn_X
@@ -458,7 +536,7 @@ class DetectionEngine:
                             "learn_first_ts": self.first_ts, "learn_until_ns": self.learn_until_ns}
         for name, part in (("allowlist", self.allowlist), ("cycle", self.cycle), ("process", self.process_model),
                            ("flood", self.flood), ("sessions", self.sessions), ("sequence", self.sequence),
-                           ("state", self.state)):
+                           ("state", self.state), ("wire", self.wire)):
             a, m = part.to_state()
             arrays.update(a)
             meta[name] = m
@@ -483,6 +561,9 @@ class DetectionEngine:
         if "sequence" in meta:  # baselines saved before these models learn them again
             e.sequence = SequenceModel.from_state(arrays, meta["sequence"])
             e.state = ProcessStateModel.from_state(arrays, meta["state"])
+        if "wire" in meta:  # states saved before the wire detector: it starts empty, learning new stations
+            e.wire = WireDetector.from_state(arrays, meta["wire"])
+        e.wire.learning = False
         e.learned_from, e.learned_to = meta["learned_from"], meta["learned_to"]
         e.err_max = meta["err_max"]
         e.budget = meta["budget"]

@@ -46,6 +46,7 @@ TECHNIQUES = {
     "T0832": ("Manipulation of View", ("TA0105",)),
     "T0836": ("Modify Parameter", ("TA0106",)),
     "T0843": ("Program Download", ("TA0109",)),
+    "T0840": ("Network Connection Enumeration", ("TA0102",)),
     "T0846": ("Remote System Discovery", ("TA0102",)),
     "T0848": ("Rogue Master", ("TA0108",)),
     "T0855": ("Unauthorized Command Message", ("TA0106",)),
@@ -209,6 +210,29 @@ RULES_LIST = [
     Rule("inventory.new_asset", "inventory", "low", ("T0846",),
          "A host (address, MAC, role) appears after the baseline of the asset inventory was learned.",
          "Expected when devices are added; review with `otwatch assets`."),
+    Rule("wire.arp_spoof", "wire", "high", ("T0830",),
+         "An ARP frame moves a known address to another MAC, a MAC that owns one address claims another, or an "
+         "ARP frame is sent on someone else's behalf (ARP spoofing for a man-in-the-middle).",
+         "Learn while every device talks; a replaced device (its old MAC silent for an hour) is still reported "
+         "once."),
+    Rule("wire.mac_change", "wire", "high", ("T0830",),
+         "A known address sends from a MAC that is neither its own nor a router's; 'alternating' when both MACs "
+         "carry its traffic (a relay).", "Routers are learned from the many addresses behind their MAC."),
+    Rule("wire.relay", "wire", "high", ("T0830",),
+         "The same IP packet (addresses, IP id, TCP sequence) seen twice within 1 s with another source MAC or "
+         "TTL: a host forwarding what it intercepted.", "Protocol rule; a SPAN port that sees both sides of a "
+         "router shows the same, with the router's MAC (learned, not alerted)."),
+    Rule("wire.ttl_change", "wire", "medium", ("T0830",),
+         "Three or more frames within a minute from a known address with a TTL class (initial TTL 64/128/255) "
+         "it never used: another network stack speaking with its address.", "Learned per host."),
+    Rule("wire.port_scan", "wire", "medium", ("T0840",),
+         "A host probes many TCP ports of one host (SYNs answered by RSTs), excluding ports it usually uses.",
+         "Thresholds in models/wire.py; ports served or used while learning do not count."),
+    Rule("wire.host_sweep", "wire", "medium", ("T0846",),
+         "A host opens connections to many hosts in a short time.", "Learned clients' usual peers do not count."),
+    Rule("wire.arp_sweep", "wire", "medium", ("T0846",),
+         "One MAC asks ARP for many addresses in a short time (nmap's host discovery).",
+         "Routers and hosts that did the same while learning are exempt."),
 ]
 RULES = {r.name: r for r in RULES_LIST}
 

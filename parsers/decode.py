@@ -8,7 +8,9 @@ no per-frame Python.  Frames that leave the common path get a ``skip`` reason in
   cooked v1 (SLL) and v2 (SLL2), raw IP, BSD/OpenBSD loopback;
 - IPv4 with options (IHL), fragments flagged (not reassembled: counted as ``ip_fragment``);
 - IPv6 fixed header plus up to three hop-by-hop/routing/destination-options extension headers;
-- TCP (data offset, flags, seq/ack) and UDP.
+- TCP (data offset, flags, seq/ack) and UDP;
+- ARP (RFC 826, Ethernet/IPv4): opcode and sender/target addresses in the ``arp_*`` columns.  ARP
+  frames still count as ``not_ip``: they carry no L4 columns, only what the wire detector reads.
 
 The L4 payload length comes from the IP total length, not from the captured length: Ethernet pads
 short frames to 60 bytes and that padding must not reach a protocol parser.  A payload cut short by
@@ -35,6 +37,8 @@ L4_NONE, L4_TCP, L4_UDP = 0, 6, 17
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK, TCP_URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
 ETH_IPV4, ETH_IPV6, ETH_VLAN, ETH_QINQ, ETH_VLAN_9100 = 0x0800, 0x86DD, 0x8100, 0x88A8, 0x9100
+ETH_ARP = 0x0806
+ARP_REQUEST, ARP_REPLY = 1, 2
 
 # Why a frame has no L4 columns.  Not all are errors: ARP on a SPAN port is normal ("not_ip").
 SKIP_NAMES = {
@@ -133,6 +137,21 @@ class Decoded:
     payload_len: np.ndarray  # int64 bytes of L4 payload actually captured
     payload_truncated: np.ndarray  # bool: the capture cut the payload short (snap length)
     skip: np.ndarray  # uint8 SKIP_* reason (SKIP_OK for decoded TCP/UDP frames)
+    # Read for the wire detector (spoofing, relays, scans); 0 where the frame has no such field.
+    ttl: np.ndarray = None  # uint8 IPv4 TTL / IPv6 hop limit
+    ip_id: np.ndarray = None  # uint16 IPv4 identification (0 for IPv6)
+    arp_op: np.ndarray = None  # uint16 ARP opcode (1 request, 2 reply; 0 = not an Ethernet/IPv4 ARP frame)
+    arp_sha: np.ndarray = None  # uint64 ARP sender hardware address
+    arp_spa: np.ndarray = None  # uint32 ARP sender IPv4 address
+    arp_tha: np.ndarray = None  # uint64 ARP target hardware address
+    arp_tpa: np.ndarray = None  # uint32 ARP target IPv4 address
+
+    def __post_init__(self):
+        n = self.skip.shape[0]
+        for name, dtype in (("ttl", np.uint8), ("ip_id", np.uint16), ("arp_op", np.uint16), ("arp_sha", np.uint64),
+                            ("arp_spa", np.uint32), ("arp_tha", np.uint64), ("arp_tpa", np.uint32)):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(n, dtype))
 
     def __len__(self) -> int:
         return int(self.skip.shape[0])
@@ -243,12 +262,32 @@ def decode(batch: FrameBatch, book: AddressBook | None = None) -> Decoded:
     is6 = live & (ethertype == ETH_IPV6)
     skip[live & ~is4 & ~is6] = SKIP_NOT_IP
 
+    # --- ARP (RFC 826): Ethernet (htype 1, hlen 6) / IPv4 (ptype 0x0800, plen 4) only ----------
+    arp_op = np.zeros(n, dtype=np.uint16)
+    arp_sha = np.zeros(n, dtype=np.uint64)
+    arp_spa = np.zeros(n, dtype=np.uint32)
+    arp_tha = np.zeros(n, dtype=np.uint64)
+    arp_tpa = np.zeros(n, dtype=np.uint32)
+    is_arp = live & (ethertype == ETH_ARP) & (l3off + 28 <= end)
+    if is_arp.any():
+        o = l3off[is_arp]
+        ok_arp = (g.u16(o) == 1) & (g.u16(o + 2) == ETH_IPV4) & (g.u8(o + 4) == 6) & (g.u8(o + 5) == 4)
+        rows = np.flatnonzero(is_arp)[ok_arp]
+        o = o[ok_arp]
+        arp_op[rows] = g.u16(o + 6)
+        arp_sha[rows] = (g.u16(o + 8).astype(np.uint64) << np.uint64(32)) | g.u32(o + 10).astype(np.uint64)
+        arp_spa[rows] = g.u32(o + 14)
+        arp_tha[rows] = (g.u16(o + 18).astype(np.uint64) << np.uint64(32)) | g.u32(o + 20).astype(np.uint64)
+        arp_tpa[rows] = g.u32(o + 24)
+
     l3 = np.zeros(n, dtype=np.uint8)
     src = np.zeros(n, dtype=np.uint32)
     dst = np.zeros(n, dtype=np.uint32)
     proto = np.zeros(n, dtype=np.uint32)
     l4off = np.zeros(n, dtype=np.int64)
     l3end = np.zeros(n, dtype=np.int64)  # end of the IP datagram per its own length field
+    ttl = np.zeros(n, dtype=np.uint8)
+    ip_id = np.zeros(n, dtype=np.uint16)
 
     # --- IPv4 (RFC 791 §3.1) -----------------------------------------------------------------
     if is4.any():
@@ -266,6 +305,8 @@ def decode(batch: FrameBatch, book: AddressBook | None = None) -> Decoded:
         src[is4] = g.u32(o + 12)
         dst[is4] = g.u32(o + 16)
         proto[is4] = g.u8(o + 9)
+        ttl[is4] = g.u8(o + 8)
+        ip_id[is4] = g.u16(o + 4)
         l4off[is4] = o + ihl
         l3end[is4] = o + total
 
@@ -293,6 +334,7 @@ def decode(batch: FrameBatch, book: AddressBook | None = None) -> Decoded:
         skip[is6] = s6
         l3[is6] = L3_IPV6
         proto[is6] = nh
+        ttl[is6] = g.u8(o + 7)
         l4off[is6] = nxt
         l3end[is6] = o + 40 + plen
         # Intern addresses: a short Python loop over IPv6 frames only (rare on ICS segments).
@@ -357,4 +399,5 @@ def decode(batch: FrameBatch, book: AddressBook | None = None) -> Decoded:
     l4[~ok] = L4_NONE
     return Decoded(src_mac=src_mac, dst_mac=dst_mac, vlan=vlan, vlan_inner=vlan_inner, l3=l3, src=src, dst=dst, l4=l4, sport=sport, dport=dport,
                    tcp_flags=flags, seq=seq, ack=ack, payload_off=poff, payload_len=plen,
-                   payload_truncated=truncated, skip=skip)
+                   payload_truncated=truncated, skip=skip, ttl=ttl, ip_id=ip_id, arp_op=arp_op, arp_sha=arp_sha,
+                   arp_spa=arp_spa, arp_tha=arp_tha, arp_tpa=arp_tpa)

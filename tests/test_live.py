@@ -60,9 +60,11 @@ def capture_while(source, action, settle=0.6):
 
 
 def ics_frames(path):
+    """What the capture filter passes: the ICS ports, and for the wire detector ARP and TCP SYN/RST on any port."""
     b = read_capture(path)
     d = decode(b)
     ok = ((d.l4 == L4_TCP) | (d.l4 == L4_UDP)) & (np.isin(d.sport, ICS_PORTS) | np.isin(d.dport, ICS_PORTS))
+    ok |= (d.arp_op != 0) | ((d.l4 == L4_TCP) & ((d.tcp_flags & 0x06) != 0))
     return [b.frame(i) for i in np.flatnonzero(ok)]
 
 
