@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from models.alerts import SEVERITIES, record_techniques
 
 from .errors import InputError
+from .eval import parse_time  # one grammar for times: --learn-until, --since, --until
 
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
@@ -31,26 +32,6 @@ def add_arguments(p) -> None:
     p.add_argument("--since", metavar="T", help="incidents still going at or after T (ISO 8601 UTC or epoch s)")
     p.add_argument("--until", metavar="T", help="incidents started at or before T")
     p.add_argument("--json", action="store_true", help="matching records as JSON lines")
-
-
-def parse_time(text: str) -> float:
-    """ISO 8601 (UTC unless it says otherwise) or epoch seconds -> epoch seconds.
-
-    >>> parse_time("2026-01-05T08:16:44Z"), parse_time("2026-01-05 08:16:44"), parse_time("1767601004")
-    (1767601004.0, 1767601004.0, 1767601004.0)
-    """
-    t = str(text).strip()
-    try:
-        return float(t)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
-    except ValueError:
-        raise InputError(f"{text!r}: not a time (use e.g. 2026-01-05T08:16:00Z or epoch seconds)") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
 
 
 def _ts(text) -> float | None:
